@@ -1,0 +1,102 @@
+"""Pure-PyTorch references of every kernel in the package.
+
+These define the semantics the CPU (C++), CUDA and Triton kernels must reproduce. Tests and
+benchmarks use them as ground truth; the ``reference`` backend runs them directly.
+
+Conventions shared by every kernel:
+
+* ``x`` is an NCHW tensor with arbitrary strides (typically a channel prefix or slice view of
+  a feature buffer ``[N, C_cap, H, W]``); kernels read it through its strides, never copy it.
+* Per-channel vectors (``mean``, ``invstd``, ``scale``, ``shift`` and their gradients) are
+  float32 for float16/bfloat16/float32 inputs and float64 for float64 inputs ("stats dtype").
+* The transform of a channel is ``z = relu(scale * x + shift)``. With batch statistics and a
+  BatchNorm's ``(g, h)``: ``scale = g * invstd`` and ``shift = h - g * mean * invstd``.
+* The ReLU derivative at exactly zero is 0 (as ``torch.relu``'s backward).
+* Functions whose name ends in ``_`` accumulate into (``+=``) their ``grad_*`` arguments.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of per-channel vectors for feature values of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def channel_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch statistics of each channel over (N, H, W): ``mean`` and ``invstd = 1/sqrt(var+eps)``
+    with the biased variance (what BatchNorm normalizes with)."""
+    xs = x.to(stats_dtype(x.dtype))
+    var, mean = torch.var_mean(xs, dim=(0, 2, 3), correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x) -> None:
+    """Backward of :func:`channel_stats`, accumulated into ``grad_x``.
+
+    ``grad_x += grad_mean / n - grad_invstd * (x - mean) * invstd**3 / n`` with ``n = N*H*W``.
+    This is the "finalize" step: when ``grad_x`` already holds the direct gradient of every
+    consumer (``sum_l scale_l * dpre_l``), adding the statistics part once per channel gives
+    the exact BatchNorm input gradient (see DESIGN.md section 3).
+    """
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    xs = x.to(mean.dtype)
+    extra = _per_channel(grad_mean) / n - _per_channel(grad_invstd) * (xs - _per_channel(mean)) * _per_channel(invstd) ** 3 / n
+    grad_x.add_(extra.to(grad_x.dtype))
+
+
+def affine_relu(x, scale, shift) -> torch.Tensor:
+    """``z = relu(scale * x + shift)`` per channel, in ``x``'s dtype (computed in stats dtype)."""
+    xs = x.to(scale.dtype)
+    return torch.relu(xs * _per_channel(scale) + _per_channel(shift)).to(x.dtype)
+
+
+def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift) -> None:
+    """Backward of :func:`affine_relu`, accumulated: with ``dpre = grad_z * (scale*x+shift > 0)``,
+    ``grad_x += scale * dpre``, ``grad_scale += sum(dpre * x)``, ``grad_shift += sum(dpre)``
+    (sums over N, H, W)."""
+    xs = x.to(scale.dtype)
+    pre = xs * _per_channel(scale) + _per_channel(shift)
+    dpre = torch.where(pre > 0, grad_z.to(scale.dtype), torch.zeros((), dtype=scale.dtype, device=x.device))
+    grad_x.add_((dpre * _per_channel(scale)).to(grad_x.dtype))
+    grad_scale.add_((dpre * xs).sum(dim=(0, 2, 3)))
+    grad_shift.add_(dpre.sum(dim=(0, 2, 3)))
+
+
+def transform_conv(x, scale, shift, weight, stride: int, padding: int, pool: int) -> torch.Tensor:
+    """``conv2d(avg_pool(relu(scale*x+shift), pool), weight, stride, padding)`` (no bias).
+
+    ``pool`` is 1 (none) or 2 (2x2 average pooling *before* a 1x1 convolution: equal to pooling
+    after it, since both are linear, with 4x fewer GEMM rows: the DenseNet transition)."""
+    z = affine_relu(x, scale, shift)
+    if pool != 1:
+        z = F.avg_pool2d(z, pool)
+    return F.conv2d(z, weight, None, stride, padding)
+
+
+def transform_conv_backward_(grad_out, x, scale, shift, weight, stride, padding, pool,
+                             grad_x, grad_scale, grad_shift) -> torch.Tensor:
+    """Backward of :func:`transform_conv`: accumulates into ``grad_x``, ``grad_scale``,
+    ``grad_shift`` (as :func:`affine_relu_backward_`) and returns ``grad_weight``."""
+    z = affine_relu(x, scale, shift)
+    zp = F.avg_pool2d(z, pool) if pool != 1 else z
+    grad_zp, grad_weight = torch.ops.aten.convolution_backward(
+        grad_out, zp, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1,
+        [True, True, False])[:2]
+    if pool != 1:
+        grad_z = torch.ops.aten.avg_pool2d_backward(grad_zp, z, [pool] * 2, [pool] * 2, [0, 0], False, True, None)
+    else:
+        grad_z = grad_zp
+    affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift)
+    return grad_weight
+
+
+def gather_batch(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Batch compaction for early exit: ``out[i] = src[index[i]]`` along dim 0."""
+    return src.index_select(0, index)
