@@ -100,3 +100,17 @@ def transform_conv_backward_(grad_out, x, scale, shift, weight, stride, padding,
 def gather_batch(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Batch compaction for early exit: ``out[i] = src[index[i]]`` along dim 0."""
     return src.index_select(0, index)
+
+
+# "_into" forms: the signatures the compiled and Triton kernels share (write into ``out``).
+
+def affine_relu_into(x, scale, shift, out) -> None:
+    out.copy_(affine_relu(x, scale, shift))
+
+
+def transform_conv_into(x, scale, shift, weight, stride, padding, pool, out) -> None:
+    out.copy_(transform_conv(x, scale, shift, weight, stride, padding, pool))
+
+
+def gather_batch_into(src, index, out) -> None:
+    out.copy_(gather_batch(src, index))

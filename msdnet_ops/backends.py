@@ -1,0 +1,87 @@
+"""Which kernels run an op: the backend registry and its selection.
+
+``MSDNET_OPS_BACKEND`` (read at every call, so tests and users may change it at run time):
+
+* ``auto`` (default): CPU tensors -> the C++ CPU kernels; CUDA tensors -> the Triton fused
+  transform-conv kernels plus the CUDA C++ memory-bound kernels (float64 on CUDA, which Triton
+  GEMMs do not serve, runs the CUDA C++ kernels with a cuBLAS/cuDNN convolution).
+* ``reference``: the pure-PyTorch references (``msdnet_ops.reference``), any device.
+* ``cpu``: the C++ CPU kernels; CPU tensors only.
+* ``cuda``: the CUDA C++ kernels (convolutions by cuDNN); CUDA tensors only.
+* ``triton``: the Triton kernels for every op; CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` was set before Triton was imported (how CI tests them).
+
+A backend that cannot serve a request raises; nothing falls back silently. The only fallback is
+``auto`` on a CPU when the compiled CPU module is missing: the references compute the same
+results more slowly, and a warning says so once.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+_warned_fallback = False
+
+
+def requested_backend() -> str:
+    name = os.environ.get("MSDNET_OPS_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"MSDNET_OPS_BACKEND={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs an op on tensors of ``device``/``dtype``: one of
+    ``reference``, ``cpu``, ``cuda``, ``triton``. Raises when the requested one cannot."""
+    name = requested_backend()
+    if name == "reference":
+        return name
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"msdnet_ops: tensors on {device.type!r} are not supported "
+                           "(expected cpu or cuda); set MSDNET_OPS_BACKEND=reference to run the "
+                           "pure-PyTorch references")
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and name != "triton":
+        raise TypeError(f"msdnet_ops: {dtype} features are supported on CUDA devices only; "
+                        "use float32 or float64 on the CPU")
+    if name == "auto":
+        if device.type == "cuda":
+            return "cuda" if dtype == torch.float64 else "triton"
+        from .kernels import cpu as cpu_kernels
+        if cpu_kernels.available():
+            return "cpu"
+        global _warned_fallback
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn("msdnet_ops: the compiled CPU kernels are missing "
+                          f"({cpu_kernels.load_error()}); running the pure-PyTorch references "
+                          "instead (same results, slower). Reinstall with "
+                          "`pip install --no-build-isolation .` to build them.", RuntimeWarning)
+        return "reference"
+    if name == "cpu" and device.type != "cpu":
+        raise RuntimeError("MSDNET_OPS_BACKEND=cpu runs CPU tensors only, got a CUDA tensor")
+    if name == "cuda" and device.type != "cuda":
+        raise RuntimeError("MSDNET_OPS_BACKEND=cuda runs CUDA tensors only, got a CPU tensor")
+    if name == "triton" and device.type == "cpu" and not triton_interpreting():
+        raise RuntimeError("MSDNET_OPS_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 "
+                           "in the environment before Triton is imported")
+    return name
+
+
+def kernels_for(backend: str):
+    """The module implementing the memory-bound kernels for ``backend``."""
+    if backend == "cpu":
+        from .kernels import cpu as module
+    elif backend == "cuda":
+        from .kernels import cuda as module
+    elif backend == "triton":
+        from . import triton as module
+    else:
+        from . import reference as module
+    return module

@@ -1,0 +1,131 @@
+"""DenseLayer: drop-in for torchvision's ``_DenseLayer`` running on feature buffers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .bn_affine import update_running_stats, uses_batch_stats
+from .feature_buffer import FeatureBuffer
+from .functions import ReadFeatures, TransformConvWrite, WriteFeatures
+
+
+def transform_conv_write(src: FeatureBuffer, in_channels: int, bn: nn.BatchNorm2d, conv: nn.Conv2d,
+                         dst: FeatureBuffer, dropout_p: float = 0.0, pool: int = 1) -> int:
+    """Appends ``conv(pool(relu(bn(src[:, :in_channels]))))`` to ``dst``; returns where it starts.
+
+    ``bn`` normalizes the *read* channels (pre-activation: the consumer's own BatchNorm). Its
+    running statistics are updated from the buffer's shared batch statistics."""
+    if bn.eps != src.state.eps:
+        raise ValueError(f"{bn}: eps {bn.eps} differs from the feature buffer's eps "
+                         f"{src.state.eps}; every BatchNorm reading a buffer must use the same eps")
+    if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1):
+        raise ValueError(f"{conv}: expected a bias-free, ungrouped, undilated convolution")
+    batch_stats = uses_batch_stats(bn)
+    if batch_stats and not src.state.track_stats:
+        raise RuntimeError(f"{bn} is in training mode but its input buffer has no batch "
+                           "statistics (the buffer was created in eval mode)")
+    if batch_stats:
+        update_running_stats(bn, src.state.mean[:in_channels], src.state.unbiased_var(0, in_channels))
+    start = dst.reserve(conv.out_channels)
+    dst.token = TransformConvWrite.apply(
+        src.state, in_channels, dst.state, start, batch_stats, bn.eps, conv.stride[0],
+        conv.padding[0], pool, dropout_p, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+        conv.weight, src.token, dst.token)
+    return start
+
+
+def write_tensor(dst: FeatureBuffer, x: torch.Tensor) -> int:
+    """Appends an ordinary tensor's channels to ``dst``."""
+    if x.dim() != 4 or tuple(x.shape[2:]) != dst.spatial or x.shape[0] != dst.values.shape[0]:
+        raise ValueError(f"x: expected shape ({dst.values.shape[0]}, C, {dst.spatial[0]}, "
+                         f"{dst.spatial[1]}) to fill the feature buffer, got {tuple(x.shape)}")
+    if x.dtype != dst.values.dtype or x.device != dst.values.device:
+        raise TypeError(f"x: expected {dst.values.dtype} on {dst.values.device}, got {x.dtype} on {x.device}")
+    start = dst.reserve(x.shape[1])
+    dst.token = WriteFeatures.apply(dst.state, start, x, dst.token)
+    return start
+
+
+def read_channels(src: FeatureBuffer, start: int, stop: int) -> torch.Tensor:
+    return ReadFeatures.apply(src.state, start, stop, src.token)
+
+
+def new_buffer_for(x: torch.Tensor, capacity: int, track_stats: bool, eps: float = 1e-5,
+                   sync_group=None) -> FeatureBuffer:
+    n, _, h, w = x.shape
+    return FeatureBuffer(n, capacity, h, w, dtype=x.dtype, device=x.device,
+                         track_stats=track_stats, eps=eps, sync_group=sync_group)
+
+
+def check_input_tensor(x, name: str, channels: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D NCHW tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{name}: expected {channels} channels, got {x.shape[1]}")
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 (torchvision ``_DenseLayer``), fused.
+
+    Same constructor, parameter and buffer names as torchvision's ``_DenseLayer``.
+    ``bn_size=0`` gives the layer without bottleneck of the original DenseNet (BN-ReLU-Conv3x3:
+    ``norm1``, ``relu1``, ``conv1``). ``memory_efficient`` is accepted for compatibility; the
+    fused layer never keeps a prefix-sized tensor, so there is nothing to checkpoint.
+
+    ``forward(x)`` takes a tensor or a list of tensors (like torchvision) and returns the new
+    features; :meth:`append_to` is the concat-free path used by :class:`DenseBlock`.
+    """
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int,
+                 drop_rate: float, memory_efficient: bool = False) -> None:
+        super().__init__()
+        if num_input_features <= 0 or growth_rate <= 0 or bn_size < 0:
+            raise ValueError(f"DenseLayer: expected positive num_input_features and growth_rate "
+                             f"and bn_size >= 0, got {num_input_features}, {growth_rate}, {bn_size}")
+        if not 0 <= drop_rate < 1:
+            raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate}")
+        self.num_input_features = num_input_features
+        self.growth_rate = growth_rate
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        if bn_size > 0:
+            self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, 1, 1, bias=False)
+            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, 1, 1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(num_input_features, growth_rate, 3, 1, 1, bias=False)
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient
+
+    @property
+    def has_bottleneck(self) -> bool:
+        return hasattr(self, "conv2")
+
+    def append_to(self, buffer: FeatureBuffer) -> None:
+        """Reads the first ``num_input_features`` channels of ``buffer`` and appends
+        ``growth_rate`` new ones."""
+        if buffer.filled != self.num_input_features:
+            raise ValueError(f"{type(self).__name__}: expected a buffer holding "
+                             f"{self.num_input_features} channels, it holds {buffer.filled}")
+        p = self.drop_rate if self.training else 0.0
+        if not self.has_bottleneck:
+            transform_conv_write(buffer, self.num_input_features, self.norm1, self.conv1, buffer, p)
+            return
+        # the bottleneck output is a buffer of its own (constant width), kept for backward
+        inner = new_buffer_for(buffer.values, self.conv1.out_channels,
+                               track_stats=uses_batch_stats(self.norm2), eps=self.norm2.eps,
+                               sync_group=buffer.state.sync_group)
+        transform_conv_write(buffer, self.num_input_features, self.norm1, self.conv1, inner)
+        transform_conv_write(inner, inner.filled, self.norm2, self.conv2, buffer, p)
+
+    def forward(self, input) -> torch.Tensor:
+        x = torch.cat(list(input), 1) if isinstance(input, (list, tuple)) else input
+        check_input_tensor(x, "input", self.num_input_features)
+        buffer = new_buffer_for(x, self.num_input_features + self.growth_rate,
+                                track_stats=uses_batch_stats(self.norm1), eps=self.norm1.eps)
+        write_tensor(buffer, x)
+        self.append_to(buffer)
+        return read_channels(buffer, self.num_input_features, buffer.filled)

@@ -1,0 +1,148 @@
+"""The feature buffer: one preallocated tensor holding every channel a dense block produces.
+
+A layer reads a channel *prefix* (a zero-copy strided view) and writes its new channels into
+the next free *slice*; nothing is ever concatenated. Alongside the values the buffer keeps the
+batch statistics (mean, invstd) of every channel, computed once, when the channel is written,
+and, during backward, the shared gradient: ``grad`` (every consumer's direct gradient,
+``sum_l scale_l * dpre_l``) and the per-channel ``grad_mean``/``grad_invstd`` that are turned
+into the BatchNorm-statistics part of the gradient once per channel by :meth:`finalize`.
+
+Layout: NCHW with channel capacity ``C_cap`` (``values[:, :c]`` is a prefix). It makes the
+block output *be* the concatenation torchvision's DenseNet produces (no copy to hand it on),
+and the per-channel planes stay contiguous for the CPU kernels; GPU kernels read the prefix
+through its strides.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import ops
+from ..reference import stats_dtype
+
+
+class BufferState:
+    """What autograd nodes hold on to: values, statistics, shared gradients. It holds no
+    autograd token (that lives in :class:`FeatureBuffer`), so no reference cycle keeps it alive."""
+
+    def __init__(self, values: torch.Tensor, track_stats: bool, eps: float, sync_group=None):
+        self.values = values
+        self.eps = eps
+        self.track_stats = track_stats
+        self.sync_group = sync_group
+        channels = values.shape[1]
+        sdt = stats_dtype(values.dtype)
+        self.mean = values.new_zeros(channels, dtype=sdt) if track_stats else None
+        self.invstd = values.new_ones(channels, dtype=sdt) if track_stats else None
+        self.count = values.shape[0] * values.shape[2] * values.shape[3]
+        self.grad = None
+        self.grad_mean = None
+        self.grad_invstd = None
+
+    # ---- forward
+    def compute_stats(self, start: int, stop: int) -> None:
+        """Statistics of channels [start, stop), once, right after they are written."""
+        if not self.track_stats:
+            return
+        x = self.values[:, start:stop]
+        mean, invstd = ops.channel_stats(x, self.eps)
+        if self.sync_group is not None:
+            mean, invstd = self._all_reduce_stats(mean, invstd)
+        self.mean[start:stop] = mean
+        self.invstd[start:stop] = invstd
+
+    def _all_reduce_stats(self, mean, invstd):
+        """SyncBatchNorm semantics: one all-reduce per buffer write (sum, sum of squares, count)."""
+        var = invstd.pow(-2) - self.eps
+        n = float(self.count)
+        packed = torch.stack([mean * n, (var + mean * mean) * n,
+                              torch.full_like(mean, n)])
+        dist.all_reduce(packed, group=self.sync_group)
+        total = packed[2]
+        g_mean = packed[0] / total
+        g_var = (packed[1] / total - g_mean * g_mean).clamp_min(0)
+        self.global_count = int(total[0].item()) if total.numel() else self.count
+        return g_mean, torch.rsqrt(g_var + self.eps)
+
+    def unbiased_var(self, start: int, stop: int) -> torch.Tensor:
+        """Unbiased variance of channels [start, stop) (what BatchNorm's running_var tracks)."""
+        n = getattr(self, "global_count", self.count)
+        var = self.invstd[start:stop].pow(-2) - self.eps
+        return var * (n / max(n - 1, 1))
+
+    # ---- backward
+    def ensure_grads(self) -> None:
+        if self.grad is None:
+            self.grad = torch.zeros_like(self.values)
+            if self.track_stats:
+                self.grad_mean = torch.zeros_like(self.mean)
+                self.grad_invstd = torch.zeros_like(self.invstd)
+
+    def finalize(self, start: int, stop: int) -> torch.Tensor:
+        """The complete gradient w.r.t. the values of channels [start, stop): their consumers
+        are all done (autograd order guarantees it), so add the statistics part once."""
+        self.ensure_grads()
+        grad = self.grad[:, start:stop]
+        if self.track_stats:
+            grad_mean = self.grad_mean[start:stop]
+            grad_invstd = self.grad_invstd[start:stop]
+            if self.sync_group is not None:
+                reduced = torch.stack([grad_mean, grad_invstd])
+                dist.all_reduce(reduced, group=self.sync_group)
+                # each rank's n is its local count; the all-reduced sums over ranks divided by
+                # the global count equal SyncBatchNorm's gradient
+                scale = self.count / getattr(self, "global_count", self.count)
+                grad_mean, grad_invstd = reduced[0] * scale, reduced[1] * scale
+            ops.channel_stats_backward_(self.values[:, start:stop], self.mean[start:stop],
+                                        self.invstd[start:stop], grad_mean.contiguous(),
+                                        grad_invstd.contiguous(), grad)
+        return grad
+
+    def release_grads(self) -> None:
+        self.grad = self.grad_mean = self.grad_invstd = None
+
+
+class FeatureBuffer:
+    """A handle on a :class:`BufferState` plus the autograd token of its last writer.
+
+    ``capacity`` channels are allocated up front; :meth:`reserve` hands out the next free slice
+    and refuses to go past the end.
+    """
+
+    def __init__(self, batch: int, capacity: int, height: int, width: int, *, dtype, device,
+                 track_stats: bool, eps: float = 1e-5, sync_group=None):
+        if capacity <= 0 or batch <= 0 or height <= 0 or width <= 0:
+            raise ValueError(f"FeatureBuffer: expected positive sizes, got batch={batch}, "
+                             f"capacity={capacity}, height={height}, width={width}")
+        values = torch.empty((batch, capacity, height, width), dtype=dtype, device=device)
+        self.state = BufferState(values, track_stats, eps, sync_group)
+        self.filled = 0
+        self.token = None
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.state.values
+
+    @property
+    def capacity(self) -> int:
+        return self.state.values.shape[1]
+
+    @property
+    def spatial(self) -> tuple[int, int]:
+        return tuple(self.state.values.shape[2:])
+
+    def reserve(self, channels: int) -> int:
+        """Claims the next ``channels`` channels; returns the first one's index."""
+        if channels <= 0:
+            raise ValueError(f"channels: expected a positive count, got {channels}")
+        if self.filled + channels > self.capacity:
+            raise ValueError(f"FeatureBuffer: writing {channels} channels at {self.filled} would "
+                             f"go past its capacity of {self.capacity} channels")
+        start = self.filled
+        self.filled += channels
+        return start
+
+    def prefix(self, channels: int) -> torch.Tensor:
+        if not 0 < channels <= self.filled:
+            raise ValueError(f"prefix: expected 1..{self.filled} written channels, got {channels}")
+        return self.values[:, :channels]

@@ -1,0 +1,94 @@
+"""Argument checks run before any kernel: each error names the argument and what was expected."""
+from __future__ import annotations
+
+import torch
+
+from .reference import stats_dtype
+
+FEATURE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_features(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D NCHW tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in FEATURE_DTYPES:
+        raise TypeError(f"{name}: expected float32, float64, float16 or bfloat16, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(t.shape)}")
+
+
+def check_like(t, name: str, ref: torch.Tensor, ref_name: str, shape=None) -> None:
+    """``t`` has ``ref``'s device and dtype, and ``shape`` (default ``ref``'s shape)."""
+    shape = tuple(ref.shape) if shape is None else tuple(shape)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} like {ref_name}, got {t.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} like {ref_name}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+
+def check_channel_vector(v, name: str, x: torch.Tensor, x_name: str = "x") -> None:
+    """A per-channel vector for ``x``: shape [C], stats dtype, x's device."""
+    channels = x.shape[1]
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(v).__name__}")
+    if tuple(v.shape) != (channels,):
+        raise ValueError(f"{name}: expected one value per channel of {x_name}, shape ({channels},), "
+                         f"got {tuple(v.shape)}")
+    if v.dtype != stats_dtype(x.dtype):
+        raise TypeError(f"{name}: expected dtype {stats_dtype(x.dtype)} for {x.dtype} features, "
+                        f"got {v.dtype}")
+    if v.device != x.device:
+        raise ValueError(f"{name}: expected a tensor on {x.device} like {x_name}, got {v.device}")
+
+
+def check_not_overlapping(out: torch.Tensor, out_name: str, *inputs: tuple[torch.Tensor, str]) -> None:
+    """A written tensor must not share memory with a tensor the same kernel reads. Channel views
+    of one NCHW buffer interleave in memory, so for those compare channel ranges."""
+    for t, name in inputs:
+        if t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            continue
+        if out.stride() == t.stride() and t.stride(1) > 0:
+            a0 = out.storage_offset() // out.stride(1)
+            b0 = t.storage_offset() // t.stride(1)
+            if a0 + out.shape[1] <= b0 or b0 + t.shape[1] <= a0:
+                continue
+        raise ValueError(f"{out_name}: shares memory with {name}; write into a channel slice "
+                         "that the op does not read")
+
+
+def check_conv_args(x: torch.Tensor, weight, stride: int, padding: int, pool: int) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight: expected a 4-D [C_out, C_in, k, k] tensor, got "
+                         f"{getattr(weight, 'shape', type(weight).__name__)}")
+    k = weight.shape[2]
+    if weight.shape[3] != k or k not in (1, 3):
+        raise ValueError(f"weight: expected a square 1x1 or 3x3 kernel, got {tuple(weight.shape[2:])}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight: expected {x.shape[1]} input channels (those of x), got {weight.shape[1]}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise TypeError(f"weight: expected dtype {x.dtype} on {x.device} like x, got {weight.dtype} on {weight.device}")
+    if stride not in (1, 2):
+        raise ValueError(f"stride: expected 1 or 2, got {stride}")
+    if padding not in (0, (k - 1) // 2, 1) or padding < 0:
+        raise ValueError(f"padding: expected 0 or {(k - 1) // 2} for a {k}x{k} kernel, got {padding}")
+    if pool not in (1, 2):
+        raise ValueError(f"pool: expected 1 (none) or 2 (2x2 average), got {pool}")
+    if pool == 2 and (k != 1 or stride != 1):
+        raise ValueError("pool: 2x2 average pooling is fused only before a 1x1 stride-1 convolution")
+    h, w = x.shape[2] // pool, x.shape[3] // pool
+    if h + 2 * padding < k or w + 2 * padding < k:
+        raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for a {k}x{k} "
+                         f"convolution with padding {padding}")
+
+
+def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, pool: int):
+    k = weight.shape[2]
+    h, w = x.shape[2] // pool, x.shape[3] // pool
+    return (x.shape[0], weight.shape[0], (h + 2 * padding - k) // stride + 1,
+            (w + 2 * padding - k) // stride + 1)
