@@ -1,0 +1,39 @@
+"""Shared test fixtures.
+
+Triton kernels run on CPU tensors through Triton's interpreter when no GPU is present; the
+interpreter must be chosen before Triton is imported, hence the environment set up here.
+"""
+import os
+import shutil
+
+if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def backend_params(include_triton: bool = True):
+    """Backends a parity test runs on: every one this machine can run. The CPU kernels must
+    have been built (a missing build fails the test, it is not skipped)."""
+    params = ["reference", "cpu"]
+    if include_triton:
+        params.append(pytest.param("triton", marks=pytest.mark.triton))
+    params.append(pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")))
+    return params
+
+
+def device_for(backend: str) -> torch.device:
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    """Select a backend for the rest of the test: ``use_backend("cpu")`` returns the device."""
+    def select(name: str) -> torch.device:
+        monkeypatch.setenv("MSDNET_OPS_BACKEND", name)
+        return device_for(name)
+    return select

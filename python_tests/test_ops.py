@@ -1,0 +1,154 @@
+"""The custom ops: opcheck, gradcheck in float64, parity with the references, bad input."""
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from conftest import backend_params
+from msdnet_ops import ops, reference
+
+F64 = torch.float64
+
+
+def _buffer_prefix(n, c, h, w, cap_extra=3, dtype=F64, device="cpu"):
+    """A channel-prefix view of a bigger buffer: non-contiguous, as the kernels see it."""
+    buf = torch.randn(n, c + cap_extra, h, w, dtype=dtype, device=device)
+    return buf, buf[:, :c]
+
+
+def _vec(c, dtype=F64, device="cpu", lo=-1.0, hi=1.0):
+    return torch.empty(c, dtype=dtype, device=device).uniform_(lo, hi)
+
+
+@pytest.mark.parametrize("backend", backend_params(include_triton=False))
+def test_opcheck_every_op(backend, use_backend):
+    dev = use_backend(backend)
+    torch.manual_seed(0)
+    _, x = _buffer_prefix(3, 5, 7, 5, device=dev)
+    scale, shift = _vec(5, device=dev, lo=0.5, hi=1.5), _vec(5, device=dev)
+    w1 = torch.randn(4, 5, 1, 1, dtype=F64, device=dev)
+    w3 = torch.randn(4, 5, 3, 3, dtype=F64, device=dev)
+    for t in (x, scale, shift, w1, w3):
+        t.requires_grad_(t.is_leaf)
+    xl = x.detach().clone().requires_grad_()
+    torch.library.opcheck(ops.channel_stats, (xl, 1e-5))
+    torch.library.opcheck(ops.affine_relu, (xl, scale, shift))
+    torch.library.opcheck(ops.transform_conv, (xl, scale, shift, w3, 2, 1, 1))
+    torch.library.opcheck(ops.transform_conv, (xl, scale, shift, w1, 1, 0, 2))
+    mean, invstd = reference.channel_stats(x.detach(), 1e-5)
+    xd = x.detach()
+    gx = torch.zeros_like(xd)
+    torch.library.opcheck(ops.channel_stats_backward_, (xd, mean, invstd, _vec(5, device=dev),
+                                                        _vec(5, device=dev), gx))
+    out = torch.empty(3, 4, 4, 3, dtype=F64, device=dev)
+    torch.library.opcheck(ops.transform_conv_into_, (xd, scale.detach(), shift.detach(),
+                                                     w3.detach(), 2, 1, 1, out))
+    torch.library.opcheck(ops.transform_conv_backward_, (
+        torch.randn(3, 4, 4, 3, dtype=F64, device=dev), xd, scale.detach(), shift.detach(),
+        w3.detach(), 2, 1, 1, torch.zeros_like(xd), torch.zeros(5, dtype=F64, device=dev),
+        torch.zeros(5, dtype=F64, device=dev)))
+    torch.library.opcheck(ops.affine_relu_backward_, (
+        xd, scale.detach(), shift.detach(), torch.randn_like(xd), torch.zeros_like(xd),
+        torch.zeros(5, dtype=F64, device=dev), torch.zeros(5, dtype=F64, device=dev)))
+    torch.library.opcheck(ops.gather_batch, (xd, torch.tensor([2, 0], device=dev)))
+
+
+@pytest.mark.parametrize("backend", backend_params(include_triton=False))
+@pytest.mark.parametrize("k,stride,pool", [(1, 1, 1), (3, 1, 1), (3, 2, 1), (1, 2, 1), (1, 1, 2)])
+def test_gradcheck_transform_conv(backend, use_backend, k, stride, pool):
+    dev = use_backend(backend)
+    torch.manual_seed(k * 10 + stride + pool)
+    _, x = _buffer_prefix(2, 3, 5, 7, device=dev)
+    x = x.detach().requires_grad_()
+    scale = _vec(3, device=dev, lo=0.5, hi=1.5).requires_grad_()
+    shift = _vec(3, device=dev, lo=-0.2, hi=0.2).requires_grad_()
+    w = torch.randn(2, 3, k, k, dtype=F64, device=dev, requires_grad=True)
+    pad = (k - 1) // 2
+    assert gradcheck(lambda *a: ops.transform_conv(*a, stride, pad, pool), (x, scale, shift, w))
+
+
+@pytest.mark.parametrize("backend", backend_params(include_triton=False))
+def test_gradcheck_stats_and_affine(backend, use_backend):
+    dev = use_backend(backend)
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 2, 3, dtype=F64, device=dev)[:, 1:4].detach().requires_grad_()
+    assert gradcheck(lambda a: ops.channel_stats(a, 1e-5), (x,))
+    scale = _vec(3, device=dev).requires_grad_()
+    shift = _vec(3, device=dev).requires_grad_()
+    assert gradcheck(ops.affine_relu, (x, scale, shift))
+
+
+@pytest.mark.parametrize("backend", backend_params(include_triton=False))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (F64, 1e-12)])
+def test_ops_match_reference(backend, use_backend, dtype, tol):
+    dev = use_backend(backend)
+    torch.manual_seed(2)
+    buf, x = _buffer_prefix(1, 7, 5, 3, dtype=dtype, device=dev)
+    got_mean, got_invstd = ops.channel_stats(x, 1e-5)
+    want_mean, want_invstd = reference.channel_stats(x.to(F64), 1e-5)
+    torch.testing.assert_close(got_mean.to(F64), want_mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_invstd.to(F64), want_invstd, rtol=tol * 10, atol=tol)
+    sdt = reference.stats_dtype(dtype)
+    scale, shift = _vec(7, sdt, dev), _vec(7, sdt, dev)
+    w = torch.randn(3, 7, 3, 3, dtype=dtype, device=dev)
+    out_buf = torch.full((1, 9, 3, 2), 7.0, dtype=dtype, device=dev)
+    ops.transform_conv_into_(x, scale, shift, w, 2, 1, 1, out_buf[:, 4:7])
+    want = reference.transform_conv(x.to(F64), scale.to(F64), shift.to(F64), w.to(F64), 2, 1, 1)
+    torch.testing.assert_close(out_buf[:, 4:7].to(F64), want, rtol=tol * 10, atol=tol * 10)
+    assert (out_buf[:, :4] == 7).all() and (out_buf[:, 7:] == 7).all()
+
+
+def test_bad_input_is_rejected_before_any_kernel(use_backend):
+    use_backend("cpu")
+    x = torch.randn(2, 5, 4, 4)
+    s, h = torch.ones(5), torch.zeros(5)
+    w = torch.randn(3, 5, 1, 1)
+    with pytest.raises(TypeError, match="x: expected float32"):
+        ops.channel_stats(x.to(torch.int32), 1e-5)
+    with pytest.raises(ValueError, match="x: expected a 4-D"):
+        ops.channel_stats(x[0], 1e-5)
+    with pytest.raises(ValueError, match=r"scale: expected one value per channel"):
+        ops.affine_relu(x, torch.ones(4), h)
+    with pytest.raises(TypeError, match="scale: expected dtype torch.float32"):
+        ops.affine_relu(x, torch.ones(5, dtype=F64), h)
+    with pytest.raises(ValueError, match="weight: expected 5 input channels"):
+        ops.transform_conv(x, s, h, torch.randn(3, 4, 1, 1), 1, 0, 1)
+    with pytest.raises(ValueError, match="stride: expected 1 or 2"):
+        ops.transform_conv(x, s, h, w, 3, 0, 1)
+    with pytest.raises(ValueError, match="out: expected shape"):
+        ops.transform_conv_into_(x, s, h, w, 1, 0, 1, torch.empty(2, 2, 4, 4))
+    buf = torch.randn(2, 8, 4, 4)
+    with pytest.raises(ValueError, match="out: shares memory with x"):
+        ops.transform_conv_into_(buf[:, :5], s, h, w, 1, 0, 1, buf[:, 4:7])
+    with pytest.raises(ValueError, match="grad_mean: expected one value per channel"):
+        ops.channel_stats_backward_(x, torch.zeros(5), torch.ones(5), torch.zeros(3),
+                                    torch.zeros(5), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="batch statistics need more than one value"):
+        ops.channel_stats(torch.randn(1, 3, 1, 1), 1e-5)
+    with pytest.raises(ValueError, match="index: expected values in"):
+        ops.gather_batch(x, torch.tensor([0, 2]))
+
+
+def test_backend_selection_errors(monkeypatch):
+    x = torch.randn(2, 3, 4, 4)
+    monkeypatch.setenv("MSDNET_OPS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="MSDNET_OPS_BACKEND='nonsense'"):
+        ops.channel_stats(x, 1e-5)
+    monkeypatch.setenv("MSDNET_OPS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="CUDA tensors only"):
+        ops.channel_stats(x, 1e-5)
+    monkeypatch.setenv("MSDNET_OPS_BACKEND", "auto")
+    with pytest.raises(TypeError, match="supported on CUDA devices only"):
+        ops.channel_stats(x.to(torch.bfloat16), 1e-5)
+
+
+def test_ops_compile(use_backend):
+    """The ops trace through torch.compile (fake implementations, mutation annotations)."""
+    use_backend("reference")
+    x = torch.randn(2, 4, 5, 5)
+    s, h, w = torch.rand(4) + 0.5, torch.randn(4), torch.randn(3, 4, 3, 3)
+
+    def f(x):
+        mean, invstd = ops.channel_stats(x, 1e-5)
+        return ops.transform_conv(x, s * invstd, h - s * mean * invstd, w, 1, 1, 1)
+
+    torch.testing.assert_close(torch.compile(f, backend="aot_eager", fullgraph=True)(x), f(x))
