@@ -16,20 +16,12 @@ class AffineParams:
 
     def __init__(self, weight, bias, mean, invstd, batch_stats: bool):
         dt = mean.dtype
+        mean, invstd = mean.detach(), invstd.detach()
         self.weight = torch.ones_like(mean) if weight is None else weight.detach().to(dt)
         bias = torch.zeros_like(mean) if bias is None else bias.detach().to(dt)
         self.mean, self.invstd, self.batch_stats = mean, invstd, batch_stats
         self.scale = (self.weight * invstd).contiguous()
         self.shift = (bias - self.weight * mean * invstd).contiguous()
-
-    @classmethod
-    def from_batch(cls, weight, bias, state, channels: int):
-        return cls(weight, bias, state.mean[:channels], state.invstd[:channels], True)
-
-    @classmethod
-    def from_running(cls, weight, bias, running_mean, running_var, eps: float, dtype):
-        mean = running_mean.detach().to(dtype)
-        return cls(weight, bias, mean, torch.rsqrt(running_var.detach().to(dtype) + eps), False)
 
     def backward(self, grad_scale, grad_shift, state, channels: int):
         """Returns (grad_weight, grad_bias); in training adds the statistics gradients to the
@@ -57,3 +49,16 @@ def update_running_stats(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, unbiased_
 
 def uses_batch_stats(bn: torch.nn.BatchNorm2d) -> bool:
     return bn.training or not bn.track_running_stats
+
+
+def bn_vectors(bn: torch.nn.BatchNorm2d, state, start: int, stop: int):
+    """(batch_stats, mean, invstd) with which ``bn`` normalizes buffer channels [start, stop):
+    the buffer's batch statistics in training, ``bn``'s running statistics otherwise."""
+    if uses_batch_stats(bn):
+        if not state.track_stats:
+            raise RuntimeError(f"{bn} is in training mode but the feature buffer it reads has no "
+                               "batch statistics (it was created in eval mode)")
+        return True, state.mean[start:stop], state.invstd[start:stop]
+    dt = state.values.dtype if state.values.dtype == torch.float64 else torch.float32
+    return (False, bn.running_mean.detach().to(dt),
+            torch.rsqrt(bn.running_var.detach().to(dt) + bn.eps))

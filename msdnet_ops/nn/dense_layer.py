@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bn_affine import update_running_stats, uses_batch_stats
+from .bn_affine import bn_vectors, update_running_stats, uses_batch_stats
 from .feature_buffer import FeatureBuffer
 from .functions import ReadFeatures, TransformConvWrite, WriteFeatures
 
@@ -20,29 +20,35 @@ def transform_conv_write(src: FeatureBuffer, in_channels: int, bn: nn.BatchNorm2
                          f"{src.state.eps}; every BatchNorm reading a buffer must use the same eps")
     if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1):
         raise ValueError(f"{conv}: expected a bias-free, ungrouped, undilated convolution")
-    batch_stats = uses_batch_stats(bn)
-    if batch_stats and not src.state.track_stats:
-        raise RuntimeError(f"{bn} is in training mode but its input buffer has no batch "
-                           "statistics (the buffer was created in eval mode)")
+    batch_stats, mean, invstd = bn_vectors(bn, src.state, 0, in_channels)
     if batch_stats:
-        update_running_stats(bn, src.state.mean[:in_channels], src.state.unbiased_var(0, in_channels))
+        update_running_stats(bn, mean, src.state.unbiased_var(0, in_channels))
+    return append_transform_conv(src, in_channels, dst, conv, batch_stats, bn.weight, bn.bias,
+                                 mean, invstd, dropout_p, pool)
+
+
+def append_transform_conv(src: FeatureBuffer, in_channels: int, dst: FeatureBuffer,
+                          conv: nn.Conv2d, batch_stats: bool, weight, bias, mean, invstd,
+                          dropout_p: float = 0.0, pool: int = 1) -> int:
+    """Appends ``conv(pool(relu(weight*(x-mean)*invstd+bias)))`` of ``src[:, :in_channels]``
+    to ``dst`` (per-channel vectors given); returns where the new channels start."""
     start = dst.reserve(conv.out_channels)
     dst.token = TransformConvWrite.apply(
-        src.state, in_channels, dst.state, start, batch_stats, bn.eps, conv.stride[0],
-        conv.padding[0], pool, dropout_p, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-        conv.weight, src.token, dst.token)
+        src.state, in_channels, dst.state, start, batch_stats, conv.stride[0], conv.padding[0],
+        pool, dropout_p, weight, bias, mean, invstd, conv.weight, src.token, dst.token)
     return start
 
 
-def write_tensor(dst: FeatureBuffer, x: torch.Tensor) -> int:
-    """Appends an ordinary tensor's channels to ``dst``."""
+def write_tensor(dst: FeatureBuffer, x: torch.Tensor, with_stats: bool = True) -> int:
+    """Appends an ordinary tensor's channels to ``dst`` (with their batch statistics when the
+    buffer tracks them and ``with_stats``)."""
     if x.dim() != 4 or tuple(x.shape[2:]) != dst.spatial or x.shape[0] != dst.values.shape[0]:
         raise ValueError(f"x: expected shape ({dst.values.shape[0]}, C, {dst.spatial[0]}, "
                          f"{dst.spatial[1]}) to fill the feature buffer, got {tuple(x.shape)}")
     if x.dtype != dst.values.dtype or x.device != dst.values.device:
         raise TypeError(f"x: expected {dst.values.dtype} on {dst.values.device}, got {x.dtype} on {x.device}")
     start = dst.reserve(x.shape[1])
-    dst.token = WriteFeatures.apply(dst.state, start, x, dst.token)
+    dst.token = WriteFeatures.apply(dst.state, start, x, with_stats, dst.token)
     return start
 
 

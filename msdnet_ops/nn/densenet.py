@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bn_affine import update_running_stats, uses_batch_stats
+from .bn_affine import bn_vectors, update_running_stats
 from .dense_block import DenseBlock, Transition
 from .dense_layer import check_input_tensor, write_tensor
 from .functions import TransformRead
@@ -103,11 +103,11 @@ class DenseNet(nn.Module):
                 transitions[i].write_into(buffer, nxt)
                 buffer = nxt
         norm5 = self.features.norm5
-        batch_stats = uses_batch_stats(norm5)
+        batch_stats, mean, invstd = bn_vectors(norm5, buffer.state, 0, buffer.filled)
         if batch_stats:
-            update_running_stats(norm5, buffer.state.mean, buffer.state.unbiased_var(0, buffer.filled))
-        z = TransformRead.apply(buffer.state, buffer.filled, batch_stats, norm5.eps, norm5.weight,
-                                norm5.bias, norm5.running_mean, norm5.running_var, buffer.token)
+            update_running_stats(norm5, mean, buffer.state.unbiased_var(0, buffer.filled))
+        z = TransformRead.apply(buffer.state, buffer.filled, batch_stats, norm5.weight,
+                                norm5.bias, mean, invstd, buffer.token)
         out = F.adaptive_avg_pool2d(z, (1, 1))
         return self.classifier(torch.flatten(out, 1))
 

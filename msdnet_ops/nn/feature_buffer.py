@@ -78,12 +78,13 @@ class BufferState:
                 self.grad_mean = torch.zeros_like(self.mean)
                 self.grad_invstd = torch.zeros_like(self.invstd)
 
-    def finalize(self, start: int, stop: int) -> torch.Tensor:
+    def finalize(self, start: int, stop: int, with_stats: bool = True) -> torch.Tensor:
         """The complete gradient w.r.t. the values of channels [start, stop): their consumers
-        are all done (autograd order guarantees it), so add the statistics part once."""
+        are all done (autograd order guarantees it), so add the statistics part once
+        (``with_stats=False`` for channels consumers read without normalizing)."""
         self.ensure_grads()
         grad = self.grad[:, start:stop]
-        if self.track_stats:
+        if self.track_stats and with_stats:
             grad_mean = self.grad_mean[start:stop]
             grad_invstd = self.grad_invstd[start:stop]
             if self.sync_group is not None:

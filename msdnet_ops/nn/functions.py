@@ -23,33 +23,26 @@ def _token_grads(like: torch.Tensor, *present: bool):
     return tuple(like.new_empty(0) if p else None for p in present)
 
 
-def make_affine(src, channels, use_batch_stats, eps, bn_weight, bn_bias, running_mean, running_var):
-    if use_batch_stats:
-        return AffineParams.from_batch(bn_weight, bn_bias, src, channels)
-    from ..reference import stats_dtype
-    return AffineParams.from_running(bn_weight, bn_bias, running_mean, running_var, eps,
-                                     stats_dtype(src.values.dtype))
-
-
 class WriteFeatures(torch.autograd.Function):
     """Copies an external tensor into the slice [start, start + C) (block inputs, stems)."""
 
     @staticmethod
-    def forward(ctx, dst, start, x, dst_token):
+    def forward(ctx, dst, start, x, with_stats, dst_token):
         stop = start + x.shape[1]
         dst.values[:, start:stop].copy_(x)
-        dst.compute_stats(start, stop)
-        ctx.dst, ctx.range = dst, (start, stop)
+        if with_stats:
+            dst.compute_stats(start, stop)
+        ctx.dst, ctx.range, ctx.with_stats = dst, (start, stop), with_stats
         ctx.has_token = dst_token is not None
         return _token(x)
 
     @staticmethod
     def backward(ctx, _):
         dst, (start, stop) = ctx.dst, ctx.range
-        grad_x = dst.finalize(start, stop).clone()
+        grad_x = dst.finalize(start, stop, ctx.with_stats).clone()
         if start == 0:
             dst.release_grads()
-        return (None, None, grad_x) + _token_grads(grad_x, ctx.has_token)
+        return (None, None, grad_x, None) + _token_grads(grad_x, ctx.has_token)
 
 
 class ReadFeatures(torch.autograd.Function):
@@ -70,13 +63,15 @@ class ReadFeatures(torch.autograd.Function):
 
 
 class TransformRead(torch.autograd.Function):
-    """``relu(bn(x))`` of channels [0, channels) as an ordinary tensor (final norm, heads)."""
+    """``relu(bn(x))`` of channels [0, channels) as an ordinary tensor (final norm, heads).
+
+    ``bn_weight``/``bn_bias``/``mean``/``invstd`` are per-channel vectors for those channels
+    (``mean``/``invstd``: the buffer's batch statistics when ``batch_stats``, else running
+    statistics); the same holds for :class:`TransformConvWrite`."""
 
     @staticmethod
-    def forward(ctx, src, channels, use_batch_stats, eps, bn_weight, bn_bias, running_mean,
-                running_var, src_token):
-        affine = make_affine(src, channels, use_batch_stats, eps, bn_weight, bn_bias,
-                             running_mean, running_var)
+    def forward(ctx, src, channels, batch_stats, bn_weight, bn_bias, mean, invstd, src_token):
+        affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
         ctx.src, ctx.channels, ctx.affine = src, channels, affine
         ctx.has_token = src_token is not None
         return ops.affine_relu(src.values[:, :channels], affine.scale, affine.shift)
@@ -89,7 +84,7 @@ class TransformRead(torch.autograd.Function):
         ops.affine_relu_backward_(src.values[:, :c], affine.scale, affine.shift,
                                   grad_z.contiguous(), src.grad[:, :c], grad_scale, grad_shift)
         grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
-        return (None, None, None, None, grad_w, grad_b, None, None,
+        return (None, None, None, grad_w, grad_b, None, None,
                 grad_z.new_empty(0) if ctx.has_token else None)
 
 
@@ -98,11 +93,9 @@ class TransformConvWrite(torch.autograd.Function):
     optionally followed by dropout; the written channels' statistics are computed once here."""
 
     @staticmethod
-    def forward(ctx, src, in_channels, dst, start, use_batch_stats, eps, stride, padding, pool,
-                dropout_p, bn_weight, bn_bias, running_mean, running_var, conv_weight,
-                src_token, dst_token):
-        affine = make_affine(src, in_channels, use_batch_stats, eps, bn_weight, bn_bias,
-                             running_mean, running_var)
+    def forward(ctx, src, in_channels, dst, start, batch_stats, stride, padding, pool,
+                dropout_p, bn_weight, bn_bias, mean, invstd, conv_weight, src_token, dst_token):
+        affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
         stop = start + conv_weight.shape[0]
         out = dst.values[:, start:stop]
         x = src.values[:, :in_channels]
@@ -137,5 +130,5 @@ class TransformConvWrite(torch.autograd.Function):
             grad_out, src.values[:, :c], affine.scale, affine.shift, conv_weight, *ctx.conv,
             src.grad[:, :c], grad_scale, grad_shift)
         grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
-        return ((None,) * 10 + (grad_w, grad_b, None, None, grad_weight)
+        return ((None,) * 9 + (grad_w, grad_b, None, None, grad_weight)
                 + _token_grads(grad_weight, *ctx.tokens))
