@@ -1,0 +1,90 @@
+"""MSDNet on the fused ops: feature buffers per scale, lazy anytime prediction."""
+from __future__ import annotations
+
+from typing import Iterator, List
+
+import torch
+
+from .macs import count_macs
+from .msdnet_plain import MSDNetPlain
+from .msdnet_plan import build_plan
+from .msdnet_runtime import GridRun
+
+
+class MSDNet(MSDNetPlain):
+    """Multi-Scale Dense Network (Huang et al., ICLR 2018) running on feature buffers.
+
+    Same constructor, module tree and ``state_dict`` keys as :class:`MSDNetPlain` (the public
+    reference's structure). Each scale of the grid is a feature buffer that dense layers append
+    to; the strided path writes the coarser scale's slice; each channel is stored before its
+    BatchNorm and every consumer applies the producer's BN+ReLU in its prologue.
+
+    * ``forward(x)``: list of the logits of every exit (like the reference).
+    * ``anytime(x)``: yields each exit's logits in order, computing only what that exit needs;
+      stopping the iteration stops the compute.
+    * ``exit_macs(input_size)``: cumulative multiply-adds per exit (the paper's accounting).
+    * ``load_reference_state_dict(sd)`` / ``reference_state_dict()``: checkpoints of the
+      public PyTorch reference (``module.`` prefixes of DataParallel are accepted).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan = build_plan(self)
+        self.sync_group = None
+        self._cell_macs_cache: dict = {}
+
+    # ---------------------------------------------------------------- cost accounting
+    def exit_macs(self, input_size=(3, 32, 32)) -> List[int]:
+        """Cumulative per-sample multiply-adds to reach each exit (earlier classifiers
+        included, no lazy evaluation): the figures of the paper."""
+        return list(count_macs(self, input_size).exit_macs)
+
+    def cell_macs(self, input_size) -> list:
+        """Per-sample multiply-adds of every cell of the plan, for ``input_size``."""
+        key = tuple(int(v) for v in input_size)
+        if key not in self._cell_macs_cache:
+            per_module = count_macs(self, key).module_macs
+            self._cell_macs_cache[key] = [
+                sum(v for name, v in per_module.items()
+                    if name == cell.name or name.startswith(cell.name + "."))
+                for cell in self.plan.cells]
+        return self._cell_macs_cache[key]
+
+    # ---------------------------------------------------------------- forward
+    def enable_sync_stats(self, group=None) -> None:
+        """Synchronize the shared batch statistics across the ranks of ``group`` (one
+        all-reduce per buffer write: SyncBatchNorm semantics under DistributedDataParallel)."""
+        self.sync_group = group if group is not None else torch.distributed.group.WORLD
+
+    def start(self, x: torch.Tensor) -> GridRun:
+        """A forward pass over the batch ``x`` whose exits are computed on request."""
+        self.check_input(x)
+        return GridRun(self, self.plan, x, self.cell_macs(tuple(x.shape[1:])), self.sync_group)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        if x.device.type == "meta":  # shape-only passes (MAC counting) use the plain graph
+            return super().forward(x)
+        run = self.start(x)
+        return [run.exit_logits(k) for k in range(self.num_exits)]
+
+    def anytime(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yields the logits of exit 0, 1, ... in order; each exit computes only the feature
+        maps it depends on (the rest are deferred until a later exit needs them)."""
+        run = self.start(x)
+        for k in range(self.num_exits):
+            yield run.exit_logits(k)
+
+    # ---------------------------------------------------------------- checkpoints
+    def load_reference_state_dict(self, state_dict, strict: bool = True):
+        """Loads a checkpoint saved by the public PyTorch reference of MSDNet (same keys; a
+        ``module.`` prefix from (Distributed)DataParallel and a ``{'state_dict': ...}``
+        wrapper are removed)."""
+        if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+            state_dict = state_dict["state_dict"]
+        cleaned = {(k[len("module."):] if k.startswith("module.") else k): v
+                   for k, v in state_dict.items()}
+        return self.load_state_dict(cleaned, strict=strict)
+
+    def reference_state_dict(self) -> dict:
+        """A state dict the public reference implementation loads (the same keys)."""
+        return self.state_dict()

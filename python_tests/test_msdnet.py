@@ -1,0 +1,205 @@
+"""Fused MSDNet: parity with the plain-PyTorch composition (MSDNetPlain, torch.cat), lazy
+anytime prediction, real budgeted early exit."""
+import math
+
+import pytest
+import torch
+
+import msdnet_ops
+from conftest import backend_params
+from msdnet_ops.inference import assign_exits, exit_predictions
+from msdnet_ops.models import MSDNetPlain
+
+F64 = torch.float64
+
+SMALL = dict(nBlocks=3, nChannels=4, base=2, stepmode="even", step=2, growthRate=4,
+             grFactor=(1, 2, 4), bnFactor=(1, 2, 4), prune="max", reduction=0.5,
+             bottleneck=True, num_classes=5, stem="cifar")
+CONFIGS = {
+    "cifar-max": (SMALL, 32),
+    # prune min, lin_grow, no bottleneck, two scales, odd input size
+    "min-nobottleneck": (dict(SMALL, nBlocks=3, base=1, stepmode="lin_grow", step=1,
+                              growthRate=2, grFactor=(1, 2), bnFactor=(1, 2), prune="min",
+                              bottleneck=False), 17),
+    # ImageNet stem (7x7 conv with bias, max-pool: already-activated channels), four scales
+    "imagenet": (dict(SMALL, nBlocks=2, base=2, stepmode="lin_grow", step=1,
+                      grFactor=(1, 2, 4, 4), bnFactor=(1, 2, 4, 4), stem="imagenet"), 129),
+}
+
+
+def _pair(cfg, dtype=F64, device="cpu"):
+    torch.manual_seed(0)
+    ref = MSDNetPlain(**cfg)
+    g = torch.Generator().manual_seed(1)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    ref = ref.to(dtype=dtype, device=device)
+    ours = msdnet_ops.MSDNet(**cfg).to(dtype=dtype, device=device)
+    ours.load_reference_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _compare(ref, ours, x, train, tol):
+    ref.train(train)
+    ours.train(train)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yo = ref(xr), ours(xo)
+    assert len(yo) == len(yr) == ref.num_exits
+    grads = [torch.randn_like(y) for y in yr]
+    sum((y * g).sum() for y, g in zip(yr, grads)).backward()
+    sum((y * g).sum() for y, g in zip(yo, grads)).backward()
+    for k, (a, b) in enumerate(zip(yo, yr)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"logits of exit {k}")
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=tol, atol=tol, msg="input gradient")
+    for (name, pr), (_, po) in zip(ref.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(po.grad, pr.grad, rtol=tol, atol=tol, msg=f"grad of {name}")
+    for (name, br), (_, bo) in zip(ref.named_buffers(), ours.named_buffers()):
+        torch.testing.assert_close(bo, br, rtol=tol, atol=tol, msg=f"buffer {name}")
+    ref.zero_grad()
+    ours.zero_grad()
+
+
+@pytest.mark.parametrize("backend", backend_params(include_triton=False))
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_msdnet_matches_plain_pytorch(backend, use_backend, config):
+    dev = use_backend(backend)
+    cfg, size = CONFIGS[config]
+    ref, ours = _pair(cfg, device=dev)
+    x = torch.randn(2, 3, size, size, dtype=F64, device=dev)
+    _compare(ref, ours, x, True, 1e-9)
+    _compare(ref, ours, x, False, 1e-9)
+
+
+def test_msdnet_float32_and_batch_one(use_backend):
+    dev = use_backend("cpu")
+    ref, ours = _pair(SMALL, dtype=torch.float32, device=dev)
+    _compare(ref, ours, torch.randn(1, 3, 32, 32, device=dev), True, 2e-4)
+
+
+@pytest.mark.triton
+def test_msdnet_on_triton_kernels(use_backend):
+    dev = use_backend("triton")
+    cfg = dict(SMALL, nBlocks=1, base=1, grFactor=(1, 2), bnFactor=(1, 2), growthRate=2)
+    ref, ours = _pair(cfg, dtype=torch.float32, device=dev)
+    ref.eval()
+    ours.eval()
+    x = torch.randn(2, 3, 12, 12, device=dev)
+    with torch.no_grad():
+        for a, b in zip(ours(x), ref(x)):
+            torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
+
+
+def test_cifar100_anytime_figures_of_the_paper():
+    model = msdnet_ops.MSDNet(**msdnet_ops.msdnet_config("cifar100-anytime"))
+    assert sum(p.numel() for p in model.parameters()) == 3_067_960
+    macs = model.exit_macs((3, 32, 32))
+    assert [round(m / 1e6, 1) for m in macs] == [15.1, 25.5, 37.1, 46.3, 57.3, 67.0, 75.9]
+
+
+@pytest.mark.parametrize("name", msdnet_ops.MSDNET_CONFIG_NAMES)
+def test_every_named_configuration_builds(name):
+    model = msdnet_ops.MSDNet(**msdnet_ops.msdnet_config(name))
+    assert model.num_exits == len(model.plan.exit_cells)
+    # every leaf module belongs to exactly one cell, so cell costs add up to the exit costs
+    size = (3, 224, 224) if "imagenet" in name else (3, 32, 32)
+    assert sum(model.cell_macs(size)) == model.exit_macs(size)[-1]
+
+
+def test_anytime_is_lazy_and_matches_forward(use_backend):
+    use_backend("cpu")
+    _, model = _pair(SMALL)
+    model.eval()
+    x = torch.randn(3, 3, 32, 32, dtype=F64)
+    with torch.no_grad():
+        full = model(x)
+        run = model.start(x)
+        full_macs = model.exit_macs((3, 32, 32))
+        for k in range(model.num_exits):
+            logits = run.exit_logits(k)
+            torch.testing.assert_close(logits, full[k], rtol=1e-12, atol=1e-12)
+            per_sample = run.macs / 3
+            if k < model.num_exits - 1:
+                assert per_sample < full_macs[k], "exit computed maps it does not depend on"
+            else:
+                assert per_sample == full_macs[k]
+        steps = list(model.anytime(x))
+    assert len(steps) == model.num_exits
+    for a, b in zip(steps, full):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_anytime_predict_respects_a_macs_budget(use_backend):
+    use_backend("cpu")
+    _, model = _pair(SMALL)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=F64)
+    costs = model.exit_macs((3, 32, 32))
+    logits, k = msdnet_ops.anytime_predict(model, x, max_macs=costs[1])
+    assert k >= 1
+    logits_all, k_all = msdnet_ops.anytime_predict(model, x, max_macs=costs[-1])
+    assert k_all == model.num_exits - 1
+    with torch.no_grad():
+        torch.testing.assert_close(logits_all, model(x)[-1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_budgeted_early_exit_equals_the_simulation(backend, use_backend):
+    """Real early exit (samples leave the batch) gives the predictions and exits that the
+    reference's simulation (run everything, assign afterwards) gives, and costs less."""
+    use_backend(backend)
+    _, model = _pair(SMALL)
+    model.eval()
+    torch.manual_seed(5)
+    x = torch.randn(16, 3, 32, 32, dtype=F64)
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(l, 1) for l in model(x)])
+    conf = probs.max(2).values
+    thresholds = torch.stack([conf[0].median(), conf[1].median(), torch.tensor(-math.inf, dtype=F64)])
+    result = msdnet_ops.BudgetedClassifier(model, thresholds).predict(x)
+    want_exits = assign_exits(probs, thresholds)
+    assert torch.equal(result.exits, want_exits)
+    assert torch.equal(result.predictions, exit_predictions(probs, want_exits))
+    assert 0 < (result.exits == 0).sum() < 16
+    assert result.macs < result.expected_macs <= result.full_macs
+    assert result.wall_time > 0
+
+
+def test_budgeted_everyone_leaves_at_exit_one(use_backend):
+    use_backend("cpu")
+    _, model = _pair(SMALL)
+    x = torch.randn(4, 3, 32, 32, dtype=F64)
+    result = msdnet_ops.BudgetedClassifier(model, [0.0, 0.0, 0.0]).predict(x)
+    assert (result.exits == 0).all()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(result.predictions, model(x)[0].argmax(1))
+    assert result.macs <= 4 * model.exit_macs((3, 32, 32))[0]
+
+
+def test_bad_input_raises_clear_errors():
+    model = msdnet_ops.MSDNet(**SMALL)
+    with pytest.raises(ValueError, match="x: expected 3 input channels"):
+        model(torch.randn(2, 4, 32, 32))
+    with pytest.raises(ValueError, match="image size 64x64 is not accepted"):
+        model(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"thresholds: expected one threshold per exit, shape \(3,\)"):
+        msdnet_ops.BudgetedClassifier(model, [0.5, 0.5])
+    with pytest.raises(ValueError, match="thresholds: contains NaN"):
+        msdnet_ops.BudgetedClassifier(model, [0.5, float("nan"), 0.0])
+    broken = msdnet_ops.MSDNet(**SMALL)
+    with torch.no_grad():
+        broken.classifier[0].linear.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="exit 0 produced non-finite logits"):
+        msdnet_ops.BudgetedClassifier(broken, [0.5, 0.5, 0.0]).predict(torch.randn(2, 3, 32, 32))
+
+
+def test_reference_checkpoint_keys_load():
+    plain = MSDNetPlain(**SMALL)
+    wrapped = {"state_dict": {"module." + k: v for k, v in plain.state_dict().items()}}
+    model = msdnet_ops.MSDNet(**SMALL)
+    model.load_reference_state_dict(wrapped)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    MSDNetPlain(**SMALL).load_state_dict(model.reference_state_dict())
