@@ -163,14 +163,42 @@ def _check_transform_conv_args(x, scale, shift, weight, stride, padding, pool):
     check.check_conv_args(x, weight, stride, padding, pool)
 
 
+def _is_pointwise(weight, stride) -> bool:
+    return weight.shape[2] == 1 and stride == 1
+
+
+def _conv(z, weight, stride, padding):
+    """A 1x1 convolution of an NCHW tensor is one batched GEMM ``W @ z[n]``: 3-4x faster than
+    oneDNN's NCHW convolution on the CPU (which reorders layouts); 3x3 goes to cuDNN/oneDNN."""
+    if _is_pointwise(weight, stride):
+        n, c, h, w = z.shape
+        return torch.matmul(weight.view(weight.shape[0], c), z.view(n, c, h * w)).view(n, -1, h, w)
+    return F.conv2d(z, weight, None, stride, padding)
+
+
+def _conv_backward(grad_out, z, weight, stride, padding):
+    """(grad_z, grad_weight) of :func:`_conv`."""
+    if _is_pointwise(weight, stride):
+        n, c, h, w = z.shape
+        w2 = weight.view(weight.shape[0], c)
+        dy = grad_out.reshape(n, -1, h * w)
+        grad_z = torch.matmul(w2.t(), dy).view(n, c, h, w)
+        grad_weight = torch.bmm(dy, z.view(n, c, h * w).transpose(1, 2)).sum(0)
+        return grad_z, grad_weight.view_as(weight)
+    grad_z, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_out, z, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1,
+        [True, True, False])
+    return grad_z, grad_weight
+
+
 def _transform_conv_unfused_into(kernels, x, scale, shift, weight, stride, padding, pool, out):
-    """Memory-bound transform by our kernels, convolution by cuDNN / oneDNN: the transformed
-    prefix is a temporary freed on return (never kept per layer)."""
+    """Memory-bound transform by our kernels, convolution by BLAS / cuDNN / oneDNN: the
+    transformed prefix is a temporary freed on return (never kept per layer)."""
     z = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     kernels.affine_relu_into(x, scale, shift, z)
     if pool != 1:
         z = F.avg_pool2d(z, pool)
-    out.copy_(F.conv2d(z, weight, None, stride, padding))
+    out.copy_(_conv(z, weight, stride, padding))
 
 
 @torch.library.custom_op(f"{_LIB}::transform_conv_into_", mutates_args=("out",))
@@ -213,9 +241,7 @@ def _transform_conv_backward_unfused(kernels, grad_out, x, scale, shift, weight,
     z = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     kernels.affine_relu_into(x, scale, shift, z)
     zp = F.avg_pool2d(z, pool) if pool != 1 else z
-    grad_zp, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_out, zp, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1,
-        [True, True, False])
+    grad_zp, grad_weight = _conv_backward(grad_out, zp, weight, stride, padding)
     del zp
     if pool != 1:
         grad_z = torch.ops.aten.avg_pool2d_backward(grad_zp, z, [pool] * 2, [pool] * 2, [0, 0],
