@@ -1,0 +1,123 @@
+// pybind11 module msdnet_ops._cpu_kernels: thin wrappers over the CPU kernels (no torch).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <utility>
+#include <vector>
+
+#include "msdnet_ops/cpu_kernels.h"
+#include "msdnet_ops/indexing.h"
+#include "msdnet_ops/math.h"
+#include "views.h"
+
+namespace py = pybind11;
+using namespace msdnet_ops;
+using bindings::to_vec;
+using bindings::to_view;
+using bindings::VecArg;
+using bindings::ViewArg;
+
+PYBIND11_MODULE(_cpu_kernels, m) {
+  m.doc() = "msdnet_ops CPU kernels (OpenMP). Views are (ptr, N, C, H, W, sN, sC, sH, sW) "
+            "tuples, per-channel vectors (ptr, stride); dtype codes: 0 float32, 1 float64.";
+
+  m.def("channel_stats",
+        [](int dtype, ViewArg x, double eps, VecArg mean, VecArg invstd, int num_threads) {
+          const View4 xv = to_view(x, "x");
+          py::gil_scoped_release nogil;
+          cpu::channel_stats(dtype, xv, eps, to_vec(mean), to_vec(invstd), num_threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("eps"), py::arg("mean"), py::arg("invstd"),
+        py::arg("num_threads") = 0);
+
+  m.def("channel_stats_backward",
+        [](int dtype, ViewArg x, VecArg mean, VecArg invstd, VecArg grad_mean, VecArg grad_invstd,
+           ViewArg grad_x, int num_threads) {
+          const View4 xv = to_view(x, "x"), gv = to_view(grad_x, "grad_x");
+          py::gil_scoped_release nogil;
+          cpu::channel_stats_backward(dtype, xv, to_vec(mean), to_vec(invstd), to_vec(grad_mean),
+                                      to_vec(grad_invstd), gv, num_threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("grad_mean"),
+        py::arg("grad_invstd"), py::arg("grad_x"), py::arg("num_threads") = 0);
+
+  m.def("affine_relu",
+        [](int dtype, ViewArg x, VecArg scale, VecArg shift, ViewArg out, int num_threads) {
+          const View4 xv = to_view(x, "x"), ov = to_view(out, "out");
+          py::gil_scoped_release nogil;
+          cpu::affine_relu(dtype, xv, to_vec(scale), to_vec(shift), ov, num_threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("out"),
+        py::arg("num_threads") = 0);
+
+  m.def("affine_relu_backward",
+        [](int dtype, ViewArg x, VecArg scale, VecArg shift, ViewArg grad_z, ViewArg grad_x,
+           VecArg grad_scale, VecArg grad_shift, int num_threads) {
+          const View4 xv = to_view(x, "x"), zv = to_view(grad_z, "grad_z"),
+                      gv = to_view(grad_x, "grad_x");
+          py::gil_scoped_release nogil;
+          cpu::affine_relu_backward(dtype, xv, to_vec(scale), to_vec(shift), zv, gv,
+                                    to_vec(grad_scale), to_vec(grad_shift), num_threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("grad_z"),
+        py::arg("grad_x"), py::arg("grad_scale"), py::arg("grad_shift"),
+        py::arg("num_threads") = 0);
+
+  m.def("gather_batch",
+        [](int element_size, ViewArg src, int64_t index_ptr, ViewArg out, int num_threads) {
+          const View4 sv = to_view(src, "src"), ov = to_view(out, "out");
+          const int64_t* index = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(index_ptr));
+          py::gil_scoped_release nogil;
+          cpu::gather_batch(element_size, sv, index, ov, num_threads);
+        },
+        py::arg("element_size"), py::arg("src"), py::arg("index"), py::arg("out"),
+        py::arg("num_threads") = 0);
+
+  m.def("compiled_isas", &cpu::compiled_isas, "instruction-set variants compiled in");
+  m.def("supported_isas", &cpu::supported_isas, "variants compiled in that this CPU runs");
+  m.def("current_isa", &cpu::current_isa, "the variant in use");
+  m.def("set_isa", &cpu::set_isa, py::arg("name"), "use another variant (tests, benchmarks)");
+
+  // The host-device helpers the CUDA kernels use, exposed so CPU tests cover them.
+  m.def("_fastdivmod",
+        [](uint32_t divisor, const std::vector<uint32_t>& xs) {
+          const FastDivmod fd(divisor);
+          std::vector<std::pair<uint32_t, uint32_t>> out;
+          out.reserve(xs.size());
+          for (uint32_t x : xs) {
+            uint32_t q, r;
+            fd.divmod(x, q, r);
+            out.emplace_back(q, r);
+          }
+          return out;
+        },
+        py::arg("divisor"), py::arg("xs"));
+  m.def("_pixel_index",
+        [](uint32_t H, uint32_t W, const std::vector<uint32_t>& qs) {
+          const PixelIndexer ix(H, W);
+          std::vector<std::array<uint32_t, 3>> out;
+          for (uint32_t q : qs) {
+            uint32_t n, h, w;
+            ix(q, n, h, w);
+            out.push_back({n, h, w});
+          }
+          return out;
+        },
+        py::arg("H"), py::arg("W"), py::arg("qs"));
+  m.def("_welford",
+        [](const std::vector<double>& values, size_t split) {
+          // Welford over values[:split] and values[split:], merged with Chan's formula, in the
+          // float accumulation the GPU uses for float32/float16/bfloat16 and in double.
+          Welford<float> af = welford_empty<float>(), bf = welford_empty<float>();
+          Welford<double> ad = welford_empty<double>(), bd = welford_empty<double>();
+          for (size_t i = 0; i < values.size(); ++i) {
+            welford_push(i < split ? af : bf, static_cast<float>(values[i]));
+            welford_push(i < split ? ad : bd, values[i]);
+          }
+          const Welford<float> f = welford_merge(af, bf);
+          const Welford<double> d = welford_merge(ad, bd);
+          return std::make_pair(std::array<double, 3>{f.n, f.mean, f.m2},
+                                std::array<double, 3>{d.n, d.mean, d.m2});
+        },
+        py::arg("values"), py::arg("split"));
+}

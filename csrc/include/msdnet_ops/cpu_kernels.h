@@ -1,0 +1,53 @@
+// CPU kernels (OpenMP). Every function takes raw pointers, sizes and strides (elements) through
+// View4 / VecView; all feature views of one call share N, C, H, W (gather: C, H, W).
+// dtype: kFloat32 or kFloat64 (per-channel vectors in the same dtype). num_threads <= 0 uses
+// OpenMP's default.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "msdnet_ops/tensor_view.h"
+
+#define MSDNET_CPU_KERNEL_DECLS                                                               \
+  /* mean[c], invstd[c] of x over (N, H, W): biased variance, invstd = 1/sqrt(var + eps). */  \
+  void channel_stats(int dtype, const View4& x, double eps, VecView mean, VecView invstd,     \
+                     int num_threads);                                                        \
+  /* grad_x += grad_mean/n - grad_invstd*(x-mean)*invstd^3/n. */                              \
+  void channel_stats_backward(int dtype, const View4& x, VecView mean, VecView invstd,        \
+                              VecView grad_mean, VecView grad_invstd, const View4& grad_x,    \
+                              int num_threads);                                               \
+  /* out = relu(scale*x + shift). */                                                          \
+  void affine_relu(int dtype, const View4& x, VecView scale, VecView shift, const View4& out, \
+                   int num_threads);                                                          \
+  /* dpre = grad_z*(scale*x+shift > 0): grad_x += scale*dpre, grad_scale += sum(dpre*x),     \
+     grad_shift += sum(dpre). */                                                              \
+  void affine_relu_backward(int dtype, const View4& x, VecView scale, VecView shift,          \
+                            const View4& grad_z, const View4& grad_x, VecView grad_scale,     \
+                            VecView grad_shift, int num_threads);                             \
+  /* out[i] = src[index[i]] (out.N = len(index)); element_size in bytes: 1, 2, 4 or 8. */    \
+  void gather_batch(int element_size, const View4& src, const int64_t* index,                 \
+                    const View4& out, int num_threads);
+
+namespace msdnet_ops {
+namespace cpu {
+
+// The dispatching entry points (pick the widest instruction set this CPU supports).
+MSDNET_CPU_KERNEL_DECLS
+
+// Instruction-set variants compiled into this module, the one in use, and a switch (tests).
+std::vector<std::string> compiled_isas();
+std::vector<std::string> supported_isas();  // compiled and runnable on this CPU
+std::string current_isa();
+void set_isa(const std::string& name);      // throws std::invalid_argument if unsupported
+
+namespace isa_baseline { MSDNET_CPU_KERNEL_DECLS }
+#if defined(MSDNET_OPS_HAVE_AVX2)
+namespace isa_avx2 { MSDNET_CPU_KERNEL_DECLS }
+#endif
+#if defined(MSDNET_OPS_HAVE_AVX512)
+namespace isa_avx512 { MSDNET_CPU_KERNEL_DECLS }
+#endif
+
+}  // namespace cpu
+}  // namespace msdnet_ops

@@ -1,0 +1,461 @@
+"""The compiled kernels (msdnet_ops.kernels.cpu / .cuda) against msdnet_ops.reference.
+
+CPU: float64 and float32, odd and prime sizes, non-contiguous inputs (channel slices of a
+bigger buffer, channels_last, permuted, spatially strided), outputs written into strided
+slices whose neighbouring channels must stay untouched, ``+=`` accumulation, every
+instruction-set variant, and results independent of the thread count.
+CUDA: the same checks in every dtype when a GPU is present (skipped otherwise), and a check
+that the CUDA module was built when MSDNET_OPS_EXPECT_CUDA=1 (CI).
+"""
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+from msdnet_ops import reference as ref
+from msdnet_ops.kernels import cpu as cpu_kernels
+from msdnet_ops.kernels import cuda as cuda_kernels
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+SHAPES = [(1, 5, 7, 7), (3, 7, 5, 1), (3, 5, 1, 5), (1, 7, 1, 1), (2, 3, 5, 7), (3, 11, 7, 5)]
+# Above the CPU kernels' serial threshold (32768 elements): the OpenMP paths run.
+BIG_SHAPES = [(4, 37, 29, 31), (3, 19, 64, 67)]
+LAYOUTS = ["contiguous", "channel_slice", "channels_last", "channels_last_slice", "permuted",
+           "spatial_stride"]
+# (shape, layout) cases: every layout on the small shapes, the main ones on the big shapes.
+CASES = [(s, lay) for s in SHAPES for lay in LAYOUTS] + \
+        [(s, lay) for s in BIG_SHAPES for lay in ("channel_slice", "channels_last_slice", "spatial_stride")]
+SENTINEL = 1024.0  # exactly representable in every dtype
+
+
+def _seed(*key) -> int:
+    """A reproducible seed per test case (str hashes are randomized per process)."""
+    return zlib.crc32(repr(key).encode())
+
+
+def _tol(dtype):
+    """(rtol, atol) of a kernel against the float64 reference evaluated on the same values."""
+    return {
+        torch.float64: (1e-10, 1e-11),
+        torch.float32: (2e-5, 2e-5),
+        torch.float16: (2e-3, 2e-3),
+        torch.bfloat16: (1.6e-2, 1.6e-2),
+    }[dtype]
+
+
+def _close(actual, expected, dtype, scale=1.0, what=""):
+    rtol, atol = _tol(dtype)
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol,
+                               atol=atol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def make_features(shape, layout, dtype, device="cpu", offset=0.0, gen=None):
+    """A tensor of ``shape`` whose memory layout is ``layout`` (a view, never a copy of it)."""
+    n, c, h, w = shape
+    kw = dict(dtype=torch.float64, generator=gen)
+
+    def rnd(*size):
+        return (torch.randn(*size, **kw) * 2 + offset).to(dtype).to(device)
+
+    if layout == "contiguous":
+        return rnd(n, c, h, w)
+    if layout == "channel_slice":  # a prefix/slice of a wider NCHW feature buffer
+        return rnd(n, c + 5, h, w)[:, 2:2 + c]
+    if layout == "channels_last":
+        return rnd(n, h, w, c).permute(0, 3, 1, 2)
+    if layout == "channels_last_slice":
+        return rnd(n, h, w, c + 6)[..., 3:3 + c].permute(0, 3, 1, 2)
+    if layout == "permuted":  # N, H, C, W storage
+        return rnd(n, h, c, w).permute(0, 2, 1, 3)
+    if layout == "spatial_stride":
+        return rnd(n, c, 2 * h, w + 3)[:, :, ::2, 1:1 + w]
+    raise ValueError(layout)
+
+
+class SlicedOutput:
+    """An output/gradient written through a channel slice of a bigger buffer (NCHW or
+    channels_last) whose other channels hold a sentinel that must survive."""
+
+    def __init__(self, shape, dtype, device="cpu", channels_last=False, init=None):
+        n, c, h, w = shape
+        if channels_last:
+            self.buffer = torch.full((n, h, w, c + 4), SENTINEL, dtype=dtype, device=device)
+            self.view = self.buffer[..., 1:1 + c].permute(0, 3, 1, 2)
+            self.others = lambda: torch.cat([self.buffer[..., :1], self.buffer[..., 1 + c:]], dim=-1)
+        else:
+            self.buffer = torch.full((n, c + 4, h, w), SENTINEL, dtype=dtype, device=device)
+            self.view = self.buffer[:, 1:1 + c]
+            self.others = lambda: torch.cat([self.buffer[:, :1], self.buffer[:, 1 + c:]], dim=1)
+        if init is not None:
+            self.view.copy_(init)
+        self.before = self.others().clone()
+
+    def check_neighbours(self):
+        assert torch.equal(self.others(), self.before), "a kernel wrote outside its output slice"
+
+
+def _vec(c, dtype, device="cpu", gen=None, lo=None):
+    v = torch.randn(c, dtype=torch.float64, generator=gen)
+    if lo is not None:
+        v = v.abs() + lo
+    return v.to(ref.stats_dtype(dtype)).to(device)
+
+
+def _strided_vec(c, dtype, device="cpu", gen=None):
+    """A per-channel vector that is itself a strided view (every other element)."""
+    v = torch.randn(2 * c, dtype=torch.float64, generator=gen).to(ref.stats_dtype(dtype)).to(device)
+    return v[::2]
+
+
+# ============================================================================ CPU
+
+@pytest.fixture(scope="module")
+def cpu():
+    assert cpu_kernels.available(), (
+        f"the CPU kernels are not built ({cpu_kernels.load_error()}); run "
+        "`pip install --no-build-isolation .`")
+    return cpu_kernels
+
+
+CPU_DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_cpu_channel_stats(cpu, shape, layout, dtype):
+    gen = torch.Generator().manual_seed(_seed(shape, layout))
+    x = make_features(shape, layout, dtype, offset=3.0, gen=gen)
+    if shape[0] * shape[2] * shape[3] < 2:
+        return  # BatchNorm statistics need two values (ops.py refuses this)
+    mean, invstd = cpu.channel_stats(x, 1e-5)
+    assert mean.dtype == ref.stats_dtype(dtype) and invstd.dtype == ref.stats_dtype(dtype)
+    rmean, rinvstd = ref.channel_stats(x.double(), 1e-5)
+    _close(mean, rmean, dtype, what="mean")
+    _close(invstd, rinvstd, dtype, scale=float(rinvstd.abs().max()), what="invstd")
+
+
+def test_cpu_channel_stats_large_offset_float32(cpu):
+    """Welford/Chan stay accurate where a naive E[x^2]-E[x]^2 in float32 would not."""
+    gen = torch.Generator().manual_seed(1)
+    for layout in ("channel_slice", "channels_last"):
+        x = make_features((4, 9, 33, 35), layout, torch.float32, offset=1e4, gen=gen)
+        mean, invstd = cpu.channel_stats(x, 1e-5)
+        rmean, rinvstd = ref.channel_stats(x.double(), 1e-5)
+        torch.testing.assert_close(mean.double(), rmean, rtol=1e-6, atol=0)
+        torch.testing.assert_close(invstd.double(), rinvstd, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("out_channels_last", [False, True])
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_cpu_affine_relu(cpu, shape, layout, out_channels_last, dtype):
+    gen = torch.Generator().manual_seed(_seed(shape, layout, "ar"))
+    x = make_features(shape, layout, dtype, gen=gen)
+    scale, shift = _vec(shape[1], dtype, gen=gen), _strided_vec(shape[1], dtype, gen=gen)
+    out = SlicedOutput(shape, dtype, channels_last=out_channels_last)
+    cpu.affine_relu_into(x, scale, shift, out.view)
+    _close(out.view, ref.affine_relu(x.double(), scale.double(), shift.double()), dtype,
+           scale=4.0, what="z")
+    out.check_neighbours()
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("grad_channels_last", [False, True])
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_cpu_affine_relu_backward(cpu, shape, layout, grad_channels_last, dtype):
+    gen = torch.Generator().manual_seed(_seed(shape, layout, "arb"))
+    c = shape[1]
+    x = make_features(shape, layout, dtype, gen=gen)
+    grad_z = make_features(shape, "channel_slice" if grad_channels_last else "channels_last",
+                           dtype, gen=gen)
+    scale, shift = _vec(c, dtype, gen=gen), _vec(c, dtype, gen=gen)
+    init = torch.randn(shape, dtype=torch.float64, generator=gen).to(dtype)
+    grad_x = SlicedOutput(shape, dtype, channels_last=grad_channels_last, init=init)
+    grad_scale, grad_shift = _vec(c, dtype, gen=gen), _strided_vec(c, dtype, gen=gen)
+    e_gx, e_gs, e_gh = init.double(), grad_scale.double().clone(), grad_shift.double().clone()
+    ref.affine_relu_backward_(x.double(), scale.double(), shift.double(), grad_z.double(), e_gx,
+                              e_gs, e_gh)
+    gs0, gh0 = grad_scale.clone(), grad_shift.clone()
+    cpu.affine_relu_backward_(x, scale, shift, grad_z, grad_x.view, grad_scale, grad_shift)
+    n = shape[0] * shape[2] * shape[3]
+    _close(grad_x.view, e_gx, dtype, scale=4.0, what="grad_x")
+    _close(grad_scale, e_gs, dtype, scale=4.0 * n ** 0.5, what="grad_scale")
+    _close(grad_shift, e_gh, dtype, scale=2.0 * n ** 0.5, what="grad_shift")
+    assert not torch.equal(grad_scale, gs0) or not torch.equal(grad_shift, gh0)
+    grad_x.check_neighbours()
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("grad_channels_last", [False, True])
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_cpu_channel_stats_backward(cpu, shape, layout, grad_channels_last, dtype):
+    gen = torch.Generator().manual_seed(_seed(shape, layout, "csb"))
+    c = shape[1]
+    x = make_features(shape, layout, dtype, offset=1.0, gen=gen)
+    mean, invstd = _vec(c, dtype, gen=gen), _vec(c, dtype, gen=gen, lo=0.5)
+    grad_mean, grad_invstd = _strided_vec(c, dtype, gen=gen), _vec(c, dtype, gen=gen)
+    init = torch.randn(shape, dtype=torch.float64, generator=gen).to(dtype)
+    grad_x = SlicedOutput(shape, dtype, channels_last=grad_channels_last, init=init)
+    expected = init.double()
+    ref.channel_stats_backward_(x.double(), mean.double(), invstd.double(), grad_mean.double(),
+                                grad_invstd.double(), expected)
+    cpu.channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x.view)
+    _close(grad_x.view, expected, dtype, scale=4.0, what="grad_x")
+    grad_x.check_neighbours()
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("out_channels_last", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(5, 7, 5, 3), (3, 1, 1, 1), (7, 13, 1, 1), (4, 37, 29, 31)])
+def test_cpu_gather_batch(cpu, shape, layout, out_channels_last, dtype):
+    gen = torch.Generator().manual_seed(_seed(shape, layout, "g"))
+    src = make_features(shape, layout, dtype, gen=gen)
+    n = shape[0]
+    for index in ([n - 1, 0, n // 2, n - 1], [n // 2], list(range(n))[::-1]):
+        idx = torch.tensor(index, dtype=torch.int64)
+        out = SlicedOutput((len(index),) + shape[1:], dtype, channels_last=out_channels_last)
+        cpu.gather_batch_into(src, idx, out.view)
+        assert torch.equal(out.view, ref.gather_batch(src, idx))
+        out.check_neighbours()
+
+
+def test_cpu_gather_batch_strided_index(cpu):
+    src = torch.randn(6, 5, 3, 3)
+    idx = torch.tensor([5, 0, 4, 1, 3, 2])[::2]  # a non-contiguous index
+    out = torch.empty(3, 5, 3, 3)
+    cpu.gather_batch_into(src, idx, out)
+    assert torch.equal(out, src[[5, 4, 3]])
+
+
+def test_cpu_accumulates(cpu):
+    """Calling a ``_`` kernel twice adds twice (+=, not =)."""
+    gen = torch.Generator().manual_seed(7)
+    x = make_features((2, 5, 7, 7), "channel_slice", torch.float64, gen=gen)
+    gz = torch.randn(2, 5, 7, 7, dtype=torch.float64, generator=gen)
+    s, b = _vec(5, torch.float64, gen=gen), _vec(5, torch.float64, gen=gen)
+    gx, gs, gh = torch.zeros(2, 5, 7, 7, dtype=torch.float64), torch.zeros(5, dtype=torch.float64), \
+        torch.zeros(5, dtype=torch.float64)
+    cpu.affine_relu_backward_(x, s, b, gz, gx, gs, gh)
+    once = (gx.clone(), gs.clone(), gh.clone())
+    cpu.affine_relu_backward_(x, s, b, gz, gx, gs, gh)
+    for twice, single in zip((gx, gs, gh), once):
+        torch.testing.assert_close(twice, 2 * single)
+    m, i = ref.channel_stats(x, 1e-5)
+    g = torch.zeros_like(gx)
+    cpu.channel_stats_backward_(x, m, i, gs, gh, g)
+    g1 = g.clone()
+    cpu.channel_stats_backward_(x, m, i, gs, gh, g)
+    torch.testing.assert_close(g, 2 * g1)
+
+
+@pytest.mark.parametrize("layout", ["channel_slice", "channels_last_slice", "permuted"])
+def test_cpu_results_do_not_depend_on_thread_count(cpu, layout):
+    gen = torch.Generator().manual_seed(3)
+    shape = (4, 37, 29, 31)
+    x = make_features(shape, layout, torch.float32, gen=gen)
+    gz = make_features(shape, "contiguous", torch.float32, gen=gen)
+    s, b = _vec(37, torch.float32, gen=gen), _vec(37, torch.float32, gen=gen)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            gx, gs, gh = torch.zeros(shape), torch.zeros(37), torch.zeros(37)
+            cpu.affine_relu_backward_(x, s, b, gz, gx, gs, gh)
+            results.append(cpu.channel_stats(x, 1e-5) + (gx, gs, gh))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert torch.equal(a, b_)
+
+
+def test_cpu_every_instruction_set(cpu):
+    """Every compiled variant this CPU runs gives the reference results."""
+    import msdnet_ops._cpu_kernels as module
+
+    gen = torch.Generator().manual_seed(11)
+    current = module.current_isa()
+    assert current in module.supported_isas()
+    assert set(module.supported_isas()) <= set(module.compiled_isas())
+    shape = (3, 37, 13, 17)
+    try:
+        for isa in module.supported_isas():
+            module.set_isa(isa)
+            for layout in ("channel_slice", "channels_last_slice", "spatial_stride"):
+                x = make_features(shape, layout, torch.float32, gen=gen)
+                s, b = _vec(37, torch.float32, gen=gen), _vec(37, torch.float32, gen=gen)
+                mean, invstd = cpu.channel_stats(x, 1e-5)
+                rmean, rinvstd = ref.channel_stats(x.double(), 1e-5)
+                _close(mean, rmean, torch.float32, what=f"{isa} mean")
+                _close(invstd, rinvstd, torch.float32, what=f"{isa} invstd")
+                out = torch.empty(shape)
+                cpu.affine_relu_into(x, s, b, out)
+                _close(out, ref.affine_relu(x.double(), s.double(), b.double()), torch.float32,
+                       scale=4.0, what=f"{isa} z")
+                gz = torch.randn(shape, generator=gen)
+                gx, gs, gh = torch.zeros(shape), torch.zeros(37), torch.zeros(37)
+                cpu.affine_relu_backward_(x, s, b, gz, gx, gs, gh)
+                e = (torch.zeros(shape, dtype=torch.float64), torch.zeros(37, dtype=torch.float64),
+                     torch.zeros(37, dtype=torch.float64))
+                ref.affine_relu_backward_(x.double(), s.double(), b.double(), gz.double(), *e)
+                for got, exp in zip((gx, gs, gh), e):
+                    _close(got, exp, torch.float32, scale=40.0, what=f"{isa} backward")
+        with pytest.raises(ValueError):
+            module.set_isa("no-such-isa")
+    finally:
+        module.set_isa(current)
+
+
+def test_cpu_rejects_half_precision(cpu):
+    with pytest.raises(TypeError, match="float32 and float64"):
+        cpu.channel_stats(torch.randn(2, 3, 4, 4).half(), 1e-5)
+
+
+# ---------------------------------------------------------------------------- shared host-device helpers
+
+def test_fastdivmod_matches_python_division(cpu):
+    import msdnet_ops._cpu_kernels as module
+
+    rng = random.Random(0)
+    divisors = [1, 2, 3, 5, 7, 49, 784, 3136, 12544, 2**16 + 1, 2**31 - 1, 2**31, 2**32 - 1]
+    divisors += [rng.randrange(1, 2**32) for _ in range(20)]
+    xs = [0, 1, 2**31 - 1, 2**31, 2**32 - 1] + [rng.randrange(0, 2**32) for _ in range(200)]
+    for d in divisors:
+        got = module._fastdivmod(d, xs)
+        assert got == [divmod(x, d) for x in xs], d
+
+
+def test_pixel_indexer(cpu):
+    import msdnet_ops._cpu_kernels as module
+
+    for h, w in ((1, 1), (7, 5), (1, 784), (56, 56), (3, 1)):
+        qs = list(range(0, 4 * h * w, max(1, h * w // 7))) + [4 * h * w - 1]
+        got = module._pixel_index(h, w, qs)
+        assert got == [[q // (h * w), (q % (h * w)) // w, q % w] for q in qs]
+
+
+@pytest.mark.parametrize("split", [0, 1, 5, 17, 40])
+def test_welford_chan_merge(cpu, split):
+    import msdnet_ops._cpu_kernels as module
+
+    gen = torch.Generator().manual_seed(split)
+    values = (torch.randn(40, dtype=torch.float64, generator=gen) * 3 + 100).tolist()
+    f32, f64 = module._welford(values, split)
+    t = torch.tensor(values, dtype=torch.float64)
+    var, mean = torch.var_mean(t, correction=0)
+    assert f64[0] == 40 and f32[0] == 40
+    assert abs(f64[1] - mean.item()) < 1e-12 and abs(f64[2] / 40 - var.item()) < 1e-10
+    assert abs(f32[1] - mean.item()) < 1e-4 and abs(f32[2] / 40 - var.item()) < 1e-3 * var.item()
+
+
+# ============================================================================ CUDA
+
+@pytest.mark.skipif(os.environ.get("MSDNET_OPS_EXPECT_CUDA", "0") != "1",
+                    reason="MSDNET_OPS_EXPECT_CUDA=1 not set (CI sets it where nvcc is present)")
+def test_cuda_module_was_built():
+    assert cuda_kernels.available(), cuda_kernels.load_error()
+    import msdnet_ops._cuda_kernels as module
+
+    assert "built for sm" in module.runtime_description()
+    assert module.device_count() >= 0  # never raises, even without a driver
+
+
+CUDA_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    assert cuda_kernels.available(), cuda_kernels.load_error()
+    return cuda_kernels
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_cuda_kernels(cuda, shape, layout, dtype):
+    dev = "cuda"
+    gen = torch.Generator().manual_seed(_seed(shape, layout, "cuda"))
+    c = shape[1]
+    n = shape[0] * shape[2] * shape[3]
+    x = make_features(shape, layout, dtype, device=dev, offset=2.0, gen=gen)
+    xd = x.double().cpu()
+    # channel_stats
+    if n >= 2:
+        mean, invstd = cuda.channel_stats(x, 1e-5)
+        rmean, rinvstd = ref.channel_stats(xd, 1e-5)
+        _close(mean, rmean, torch.float64 if dtype == torch.float64 else torch.float32, what="mean")
+        _close(invstd, rinvstd, torch.float64 if dtype == torch.float64 else torch.float32,
+               scale=float(rinvstd.abs().max()), what="invstd")
+    s, b = _vec(c, dtype, dev, gen), _strided_vec(c, dtype, dev, gen)
+    # affine_relu into a slice of a buffer
+    for cl in (False, True):
+        out = SlicedOutput(shape, dtype, dev, channels_last=cl)
+        cuda.affine_relu_into(x, s, b, out.view)
+        _close(out.view, ref.affine_relu(xd, s.double().cpu(), b.double().cpu()), dtype,
+               scale=4.0, what="z")
+        out.check_neighbours()
+    # affine_relu_backward_
+    gz = make_features(shape, "channels_last", dtype, device=dev, gen=gen)
+    init = torch.randn(shape, dtype=torch.float64, generator=gen).to(dtype)
+    gx = SlicedOutput(shape, dtype, dev, init=init.to(dev))
+    gs, gh = _vec(c, dtype, dev, gen), _strided_vec(c, dtype, dev, gen)
+    e = (init.double(), gs.double().cpu().clone(), gh.double().cpu().clone())
+    ref.affine_relu_backward_(xd, s.double().cpu(), b.double().cpu(), gz.double().cpu(), *e)
+    cuda.affine_relu_backward_(x, s, b, gz, gx.view, gs, gh)
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    _close(gx.view, e[0], dtype, scale=8.0, what="grad_x")
+    _close(gs, e[1], sd, scale=4.0 * n ** 0.5, what="grad_scale")
+    _close(gh, e[2], sd, scale=2.0 * n ** 0.5, what="grad_shift")
+    gx.check_neighbours()
+    # channel_stats_backward_
+    m, i = _vec(c, dtype, dev, gen), _vec(c, dtype, dev, gen, lo=0.5)
+    gm, gi = _strided_vec(c, dtype, dev, gen), _vec(c, dtype, dev, gen)
+    g = SlicedOutput(shape, dtype, dev, channels_last=True, init=init.to(dev))
+    expected = init.double()
+    ref.channel_stats_backward_(xd, m.double().cpu(), i.double().cpu(), gm.double().cpu(),
+                                gi.double().cpu(), expected)
+    cuda.channel_stats_backward_(x, m, i, gm, gi, g.view)
+    _close(g.view, expected, dtype, scale=8.0, what="stats grad_x")
+    g.check_neighbours()
+    # gather_batch
+    idx = torch.tensor([shape[0] - 1, 0, shape[0] - 1], device=dev)
+    out = SlicedOutput((3,) + shape[1:], dtype, dev)
+    cuda.gather_batch_into(x, idx, out.view)
+    assert torch.equal(out.view, ref.gather_batch(x, idx))
+    out.check_neighbours()
+    torch.cuda.synchronize()
+
+
+@needs_cuda
+def test_cuda_reductions_are_deterministic(cuda):
+    x = torch.randn(8, 64, 56, 56, device="cuda")[:, 5:50]
+    gz = torch.randn_like(x)
+    s, b = torch.randn(45, device="cuda"), torch.randn(45, device="cuda")
+    runs = []
+    for _ in range(3):
+        gx, gs, gh = torch.zeros_like(x), torch.zeros(45, device="cuda"), torch.zeros(45, device="cuda")
+        cuda.affine_relu_backward_(x, s, b, gz, gx, gs, gh)
+        runs.append(cuda.channel_stats(x, 1e-5) + (gs, gh))
+    for other in runs[1:]:
+        for a, b_ in zip(runs[0], other):
+            assert torch.equal(a, b_)
+
+
+@needs_cuda
+def test_cuda_runs_on_the_current_stream(cuda):
+    x = torch.randn(4, 16, 32, 32, device="cuda")
+    s, b = torch.randn(16, device="cuda"), torch.randn(16, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = torch.empty_like(x)
+        cuda.affine_relu_into(x, s, b, out)
+    stream.synchronize()
+    torch.testing.assert_close(out, ref.affine_relu(x, s, b))
