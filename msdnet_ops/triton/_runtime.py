@@ -1,0 +1,177 @@
+"""Launch plumbing shared by the Triton kernels of this package.
+
+* CUDA tensors run the compiled kernels (autotuned over a small fixed config set).
+* CPU tensors run the same kernels in Triton's interpreter (what CI tests use), whether or not
+  ``TRITON_INTERPRET=1`` was set before Triton was imported: a compiled ``JITFunction`` is
+  re-wrapped as an ``InterpretedFunction``. Kernels therefore call no other ``@triton.jit``
+  function (the interpreter cannot call a compiled helper), and take fixed small block sizes.
+* Validation helpers raise clear errors before any kernel runs.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # Triton >= 3.0
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover
+    InterpretedFunction = None
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+INT32_MAX = 2**31 - 1
+
+
+def tl_dtype(dtype: torch.dtype):
+    return _TL_DTYPES[dtype]
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of per-channel vectors and of accumulation for feature values of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def acc_tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def is_interpreted(device: torch.device) -> bool:
+    """CPU tensors always go through the interpreter."""
+    return device.type != "cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted(kernel):
+    if InterpretedFunction is None:  # pragma: no cover
+        raise RuntimeError("this Triton has no interpreter: CPU tensors cannot run Triton kernels")
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return InterpretedFunction(kernel.fn)
+
+
+def interpreting(kernel, device: torch.device) -> bool:
+    """Whether ``kernel`` will run in the interpreter for tensors on ``device``."""
+    if is_interpreted(device):
+        return True
+    return InterpretedFunction is not None and isinstance(kernel, InterpretedFunction)
+
+
+def launch(kernel, tuned, grid, args, meta, blocks, device: torch.device) -> None:
+    """Launch ``kernel[grid](*args, **meta)``.
+
+    Interpreted (CPU tensors, or ``TRITON_INTERPRET=1``): with the fixed ``blocks``.
+    Compiled: through ``tuned()`` (a lazily built autotuned wrapper, which picks the blocks) on
+    the tensors' device, or with ``blocks`` when ``tuned`` is None."""
+    if is_interpreted(device):
+        _interpreted(kernel)[grid](*args, **meta, **blocks)
+    elif interpreting(kernel, device) or tuned is None:
+        with torch.cuda.device(device):
+            kernel[grid](*args, **meta, **blocks)
+    else:
+        with torch.cuda.device(device):
+            tuned()[grid](*args, **meta)
+
+
+def dot_upcast(kernel, dtype: torch.dtype, device: torch.device) -> bool:
+    """The interpreter's ``tl.dot`` multiplies bfloat16 blocks as raw uint16 bits: upcast
+    bfloat16 operands to float32 there (exact: bf16 -> fp32 is lossless)."""
+    return interpreting(kernel, device) and dtype == torch.bfloat16
+
+
+# float32 convolutions follow PyTorch's own switch for cuDNN convolutions (TF32 allowed by
+# default on Ampere and later). Set to "ieee" or "tf32" to override.
+FLOAT32_PRECISION: str | None = None
+
+
+def input_precision(dtype: torch.dtype, device: torch.device) -> str:
+    if dtype != torch.float32 or is_interpreted(device):
+        return "ieee"
+    if FLOAT32_PRECISION is not None:
+        return FLOAT32_PRECISION
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def split_float(v: float) -> tuple[float, float]:
+    """``v`` as two float32-representable parts (Triton passes Python floats as float32): a
+    float64 kernel adds both to recover ``v`` to ~2**-48 relative."""
+    hi = float(torch.tensor(v, dtype=torch.float32))
+    lo = float(torch.tensor(v - hi, dtype=torch.float32))
+    return hi, lo
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# ----------------------------------------------------------------------------- validation
+
+def check_features(name: str, t, dtypes=SUPPORTED_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-d NCHW tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported by the Triton backend "
+                        f"(expected one of {', '.join(str(d) for d in dtypes)})")
+    if t.device.type not in ("cuda", "cpu"):
+        raise RuntimeError(f"{name}: Triton kernels need CUDA tensors (or CPU tensors under the "
+                           f"interpreter), got device {t.device}")
+    if t.numel() > 0:
+        # per-image offsets are computed in int32; the batch offset in int64
+        per_image = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
+        if per_image > INT32_MAX:
+            raise ValueError(f"{name}: one image spans more than 2**31 elements; not supported")
+        if any(st < 0 for st in t.stride()):
+            raise ValueError(f"{name}: negative strides are not supported")
+
+
+def check_same_shape(name: str, t, shape, ref_name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} (as {ref_name}), got {tuple(t.shape)}")
+
+
+def check_vector(name: str, v, length: int, device: torch.device, dtype=None) -> None:
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(v).__name__}")
+    if v.dim() != 1 or v.shape[0] != length:
+        raise ValueError(f"{name}: expected a vector of {length} per-channel values, got shape {tuple(v.shape)}")
+    if not v.dtype.is_floating_point or v.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected a floating per-channel vector, got dtype {v.dtype}")
+    if dtype is not None and v.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {v.dtype}")
+    if v.device != device:
+        raise RuntimeError(f"{name}: expected device {device}, got {v.device}")
+
+
+def check_device(name: str, t, device: torch.device) -> None:
+    if t.device != device:
+        raise RuntimeError(f"{name}: expected device {device} (as x), got {t.device}")
+
+
+def check_writable_grad(name: str, t, shape, device: torch.device) -> None:
+    check_same_shape(name, t, shape, "x")
+    check_features(name, t)
+    check_device(name, t, device)

@@ -1,0 +1,135 @@
+"""Per-channel batch statistics: ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance)
+over (N, H, W), accumulated in float32 (float64 for float64).
+
+Each program reduces one chunk of one channel (read through ``x``'s strides) with a per-lane
+Welford update, then merges its lanes with Chan's formula. With one chunk per channel it
+writes ``mean``/``invstd`` directly; otherwise it writes ``(count, mean, M2)`` partials that a
+second small kernel merges (Chan again) per channel.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _runtime as rt
+
+
+@triton.jit
+def _channel_stats_partial_kernel(
+    x_ptr, part_ptr, mean_ptr, invstd_ptr,
+    N, C, H, W,
+    sxn, sxc, sxh, sxw,
+    chunk, eps_hi, eps_lo,
+    FINAL: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    j = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    HW = H * W
+    L = N * HW
+    start = j * chunk
+    end = tl.minimum(start + chunk, L)
+    base = x_ptr + c.to(tl.int64) * sxc
+    arange = tl.arange(0, BLOCK)
+
+    cnt = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+    mean = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+    m2 = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+    for i0 in range(start, end, BLOCK):
+        offs = i0 + arange
+        m = offs < end
+        n = offs // HW
+        hw = offs % HW
+        h = hw // W
+        w = hw % W
+        xv = tl.load(base + n.to(tl.int64) * sxn + (h * sxh + w * sxw), mask=m, other=0.0).to(ACC_DTYPE)
+        cnt_new = cnt + tl.where(m, 1.0, 0.0)
+        delta = xv - mean
+        mean = mean + tl.where(m, delta / tl.maximum(cnt_new, 1.0), 0.0)
+        m2 = m2 + tl.where(m, delta * (xv - mean), 0.0)
+        cnt = cnt_new
+
+    tot = tl.sum(cnt, axis=0)
+    mu = tl.sum(cnt * mean, axis=0) / tl.maximum(tot, 1.0)
+    dev = mean - mu
+    M2 = tl.sum(m2, axis=0) + tl.sum(cnt * dev * dev, axis=0)
+    if FINAL:
+        var = M2 / tot + ((tl.zeros((), dtype=ACC_DTYPE) + eps_hi) + eps_lo)
+        if ACC_DTYPE == tl.float64:
+            std = tl.sqrt(var)  # IEEE-rounded in float64
+        else:
+            std = tl.sqrt_rn(var)
+        tl.store(mean_ptr + c, mu.to(mean_ptr.dtype.element_ty))
+        tl.store(invstd_ptr + c, (1.0 / std).to(invstd_ptr.dtype.element_ty))
+    else:
+        p = part_ptr + (c * n_chunks + j) * 3
+        tl.store(p, tot)
+        tl.store(p + 1, mu)
+        tl.store(p + 2, M2)
+
+
+@triton.jit
+def _channel_stats_merge_kernel(
+    part_ptr, mean_ptr, invstd_ptr, n_chunks, eps_hi, eps_lo,
+    ACC_DTYPE: tl.constexpr, CHUNKS: tl.constexpr,
+):
+    c = tl.program_id(0)
+    offs = tl.arange(0, CHUNKS)
+    m = offs < n_chunks
+    p = part_ptr + (c * n_chunks + offs) * 3
+    cnt = tl.load(p, mask=m, other=0.0).to(ACC_DTYPE)
+    mu_j = tl.load(p + 1, mask=m, other=0.0).to(ACC_DTYPE)
+    m2_j = tl.load(p + 2, mask=m, other=0.0).to(ACC_DTYPE)
+    tot = tl.sum(cnt, axis=0)
+    mu = tl.sum(cnt * mu_j, axis=0) / tot
+    dev = mu_j - mu
+    M2 = tl.sum(m2_j, axis=0) + tl.sum(cnt * dev * dev, axis=0)
+    var = M2 / tot + ((tl.zeros((), dtype=ACC_DTYPE) + eps_hi) + eps_lo)
+    if ACC_DTYPE == tl.float64:
+        std = tl.sqrt(var)  # IEEE-rounded in float64
+    else:
+        std = tl.sqrt_rn(var)
+    tl.store(mean_ptr + c, mu.to(mean_ptr.dtype.element_ty))
+    tl.store(invstd_ptr + c, (1.0 / std).to(invstd_ptr.dtype.element_ty))
+
+
+GPU_BLOCK = 1024
+INTERPRET_BLOCK = 32
+INTERPRET_CHUNKS = 2
+
+
+def channel_stats(x, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, invstd)`` of each channel of ``x`` (NCHW, any strides) over (N, H, W), as
+    ``reference.channel_stats``; vectors in float32 (float64 for float64 ``x``)."""
+    rt.check_features("x", x)
+    N, C, H, W = x.shape
+    L = N * H * W
+    if L == 0:
+        raise ValueError(f"x: channel statistics need at least one value per channel, got shape {tuple(x.shape)}")
+    sdt = rt.stats_dtype(x.dtype)
+    dev = x.device
+    mean = torch.empty(C, dtype=sdt, device=dev)
+    invstd = torch.empty(C, dtype=sdt, device=dev)
+    if C == 0:
+        return mean, invstd
+    interp = rt.interpreting(_channel_stats_partial_kernel, dev)
+    block = INTERPRET_BLOCK if interp else GPU_BLOCK
+    blocks = triton.cdiv(L, block)
+    if interp:
+        n_chunks = min(INTERPRET_CHUNKS, blocks)
+    else:  # enough programs to fill the GPU, each reducing at least 8 blocks
+        n_chunks = max(1, min(triton.cdiv(4 * rt.sm_count(dev), C), blocks // 8))
+    chunk = triton.cdiv(blocks, n_chunks) * block
+    n_chunks = triton.cdiv(L, chunk)
+    final = n_chunks == 1
+    part = mean if final else torch.empty(C * n_chunks * 3, dtype=sdt, device=dev)
+    acc = rt.acc_tl_dtype(x.dtype)
+    rt.launch(_channel_stats_partial_kernel, None, (C, n_chunks),
+              (x, part, mean, invstd, N, C, H, W, *x.stride(), chunk, *rt.split_float(eps)),
+              dict(FINAL=final, ACC_DTYPE=acc), dict(BLOCK=block, num_warps=4), dev)
+    if not final:
+        rt.launch(_channel_stats_merge_kernel, None, (C,),
+                  (part, mean, invstd, n_chunks, *rt.split_float(eps)),
+                  dict(ACC_DTYPE=acc), dict(CHUNKS=rt.next_pow2(n_chunks)), dev)
+    return mean, invstd
