@@ -244,6 +244,8 @@ void stats_planes(const View4& x, T eps, VecView mean, VecView invstd, int team)
     ch.range(k, h0, h1, w0, w1);
     part[u] = chunk_stats<T, UNIT>(at<const T>(x, p / C, p % C, 0, 0), x.sH, x.sW, h0, h1, w0, w1);
   }
+  // Per-channel merges in a fixed order (n, then chunk): parallel over channels when many.
+#pragma omp parallel for schedule(static) num_threads(team) if (team > 1 && units >= 4096)
   for (int64_t c = 0; c < C; ++c) {
     Welford<T> s = welford_empty<T>();
     for (int64_t n = 0; n < x.N; ++n)
@@ -526,6 +528,7 @@ void affine_relu_backward_planes(const View4& x, const View4& gz, const View4& g
     part[2 * u] = ds;
     part[2 * u + 1] = dh;
   }
+#pragma omp parallel for schedule(static) num_threads(team) if (team > 1 && units >= 4096)
   for (int64_t c = 0; c < C; ++c) {
     T ds = 0, dh = 0;
     for (int64_t n = 0; n < x.N; ++n)
