@@ -62,7 +62,9 @@ def test_cuda_module_loads_without_driver_when_built():
 
 
 def _missing(monkeypatch, wrapper):
-    monkeypatch.setattr(wrapper, "_MODULE", _common.LazyModule("msdnet_ops._no_such_module"))
+    real = wrapper._MODULE
+    monkeypatch.setattr(wrapper, "_MODULE", _common.LazyModule("msdnet_ops._no_such_module", real.what,
+                                                               real.how_to_build))
 
 
 def test_missing_cuda_module_raises_clear_error(monkeypatch):

@@ -30,8 +30,10 @@ def vec(t: torch.Tensor) -> tuple:
 class LazyModule:
     """Imports a compiled module on first use and remembers the outcome (module or error)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, what: str, how_to_build: str):
         self.name = name
+        self.what = what
+        self.how_to_build = how_to_build
         self._module = None
         self._error: str | None = None
         self._tried = False
@@ -52,6 +54,14 @@ class LazyModule:
     def error(self) -> str | None:
         self.get()
         return self._error
+
+    def require(self):
+        """The module, or a RuntimeError that says why it is missing and how to build it."""
+        m = self.get()
+        if m is None:
+            raise RuntimeError(f"msdnet_ops was built without its {self.what} ({self._error}); "
+                               f"rebuild them: {self.how_to_build}")
+        return m
 
     def reset(self) -> None:
         """Forget the outcome (tests)."""

@@ -7,7 +7,8 @@ import torch
 
 from ._common import DTYPE_CODES, LazyModule, stats_dtype, vec, view
 
-_MODULE = LazyModule("msdnet_ops._cpu_kernels")
+_MODULE = LazyModule("msdnet_ops._cpu_kernels", "CPU kernels",
+                     "pip install --no-build-isolation .")
 _CPU_DTYPES = (torch.float32, torch.float64)
 
 
@@ -22,12 +23,7 @@ def load_error() -> str | None:
 
 
 def _module():
-    m = _MODULE.get()
-    if m is None:
-        raise RuntimeError(
-            f"msdnet_ops was built without its CPU kernels ({_MODULE.error}); rebuild them: "
-            "pip install --no-build-isolation .")
-    return m
+    return _MODULE.require()
 
 
 def _code(t: torch.Tensor) -> int:

@@ -11,7 +11,8 @@ import torch
 
 from ._common import DTYPE_CODES, LazyModule, stats_dtype, vec, view
 
-_MODULE = LazyModule("msdnet_ops._cuda_kernels")
+_MODULE = LazyModule("msdnet_ops._cuda_kernels", "CUDA kernels",
+                     "with a CUDA toolkit, FORCE_CUDA=1 pip install --no-build-isolation .")
 
 
 def available() -> bool:
@@ -26,12 +27,7 @@ def load_error() -> str | None:
 
 
 def _module():
-    m = _MODULE.get()
-    if m is None:
-        raise RuntimeError(
-            f"msdnet_ops was built without its CUDA kernels ({_MODULE.error}); rebuild with a "
-            "CUDA toolkit: FORCE_CUDA=1 pip install --no-build-isolation .")
-    return m
+    return _MODULE.require()
 
 
 def _launch(t: torch.Tensor) -> tuple[int, int]:
