@@ -122,6 +122,23 @@ def test_layer_without_bottleneck_matches_plain_pytorch(use_backend):
     _compare(ref, ours, torch.randn(2, 6, 5, 5, dtype=F64, device=dev), True, 1e-10)
 
 
+@pytest.mark.parametrize("backend", backend_params(include_triton=False))
+def test_memory_efficient_recomputes_the_bottleneck_exactly(backend, use_backend):
+    """memory_efficient=True frees each bottleneck output and recomputes it in backward: same
+    outputs, gradients and running statistics as torchvision's plain DenseNet (torchvision's
+    own memory_efficient=True updates norm1's running statistics twice per step, because its
+    checkpoint re-runs the BatchNorm; ours updates them once)."""
+    dev = use_backend(backend)
+    torch.manual_seed(3)
+    plain = _randomize_bn(tv.DenseNet(6, (3, 4), 8, bn_size=2, num_classes=5)).to(F64).to(dev)
+    checkpointed = tv.DenseNet(6, (3, 4), 8, bn_size=2, num_classes=5, memory_efficient=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    ours = msdnet_ops.convert(checkpointed.to(F64).to(dev))
+    layers = [m for m in ours.modules() if isinstance(m, msdnet_ops.DenseLayer)]
+    assert layers and all(m.memory_efficient for m in layers)
+    _compare(plain, ours, torch.randn(3, 3, 37, 29, dtype=F64, device=dev), True, 1e-10)
+
+
 def test_state_dicts_are_interchangeable():
     ref = torchvision.models.densenet121()
     ours = msdnet_ops.densenet("densenet121")

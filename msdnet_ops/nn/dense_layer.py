@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bn_affine import bn_vectors, update_running_stats, uses_batch_stats
+from .. import ops
+from .bn_affine import AffineParams, bn_vectors, update_running_stats, uses_batch_stats
 from .feature_buffer import FeatureBuffer
 from .functions import ReadFeatures, TransformConvWrite, WriteFeatures
 
@@ -77,8 +78,10 @@ class DenseLayer(nn.Module):
 
     Same constructor, parameter and buffer names as torchvision's ``_DenseLayer``.
     ``bn_size=0`` gives the layer without bottleneck of the original DenseNet (BN-ReLU-Conv3x3:
-    ``norm1``, ``relu1``, ``conv1``). ``memory_efficient`` is accepted for compatibility; the
-    fused layer never keeps a prefix-sized tensor, so there is nothing to checkpoint.
+    ``norm1``, ``relu1``, ``conv1``). The fused layer never keeps a prefix-sized tensor; with
+    ``memory_efficient=True`` it does not keep its bottleneck output either (``bn_size *
+    growth_rate`` channels, the largest tensor a layer holds for backward) but recomputes it in
+    backward, one extra 1x1 convolution per layer.
 
     ``forward(x)`` takes a tensor or a list of tensors (like torchvision) and returns the new
     features; :meth:`append_to` is the concat-free path used by :class:`DenseBlock`.
@@ -120,12 +123,29 @@ class DenseLayer(nn.Module):
         if not self.has_bottleneck:
             transform_conv_write(buffer, self.num_input_features, self.norm1, self.conv1, buffer, p)
             return
-        # the bottleneck output is a buffer of its own (constant width), kept for backward
+        # the bottleneck output is a buffer of its own (constant width): kept for backward, or
+        # with memory_efficient freed now and recomputed when backward needs it
         inner = new_buffer_for(buffer.values, self.conv1.out_channels,
                                track_stats=uses_batch_stats(self.norm2), eps=self.norm2.eps,
                                sync_group=buffer.state.sync_group)
         transform_conv_write(buffer, self.num_input_features, self.norm1, self.conv1, inner)
         transform_conv_write(inner, inner.filled, self.norm2, self.conv2, buffer, p)
+        if self.memory_efficient:
+            self._forget_bottleneck(buffer, inner)
+
+    def _forget_bottleneck(self, buffer: FeatureBuffer, inner: FeatureBuffer) -> None:
+        """Frees the bottleneck output; backward recomputes it with one 1x1 convolution of the
+        buffer prefix (which, like its statistics and the parameters, is unchanged by then)."""
+        c = self.num_input_features
+        batch_stats, mean, invstd = bn_vectors(self.norm1, buffer.state, 0, c)
+        affine = AffineParams(self.norm1.weight, self.norm1.bias, mean, invstd, batch_stats)
+        src, weight = buffer.state, self.conv1.weight.detach()
+
+        def recompute(out: torch.Tensor) -> None:
+            ops.transform_conv_into_(src.values[:, :c], affine.scale, affine.shift, weight,
+                                     1, 0, 1, out)
+
+        inner.state.forget_values(recompute)
 
     def forward(self, input) -> torch.Tensor:
         x = torch.cat(list(input), 1) if isinstance(input, (list, tuple)) else input

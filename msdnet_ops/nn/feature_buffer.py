@@ -70,6 +70,21 @@ class BufferState:
         var = self.invstd[start:stop].pow(-2) - self.eps
         return var * (n / max(n - 1, 1))
 
+    # ---- recomputation (memory_efficient bottlenecks)
+    def forget_values(self, recompute) -> None:
+        """Frees the values after the forward pass; :meth:`restore_values` refills them with
+        ``recompute(out)`` when backward first needs them (statistics are kept)."""
+        v = self.values
+        self._layout = (v.shape, v.dtype, v.device)
+        self._recompute = recompute
+        self.values = None
+
+    def restore_values(self) -> None:
+        if self.values is None:
+            shape, dtype, device = self._layout
+            self.values = torch.empty(shape, dtype=dtype, device=device)
+            self._recompute(self.values)
+
     # ---- backward
     def ensure_grads(self) -> None:
         if self.grad is None:

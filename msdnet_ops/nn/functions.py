@@ -124,6 +124,7 @@ class TransformConvWrite(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         if start == 0 and src is not dst:
             dst.release_grads()  # the first writer of a buffer runs backward last
+        src.restore_values()  # a recomputed (memory_efficient) bottleneck
         src.ensure_grads()
         grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
         grad_weight = ops.transform_conv_backward_(
