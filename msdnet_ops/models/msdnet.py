@@ -27,6 +27,9 @@ class MSDNet(MSDNetPlain):
       public PyTorch reference (``module.`` prefixes of DataParallel are accepted).
     """
 
+    # under torch.autocast the feature buffers hold the autocast dtype (nn.feature_buffer)
+    supports_autocast = True
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.plan = build_plan(self)

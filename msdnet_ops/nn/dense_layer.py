@@ -46,6 +46,8 @@ def write_tensor(dst: FeatureBuffer, x: torch.Tensor, with_stats: bool = True) -
     if x.dim() != 4 or tuple(x.shape[2:]) != dst.spatial or x.shape[0] != dst.values.shape[0]:
         raise ValueError(f"x: expected shape ({dst.values.shape[0]}, C, {dst.spatial[0]}, "
                          f"{dst.spatial[1]}) to fill the feature buffer, got {tuple(x.shape)}")
+    if x.dtype != dst.values.dtype and torch.is_autocast_enabled(x.device.type):
+        x = x.to(dst.values.dtype)  # autocast: the buffer holds the autocast dtype
     if x.dtype != dst.values.dtype or x.device != dst.values.device:
         raise TypeError(f"x: expected {dst.values.dtype} on {dst.values.device}, got {x.dtype} on {x.device}")
     start = dst.reserve(x.shape[1])
@@ -139,7 +141,8 @@ class DenseLayer(nn.Module):
         c = self.num_input_features
         batch_stats, mean, invstd = bn_vectors(self.norm1, buffer.state, 0, c)
         affine = AffineParams(self.norm1.weight, self.norm1.bias, mean, invstd, batch_stats)
-        src, weight = buffer.state, self.conv1.weight.detach()
+        src = buffer.state
+        weight = self.conv1.weight.detach().to(src.values.dtype)  # as in forward (autocast)
 
         def recompute(out: torch.Tensor) -> None:
             ops.transform_conv_into_(src.values[:, :c], affine.scale, affine.shift, weight,

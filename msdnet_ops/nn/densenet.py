@@ -27,6 +27,9 @@ class DenseNet(nn.Module):
     computed when its channels were written.
     """
 
+    # under torch.autocast the feature buffers hold the autocast dtype (see feature_buffer)
+    supports_autocast = True
+
     def __init__(self, growth_rate: int = 32, block_config=(6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0,
                  num_classes: int = 1000, memory_efficient: bool = False, stem: str = "imagenet",

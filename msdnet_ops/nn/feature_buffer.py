@@ -118,6 +118,15 @@ class BufferState:
         self.grad = self.grad_mean = self.grad_invstd = None
 
 
+def feature_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype a feature buffer holds. Under autocast, float32 features are stored in the
+    autocast dtype (what an autocast convolution would output); statistics and kernel
+    accumulation stay in float32."""
+    if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 class FeatureBuffer:
     """A handle on a :class:`BufferState` plus the autograd token of its last writer.
 
@@ -130,7 +139,9 @@ class FeatureBuffer:
         if capacity <= 0 or batch <= 0 or height <= 0 or width <= 0:
             raise ValueError(f"FeatureBuffer: expected positive sizes, got batch={batch}, "
                              f"capacity={capacity}, height={height}, width={width}")
-        values = torch.empty((batch, capacity, height, width), dtype=dtype, device=device)
+        device = torch.device(device)
+        values = torch.empty((batch, capacity, height, width), device=device,
+                             dtype=feature_dtype(dtype, device.type))
         self.state = BufferState(values, track_stats, eps, sync_group)
         self.filled = 0
         self.token = None

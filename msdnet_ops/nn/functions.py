@@ -99,15 +99,18 @@ class TransformConvWrite(torch.autograd.Function):
         stop = start + conv_weight.shape[0]
         out = dst.values[:, start:stop]
         x = src.values[:, :in_channels]
-        ops.transform_conv_into_(x, affine.scale, affine.shift, conv_weight.detach(), stride,
-                                 padding, pool, out)
+        weight = conv_weight.detach()
+        if weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(x.dtype)  # autocast: low-precision features, float32 parameters
+        ops.transform_conv_into_(x, affine.scale, affine.shift, weight, stride, padding, pool, out)
         mask = None
         if dropout_p > 0:
             keep = torch.rand(out.shape, device=out.device) >= dropout_p
             mask = keep.to(out.dtype) / (1 - dropout_p)
             out.mul_(mask)
         dst.compute_stats(start, stop)
-        ctx.save_for_backward(conv_weight)
+        ctx.save_for_backward(weight)
+        ctx.weight_dtype = conv_weight.dtype
         ctx.src, ctx.dst, ctx.channels, ctx.range = src, dst, in_channels, (start, stop)
         ctx.affine, ctx.conv, ctx.mask = affine, (stride, padding, pool), mask
         ctx.tokens = (src_token is not None, dst_token is not None)
@@ -115,7 +118,7 @@ class TransformConvWrite(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _):
-        (conv_weight,) = ctx.saved_tensors
+        (weight,) = ctx.saved_tensors
         src, dst, c, affine = ctx.src, ctx.dst, ctx.channels, ctx.affine
         start, stop = ctx.range
         grad_out = dst.finalize(start, stop)
@@ -128,8 +131,8 @@ class TransformConvWrite(torch.autograd.Function):
         src.ensure_grads()
         grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
         grad_weight = ops.transform_conv_backward_(
-            grad_out, src.values[:, :c], affine.scale, affine.shift, conv_weight, *ctx.conv,
-            src.grad[:, :c], grad_scale, grad_shift)
+            grad_out, src.values[:, :c], affine.scale, affine.shift, weight, *ctx.conv,
+            src.grad[:, :c], grad_scale, grad_shift).to(ctx.weight_dtype)
         grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
         return ((None,) * 9 + (grad_w, grad_b, None, None, grad_weight)
                 + _token_grads(grad_weight, *ctx.tokens))

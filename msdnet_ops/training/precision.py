@@ -1,7 +1,8 @@
 """Mixed precision: which autocast dtype to use and the gradient scaler that goes with it.
 
 ``--amp auto`` (default): bfloat16 on a GPU that supports it, else float16 on a GPU, and full
-float32 on the CPU or for a model that does not run under autocast (the fused MSDNet). float16 trains with a :class:`torch.amp.GradScaler`; bfloat16 needs none.
+float32 on the CPU (where the fused model's kernels take float32 only). float16 trains with a
+:class:`torch.amp.GradScaler`; bfloat16 needs none.
 """
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from .errors import UserError
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
-def supports_autocast(model) -> bool:
-    """Whether ``model`` runs under autocast. The fused models keep their feature buffers in
-    the input's dtype, so autocast's half-precision convolution outputs do not fit them; a
-    model that handles autocast says so with a ``supports_autocast = True`` attribute."""
-    return bool(getattr(model, "supports_autocast", type(model).__name__ == "MSDNetPlain"))
+def supports_autocast(model, device: torch.device) -> bool:
+    """Whether ``model`` runs under autocast on ``device``. The plain model runs anywhere. The
+    fused models (``supports_autocast = True``) keep their feature buffers in the autocast
+    dtype, which their kernels take on GPUs (Triton); their CPU kernels run float32/float64."""
+    if type(model).__name__ == "MSDNetPlain":
+        return True
+    return device.type == "cuda" and bool(getattr(model, "supports_autocast", False))
 
 
 def resolve_amp(mode: str, device: torch.device, model_supports_autocast: bool = True) -> Optional[torch.dtype]:
@@ -32,8 +35,8 @@ def resolve_amp(mode: str, device: torch.device, model_supports_autocast: bool =
     if not model_supports_autocast:
         if mode == "auto":
             return None
-        raise UserError(f"--amp {mode}: the fused model does not run under autocast; use --impl plain for "
-                        "mixed precision, or --amp off")
+        raise UserError(f"--amp {mode}: the fused model runs mixed precision on GPUs only (its CPU kernels "
+                        "take float32); use --impl plain for mixed precision on the CPU, or --amp off")
     if device.type != "cuda":
         if mode == "auto":
             return None

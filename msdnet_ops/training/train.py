@@ -4,8 +4,7 @@ Recipe (defaults): SGD with momentum 0.9 (``nesterov`` optional), weight decay 1
 decayed x0.1 at 50 % and 75 % of the epochs (ImageNet: at 1/3 and 2/3, i.e. every 30 of 90),
 loss = sum over exits of the cross-entropy (optionally weighted), batch 64 (ImageNet 256),
 300 epochs (ImageNet 90; the embedded digits: see :data:`DATA_DEFAULTS`). Mixed precision on
-GPUs (bfloat16, or float16 with a gradient scaler) for models that run under autocast (the
-plain one; the fused MSDNet trains in float32, see :func:`.precision.supports_autocast`).
+GPUs (bfloat16, or float16 with a gradient scaler), see :func:`.precision.supports_autocast`.
 
 A run directory holds ``run.json`` (the configuration), ``checkpoint.pt`` (rewritten
 atomically after every epoch) and ``train_log.jsonl`` (one line per epoch). ``--batch-size``
@@ -236,7 +235,7 @@ def _train(opts: TrainOptions, out: Path, ctx: D.DistContext) -> dict:
     kwargs = resolve_config(recipe["config"], data.name, data.num_classes, data.stem)
     torch.manual_seed(recipe["seed"])
     model = build_model(kwargs, recipe["impl"])
-    amp_dtype = resolve_amp(recipe["amp"], ctx.device, supports_autocast(model))
+    amp_dtype = resolve_amp(recipe["amp"], ctx.device, supports_autocast(model, ctx.device))
     n_exits = int(kwargs["nBlocks"])
     exit_weights = parse_exit_weights(recipe["exit_weights"], n_exits)
     config = dict(recipe, config_name=recipe["config"] or _default_config_name(data.name), model=kwargs,

@@ -1,0 +1,69 @@
+"""Mixed precision: the fused DenseNet and MSDNet under ``torch.autocast`` keep their feature
+buffers in the autocast dtype (float32 statistics and accumulation, float32 parameters) and err
+against float64 at most ~2x what the plain PyTorch model errs under the same autocast.
+
+Low-precision features run on the Triton kernels (on GPUs, or here on the CPU through the
+interpreter); the CPU C++ kernels take float32/float64 and refuse bfloat16 with a clear error.
+"""
+import copy
+
+import pytest
+import torch
+from torchvision.models import densenet as tv
+
+import msdnet_ops
+
+MSDNET_CFG = dict(nBlocks=1, nChannels=4, base=1, step=1, stepmode="even", growthRate=4,
+                  grFactor=[1, 2, 4], bnFactor=[1, 2, 4], prune="max", reduction=0.5,
+                  bottleneck=True, num_classes=5, stem="cifar")
+
+
+def _step(model, x, dtype, amp: bool):
+    """Output, input gradient and parameter gradients of one forward/backward."""
+    model = copy.deepcopy(model).to(dtype)
+    x = x.detach().clone().to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        y = model(x)
+    y = torch.stack(y) if isinstance(y, list) else y
+    (y.double() ** 2).sum().backward()
+    grads = torch.cat([p.grad.double().flatten() for p in model.parameters() if p.grad is not None])
+    return [y.double(), x.grad.double(), grads]
+
+
+def _relative_errors(got, exact):
+    return [((g - e).norm() / e.norm()).item() for g, e in zip(got, exact)]
+
+
+def _pairs():
+    torch.manual_seed(0)
+    dense = tv.DenseNet(4, (2, 2), 6, bn_size=2, num_classes=5)
+    dense_me = tv.DenseNet(4, (2, 2), 6, bn_size=2, num_classes=5, memory_efficient=True)
+    dense_me.load_state_dict(dense.state_dict())
+    plain_msd = msdnet_ops.MSDNetPlain(**MSDNET_CFG)
+    fused_msd = msdnet_ops.MSDNet(**MSDNET_CFG)
+    fused_msd.load_state_dict(plain_msd.state_dict())
+    return {"densenet": (dense, msdnet_ops.convert(copy.deepcopy(dense))),
+            "densenet-memory-efficient": (dense, msdnet_ops.convert(dense_me)),
+            "msdnet": (plain_msd, fused_msd)}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", ["densenet", "densenet-memory-efficient", "msdnet"])
+def test_bfloat16_autocast_errs_like_plain_pytorch(name, use_backend):
+    use_backend("triton")
+    plain, ours = _pairs()[name]
+    # the interpreter emulates bfloat16 slowly: MSDNet (32x32 for its CIFAR stem) gets batch 2
+    x = torch.randn(2, 3, 32, 32) if name == "msdnet" else torch.randn(4, 3, 16, 16)
+    exact = _step(plain, x, torch.float64, amp=False)
+    plain_err = _relative_errors(_step(plain, x, torch.float32, amp=True), exact)
+    ours_err = _relative_errors(_step(ours, x, torch.float32, amp=True), exact)
+    for what, p, o in zip(["output", "input gradient", "parameter gradients"], plain_err, ours_err):
+        assert 0 < o <= 2 * p + 1e-3, f"{what}: ours errs {o:.3g}, plain PyTorch {p:.3g}"
+
+
+def test_cpu_kernels_refuse_bfloat16_with_a_clear_error(use_backend):
+    use_backend("cpu")
+    _, ours = _pairs()["densenet"]
+    with pytest.raises(TypeError, match="supported on CUDA devices only"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours(torch.randn(2, 3, 32, 32))
