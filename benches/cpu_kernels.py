@@ -1,6 +1,6 @@
 """Times the CPU kernels against the equivalent PyTorch ops.
 
-    python -m msdnet_ops.kernels.bench_cpu [--threads N] [--isa avx2] [--out table.md]
+    python benches/cpu_kernels.py [--threads N] [--isa avx2] [--out table.md]
 
 Baselines: ``reference`` is :mod:`msdnet_ops.reference` (what the ``reference`` backend
 runs); ``torch best`` is the fastest plain-PyTorch formulation we know for the op
@@ -16,8 +16,8 @@ import timeit
 import torch
 import torch.nn.functional as F
 
-from .. import reference as ref
-from . import cpu
+from msdnet_ops import reference as ref
+from msdnet_ops.kernels import cpu
 
 
 def _time_ms(fn, min_time=0.05, repeats=9):
