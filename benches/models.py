@@ -1,0 +1,128 @@
+"""Model-level sections: training step time, inference throughput and peak training memory of
+whole networks, and the figures of issue 2 (DenseNet-BC on the CPU).
+
+Peak memory is measured in a fresh process per (network, variant) by
+:mod:`benches.memory_probe`; times in this process, variants interleaved.
+"""
+from __future__ import annotations
+
+import torch
+
+from benches import cases, checks, harness
+from benches.harness import free_memory
+
+ISSUE2_NET = "densenet-bc-issue2"
+
+
+def train_and_infer(ctx, name, batch, image, variants, budget, dtype=torch.float32):
+    """Checks the variants' logits agree, then times a training step (SGD, momentum 0.9) and
+    an inference forward (eval mode, no_grad) of each, interleaved."""
+    out = {"name": name, "batch": batch, "image": image or cases.MODEL_CASES[name].image,
+           "dtype": str(dtype).replace("torch.", "")}
+    models = {}
+    for v in variants:
+        m, fmt = cases.build_model(name, v, ctx.device, dtype)
+        x, y = cases.model_input(name, batch, ctx.device, dtype, fmt, image=image)
+        models[v] = (m, x, y)
+    out["check_max_rel_err"] = checks.check_models(name, models, dtype)
+    free_memory()
+    timer = dict(min_reps=ctx.p["model_min_reps"], max_reps=ctx.p["model_max_reps"],
+                 min_sample_s=0.0)
+    steps = {v: cases.train_step_fn(m, x, y) for v, (m, x, y) in models.items()}
+    st = ctx.timer(steps, budget, **timer)
+    out["train"] = {v: s.to_json() for v, s in st.items()}
+    out["train_vs_plain"] = {v: st["plain"].median / s.median for v, s in st.items()}
+    del steps
+    free_memory()
+    infers = {v: cases.infer_fn(m, x) for v, (m, x, y) in models.items()}
+    st = ctx.timer(infers, budget / 2, **timer)
+    out["infer"] = {v: s.to_json() for v, s in st.items()}
+    out["infer_img_s"] = {v: batch / s.median for v, s in st.items()}
+    out["infer_vs_plain"] = {v: st["plain"].median / s.median for v, s in st.items()}
+    del infers, models
+    free_memory()
+    return out
+
+
+def _variants(ctx, name):
+    vs = ["plain", "channels_last"]
+    if cases.MODEL_CASES[name].kind == "densenet":
+        vs.append("memory_efficient")
+    if ctx.args.compile:
+        vs.append("compile")
+    return vs + ["ours"]
+
+
+def section_models(ctx):
+    """DenseNet-BC-100, DenseNet-121 and MSDNet: every variant's step time, throughput and
+    (fresh process, ``strict`` allocator, see memory_probe.py) peak training memory."""
+    rows = []
+    for name, batch, image in ctx.p["models"]:
+        variants = _variants(ctx, name)
+        r = train_and_infer(ctx, name, batch, image, variants, ctx.p["model_budget"])
+        r["memory"] = {}
+        if ctx.p["model_memory"]:
+            for v in variants:
+                if v in ("channels_last", "compile"):
+                    continue
+                spec = dict(what="model", name=name, variant=v, batch=batch, allocator="strict")
+                if image:
+                    spec["image"] = image
+                r["memory"][v] = ctx.probe(spec)
+        rows.append(r)
+    return {"rows": rows}
+
+
+def profile_top(fn, device, k=12):
+    """The ``k`` ops with the most self time in one call of ``fn`` (after one warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    harness.sync(device)
+    with profile(activities=acts) as prof:
+        fn()
+        harness.sync(device)
+    ev = list(prof.key_averages())
+    key = (lambda e: e.self_device_time_total) if device.type == "cuda" else \
+        (lambda e: e.self_cpu_time_total)
+    total = sum(key(e) for e in ev) or 1
+    return [dict(name=e.key, calls=e.count, self_ms=key(e) / 1e3, pct=100 * key(e) / total)
+            for e in sorted(ev, key=key, reverse=True)[:k]]
+
+
+def section_issue2(ctx):
+    """Issue 2 (CPU): DenseNet-BC (torchvision ``DenseNet(12, (16, 16, 16), 24, bn_size=4)``,
+    64x64 input): memory a training step adds to the process at batch 64 and training step
+    time at batch 32; ours vs torchvision plain and memory_efficient=True."""
+    if ctx.cuda:
+        return {"status": "not run: CPU figures (run benches/run.py --device cpu)"}
+    p = ctx.p
+    mem = {}
+    for alloc in p["issue2_allocators"]:
+        for v in ("plain", "memory_efficient", "ours"):
+            mem[f"{v}/{alloc}"] = ctx.probe(dict(what="model", name=ISSUE2_NET, variant=v,
+                                                  batch=p["issue2_mem_batch"], allocator=alloc))
+    timing = train_and_infer(ctx, ISSUE2_NET, p["issue2_time_batch"], None,
+                             ["plain", "channels_last", "memory_efficient", "ours"],
+                             p["issue2_budget"])
+    prof = {}
+    if p["profile"]:
+        for v in ("plain", "ours"):
+            m, fmt = cases.build_model(ISSUE2_NET, v, ctx.device)
+            x, y = cases.model_input(ISSUE2_NET, p["issue2_time_batch"], ctx.device, ctx.dtype,
+                                     fmt)
+            prof[v] = profile_top(cases.train_step_fn(m, x, y), ctx.device)
+            del m
+    ratios = {}
+    for alloc in p["issue2_allocators"]:
+        peaks = [mem[f"{v}/{alloc}"].get("peak") for v in ("plain", "memory_efficient", "ours")]
+        if all(isinstance(q, (int, float)) and q > 0 for q in peaks):
+            pl, me, ou = peaks
+            ratios[alloc] = dict(ours_over_plain=ou / pl, me_over_plain=me / pl,
+                                 ours_over_me=ou / me)
+        else:
+            ratios[alloc] = None
+    tr = timing["train"]
+    ratios["time_ours_over_plain"] = tr["ours"]["median"] / tr["plain"]["median"]
+    return {"memory": mem, "timing": timing, "profile": prof, "ratios": ratios,
+            "mem_batch": p["issue2_mem_batch"], "time_batch": p["issue2_time_batch"]}
