@@ -37,9 +37,22 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_resolved: dict = {}
+
+
 def resolve(device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs an op on tensors of ``device``/``dtype``: one of
-    ``reference``, ``cpu``, ``cuda``, ``triton``. Raises when the requested one cannot."""
+    ``reference``, ``cpu``, ``cuda``, ``triton``. Raises when the requested one cannot.
+    Answers are remembered per environment, device type and dtype (every op asks)."""
+    key = (os.environ.get("MSDNET_OPS_BACKEND"), os.environ.get("TRITON_INTERPRET"),
+           device.type, dtype)
+    backend = _resolved.get(key)
+    if backend is None:
+        backend = _resolved[key] = _resolve(device, dtype)
+    return backend
+
+
+def _resolve(device: torch.device, dtype: torch.dtype) -> str:
     name = requested_backend()
     if name == "reference":
         return name

@@ -31,8 +31,8 @@ def test_three_consumers_share_statistics_and_gradient(backend, use_backend, mon
         bn.weight.grad = bn.bias.grad = None
 
     calls = []
-    original = ops.channel_stats_backward_
-    monkeypatch.setattr(ops, "channel_stats_backward_",
+    original = ops.eager.channel_stats_backward_
+    monkeypatch.setattr(ops.eager, "channel_stats_backward_",
                         lambda *a: (calls.append(a[0].shape[1]), original(*a))[1])
 
     xo = x.clone().requires_grad_()

@@ -196,7 +196,7 @@ class GridRun:
         if torch.is_grad_enabled() and self.training:
             raise RuntimeError("early exit (batch compaction) is an inference-only operation")
         for buffer in self.buffers.values():
-            buffer.state.values = ops.gather_batch(buffer.values, index)
+            buffer.state.values = ops.eager.gather_batch(buffer.values, index)
         if self.image is not None:
-            self.image = ops.gather_batch(self.image, index)
+            self.image = ops.eager.gather_batch(self.image, index)
         self.batch = int(index.numel())

@@ -45,7 +45,7 @@ class BufferState:
         if not self.track_stats:
             return
         x = self.values[:, start:stop]
-        mean, invstd = ops.channel_stats(x, self.eps)
+        mean, invstd = ops.eager.channel_stats(x, self.eps)
         if self.sync_group is not None:
             mean, invstd = self._all_reduce_stats(mean, invstd)
         self.mean[start:stop] = mean
@@ -109,7 +109,7 @@ class BufferState:
                 # the global count equal SyncBatchNorm's gradient
                 scale = self.count / getattr(self, "global_count", self.count)
                 grad_mean, grad_invstd = reduced[0] * scale, reduced[1] * scale
-            ops.channel_stats_backward_(self.values[:, start:stop], self.mean[start:stop],
+            ops.eager.channel_stats_backward_(self.values[:, start:stop], self.mean[start:stop],
                                         self.invstd[start:stop], grad_mean.contiguous(),
                                         grad_invstd.contiguous(), grad)
         return grad

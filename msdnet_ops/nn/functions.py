@@ -74,14 +74,14 @@ class TransformRead(torch.autograd.Function):
         affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
         ctx.src, ctx.channels, ctx.affine = src, channels, affine
         ctx.has_token = src_token is not None
-        return ops.affine_relu(src.values[:, :channels], affine.scale, affine.shift)
+        return ops.eager.affine_relu(src.values[:, :channels], affine.scale, affine.shift)
 
     @staticmethod
     def backward(ctx, grad_z):
         src, c, affine = ctx.src, ctx.channels, ctx.affine
         src.ensure_grads()
         grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
-        ops.affine_relu_backward_(src.values[:, :c], affine.scale, affine.shift,
+        ops.eager.affine_relu_backward_(src.values[:, :c], affine.scale, affine.shift,
                                   grad_z.contiguous(), src.grad[:, :c], grad_scale, grad_shift)
         grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
         return (None, None, None, grad_w, grad_b, None, None,
@@ -102,7 +102,7 @@ class TransformConvWrite(torch.autograd.Function):
         weight = conv_weight.detach()
         if weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
             weight = weight.to(x.dtype)  # autocast: low-precision features, float32 parameters
-        ops.transform_conv_into_(x, affine.scale, affine.shift, weight, stride, padding, pool, out)
+        ops.eager.transform_conv_into_(x, affine.scale, affine.shift, weight, stride, padding, pool, out)
         mask = None
         if dropout_p > 0:
             keep = torch.rand(out.shape, device=out.device) >= dropout_p
@@ -130,7 +130,7 @@ class TransformConvWrite(torch.autograd.Function):
         src.restore_values()  # a recomputed (memory_efficient) bottleneck
         src.ensure_grads()
         grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
-        grad_weight = ops.transform_conv_backward_(
+        grad_weight = ops.eager.transform_conv_backward_(
             grad_out, src.values[:, :c], affine.scale, affine.shift, weight, *ctx.conv,
             src.grad[:, :c], grad_scale, grad_shift).to(ctx.weight_dtype)
         grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
