@@ -78,8 +78,9 @@ class BudgetedClassifier:
             stay = ~leave
             if not stay.any():
                 break
-            alive = alive[stay]
-            run.keep_samples(stay.nonzero()[:, 0].to(x.device))
+            if not stay.all():  # compaction only when someone left
+                alive = alive[stay]
+                run.keep_samples(stay.nonzero()[:, 0].to(x.device))
         sync()
         wall = time.perf_counter() - t0
         exit_macs = self.model.exit_macs(tuple(x.shape[1:]))
