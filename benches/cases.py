@@ -526,8 +526,12 @@ def build_densenet(name: str, variant: str, device, dtype=torch.float32, seed: i
         model.load_state_dict(plain.state_dict())
     elif variant == "compile":
         model = torch.compile(plain)
-    elif variant == "ours":
+    elif variant in ("ours", "ours_memory_efficient"):
         if name in ("densenet121", "densenet-bc-issue2"):
+            if variant == "ours_memory_efficient":  # the bottleneck recomputed in backward
+                checkpointed = _tv_densenet(name, True, depth_per_block)
+                checkpointed.load_state_dict(plain.state_dict())
+                plain = checkpointed
             model = msdnet_ops.convert(plain)
         else:
             n = 16 if depth_per_block is None else depth_per_block

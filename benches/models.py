@@ -12,6 +12,7 @@ from benches import cases, checks, harness
 from benches.harness import free_memory
 
 ISSUE2_NET = "densenet-bc-issue2"
+ISSUE2_VARIANTS = ("plain", "memory_efficient", "ours", "ours_memory_efficient")
 
 
 def train_and_infer(ctx, name, batch, image, variants, budget, dtype=torch.float32):
@@ -99,11 +100,11 @@ def section_issue2(ctx):
     p = ctx.p
     mem = {}
     for alloc in p["issue2_allocators"]:
-        for v in ("plain", "memory_efficient", "ours"):
+        for v in ISSUE2_VARIANTS:
             mem[f"{v}/{alloc}"] = ctx.probe(dict(what="model", name=ISSUE2_NET, variant=v,
                                                   batch=p["issue2_mem_batch"], allocator=alloc))
     timing = train_and_infer(ctx, ISSUE2_NET, p["issue2_time_batch"], None,
-                             ["plain", "channels_last", "memory_efficient", "ours"],
+                             ["plain", "channels_last", *ISSUE2_VARIANTS[1:]],
                              p["issue2_budget"])
     prof = {}
     if p["profile"]:
@@ -124,5 +125,11 @@ def section_issue2(ctx):
             ratios[alloc] = None
     tr = timing["train"]
     ratios["time_ours_over_plain"] = tr["ours"]["median"] / tr["plain"]["median"]
+    ratios["time_ours_me_over_plain"] = (tr["ours_memory_efficient"]["median"]
+                                         / tr["plain"]["median"])
+    for alloc in p["issue2_allocators"]:
+        ome, pl = (mem[f"{v}/{alloc}"].get("peak") for v in ("ours_memory_efficient", "plain"))
+        if ratios[alloc] and isinstance(ome, (int, float)):
+            ratios[alloc]["ours_me_over_plain"] = ome / pl
     return {"memory": mem, "timing": timing, "profile": prof, "ratios": ratios,
             "mem_batch": p["issue2_mem_batch"], "time_batch": p["issue2_time_batch"]}
