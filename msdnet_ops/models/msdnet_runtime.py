@@ -27,6 +27,7 @@ class GridRun:
         self.buffers: dict = {}
         self.done: set = set()
         self.cell_macs = cell_macs
+        self._buffer_vectors: dict = {}
         self.macs = 0                     # multiply-adds executed, summed over samples
         self.batch = x.shape[0]
 
@@ -44,34 +45,38 @@ class GridRun:
 
     def _vectors(self, key, width: int):
         """Per-channel (batch_stats, weight, bias, mean, invstd) with which consumers read
-        channels [0, width) of buffer ``key``: each channel through its producer's BN."""
+        channels [0, width) of buffer ``key``: each channel through its producer's BN.
+        Slices of per-buffer vectors built once per run (a concatenation per consumer made
+        O(L^2) small autograd nodes)."""
+        if key not in self._buffer_vectors:
+            self._buffer_vectors[key] = self._producer_vectors(key)
+        weight, bias, mean, invstd = self._buffer_vectors[key]
+        if self.training:  # the buffer's batch statistics (identity channels keep 0 and 1)
+            state = self._buffer(key).state
+            mean, invstd = state.mean, state.invstd
+        return self.training, weight[:width], bias[:width], mean[:width], invstd[:width]
+
+    def _producer_vectors(self, key):
+        """(weight, bias, running mean, running invstd) of the channels of buffer ``key`` that
+        the cells some exit needs read, from the BN of the cell that produced each (identity
+        where there is none). Unread channels stay out, so their BN parameters get no gradient,
+        as in the plain model."""
         state = self._buffer(key).state
-        weights, biases, means, invstds = [], [], [], []
         sdt = stats_dtype(state.values.dtype)
+        width = self.plan.read_width.get(key, 0)
+        parts = []
         for seg in self.plan.segments[key]:
             if seg.start >= width:
                 break
-            stop = min(seg.stop, width)
-            n = stop - seg.start
-            bn = seg.bn
+            n, bn = min(seg.stop, width) - seg.start, seg.bn
             if bn is None:            # already activated: identity transform
                 one = state.values.new_ones(n, dtype=sdt)
-                weights.append(one)
-                biases.append(one.new_zeros(n))
-                means.append(one.new_zeros(n))
-                invstds.append(one)
-                continue
-            part = slice(0, n)
-            weights.append(bn.weight[part])
-            biases.append(bn.bias[part])
-            if self.training:
-                means.append(state.mean[seg.start:stop])
-                invstds.append(state.invstd[seg.start:stop])
+                zero = one.new_zeros(n)
+                parts.append((one, zero, zero, one))
             else:
-                means.append(bn.running_mean[part].to(sdt))
-                invstds.append(torch.rsqrt(bn.running_var[part].to(sdt) + bn.eps))
-        cat = torch.cat
-        return self.training, cat(weights), cat(biases), cat(means), cat(invstds)
+                parts.append((bn.weight[:n], bn.bias[:n], bn.running_mean[:n].to(sdt),
+                               torch.rsqrt(bn.running_var[:n].to(sdt) + bn.eps)))
+        return tuple(torch.cat(column) for column in zip(*parts))
 
     def _record_stats(self, bn, buffer: FeatureBuffer, start: int) -> None:
         """Producer BN's running statistics, from the batch statistics of what it normalizes."""
