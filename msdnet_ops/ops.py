@@ -133,8 +133,7 @@ def _(x, scale, shift):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@_custom_op("affine_relu_backward_",
-                         mutates_args=("grad_x", "grad_scale", "grad_shift"))
+@_custom_op("affine_relu_backward_", mutates_args=("grad_x", "grad_scale", "grad_shift"))
 def affine_relu_backward_(x: Tensor, scale: Tensor, shift: Tensor, grad_z: Tensor, grad_x: Tensor,
                           grad_scale: Tensor, grad_shift: Tensor) -> None:
     """Accumulates the backward of :func:`affine_relu` into the ``grad_*`` buffers."""
@@ -188,18 +187,22 @@ def _conv_backward(grad_out, z, weight, stride, padding):
 
 
 class _Scratch(threading.local):
-    """Reused per-thread temporaries for the transformed prefix: a fresh prefix-sized tensor
-    per call costs more in page faults than the transform itself on the CPU. Grow-only, one
-    flat tensor per (slot, device, dtype)."""
+    """Reused per-thread temporaries for the transformed prefix on the CPU, where a fresh
+    prefix-sized tensor per call costs more in page faults than the transform itself (CUDA's
+    caching allocator has no such cost, and a reused tensor there would need stream care).
+    Grow-only: it keeps the largest prefix of the network, which a training step's peak
+    holds anyway. One flat tensor per (slot, dtype)."""
 
     def __init__(self):
         self.flat = {}
 
     def get(self, slot: str, shape, like: Tensor) -> Tensor:
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
         numel = 1
         for d in shape:
             numel *= d
-        key = (slot, like.device, like.dtype)
+        key = (slot, like.dtype)
         flat = self.flat.get(key)
         if flat is None or flat.numel() < numel:
             flat = self.flat[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
@@ -272,7 +275,7 @@ def _transform_conv_backward_unfused(kernels, grad_out, x, scale, shift, weight,
 
 
 @_custom_op("transform_conv_backward_",
-                         mutates_args=("grad_x", "grad_scale", "grad_shift"))
+            mutates_args=("grad_x", "grad_scale", "grad_shift"))
 def transform_conv_backward_(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
                              weight: Tensor, stride: int, padding: int, pool: int, grad_x: Tensor,
                              grad_scale: Tensor, grad_shift: Tensor) -> Tensor:

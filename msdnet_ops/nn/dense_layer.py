@@ -145,8 +145,8 @@ class DenseLayer(nn.Module):
         weight = self.conv1.weight.detach().to(src.values.dtype)  # as in forward (autocast)
 
         def recompute(out: torch.Tensor) -> None:
-            ops.eager.transform_conv_into_(src.values[:, :c], affine.scale, affine.shift, weight,
-                                     1, 0, 1, out)
+            ops.eager.transform_conv_into_(src.values[:, :c], affine.scale, affine.shift,
+                                           weight, 1, 0, 1, out)
 
         inner.state.forget_values(recompute)
 

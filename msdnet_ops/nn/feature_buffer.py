@@ -110,8 +110,8 @@ class BufferState:
                 scale = self.count / getattr(self, "global_count", self.count)
                 grad_mean, grad_invstd = reduced[0] * scale, reduced[1] * scale
             ops.eager.channel_stats_backward_(self.values[:, start:stop], self.mean[start:stop],
-                                        self.invstd[start:stop], grad_mean.contiguous(),
-                                        grad_invstd.contiguous(), grad)
+                                              self.invstd[start:stop], grad_mean.contiguous(),
+                                              grad_invstd.contiguous(), grad)
         return grad
 
     def release_grads(self) -> None:

@@ -82,7 +82,8 @@ class TransformRead(torch.autograd.Function):
         src.ensure_grads()
         grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
         ops.eager.affine_relu_backward_(src.values[:, :c], affine.scale, affine.shift,
-                                  grad_z.contiguous(), src.grad[:, :c], grad_scale, grad_shift)
+                                        grad_z.contiguous(), src.grad[:, :c], grad_scale,
+                                        grad_shift)
         grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
         return (None, None, None, grad_w, grad_b, None, None,
                 grad_z.new_empty(0) if ctx.has_token else None)
@@ -102,7 +103,8 @@ class TransformConvWrite(torch.autograd.Function):
         weight = conv_weight.detach()
         if weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
             weight = weight.to(x.dtype)  # autocast: low-precision features, float32 parameters
-        ops.eager.transform_conv_into_(x, affine.scale, affine.shift, weight, stride, padding, pool, out)
+        ops.eager.transform_conv_into_(x, affine.scale, affine.shift, weight, stride, padding,
+                                       pool, out)
         mask = None
         if dropout_p > 0:
             keep = torch.rand(out.shape, device=out.device) >= dropout_p
