@@ -74,6 +74,17 @@ def densenet_layer_shapes(batch_cifar: int, batch_imagenet: int):
     ]
 
 
+def module_callables(module, inputs, grad):
+    """``(fwd, fwdbwd)`` of a baseline module: its forward on ``inputs``, and forward plus
+    backward of ``grad``."""
+    def fwd():
+        return module(inputs)
+
+    def fwdbwd():
+        module(inputs).backward(grad)
+    return fwd, fwdbwd
+
+
 def _tv_layer(shape: LayerShape, memory_efficient: bool):
     from torchvision.models.densenet import _DenseLayer
     return _DenseLayer(shape.cin, shape.growth, shape.bn_size, 0.0, memory_efficient)
@@ -130,13 +141,7 @@ class LayerBench:
         else:
             raise ValueError(variant)
         self.modules[variant] = m
-
-        def fwd():
-            return m(feats)
-
-        def fwdbwd():
-            m(feats).backward(grad)
-        return fwd, fwdbwd
+        return module_callables(m, feats, grad)
 
     def _ours(self):
         s = self.shape
@@ -388,13 +393,7 @@ class MSDLayerBench:
             m = torch.compile(copy.deepcopy(m))
         elif variant != "plain":
             raise ValueError(variant)
-
-        def fwd():
-            return m(inputs)
-
-        def fwdbwd():
-            m(inputs).backward(grad)
-        return fwd, fwdbwd
+        return module_callables(m, inputs, grad)
 
     def _ours(self):
         s, spec, dev, dt = self.shape, self.spec, self.device, self.dtype

@@ -38,15 +38,17 @@ def checked_bench(kind: str, name: str):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", list(DENSE))
 def test_dense_layer(benchmark, shape, mode, variant):
-    fwd, fwdbwd = checked_bench("dense", shape).callables(variant)
-    benchmark.group = f"dense layer {shape} {mode}"
-    benchmark(fwd if mode == "fwd" else fwdbwd)
+    _run(benchmark, "dense", shape, mode, variant)
 
 
 @pytest.mark.parametrize("variant", MSD_VARIANTS)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", list(MSD))
 def test_msdnet_layer(benchmark, shape, mode, variant):
-    fwd, fwdbwd = checked_bench("msd", shape).callables(variant)
-    benchmark.group = f"msdnet layer {shape} {mode}"
+    _run(benchmark, "msd", shape, mode, variant)
+
+
+def _run(benchmark, kind, shape, mode, variant):
+    fwd, fwdbwd = checked_bench(kind, shape).callables(variant)
+    benchmark.group = f"{'dense' if kind == 'dense' else 'msdnet'} layer {shape} {mode}"
     benchmark(fwd if mode == "fwd" else fwdbwd)
