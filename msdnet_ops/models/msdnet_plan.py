@@ -47,6 +47,7 @@ class MSDNetPlan:
     exit_cells: list           # classifier cell index per exit
     last_reader: dict          # BufferKey -> index of the last cell reading it
     read_width: dict           # BufferKey -> the widest prefix a cell some exit needs reads
+    live: set                  # indices of the cells some exit needs (prune='max' leaves others)
 
     def closure(self, target: int, done: set) -> list:
         """Cells not in ``done`` that ``target`` needs (itself included), in program order."""
@@ -121,9 +122,9 @@ def build_plan(model) -> MSDNetPlan:
     for cell in cells:
         for buf, _ in cell.reads:
             last_reader[buf] = cell.index
-    plan = MSDNetPlan(cells, dict(filled), segments, exit_cells, last_reader, {})
-    live = set().union(*(plan.closure(e, set()) for e in exit_cells))
-    for i in sorted(live):  # cells no exit needs (prune='max' has some) never run
+    plan = MSDNetPlan(cells, dict(filled), segments, exit_cells, last_reader, {}, set())
+    plan.live = set().union(*(plan.closure(e, set()) for e in exit_cells))
+    for i in sorted(plan.live):  # cells no exit needs never run
         for buf, width in cells[i].reads:
             plan.read_width[buf] = max(width, plan.read_width.get(buf, 0))
     return plan

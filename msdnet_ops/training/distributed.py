@@ -282,10 +282,7 @@ def unused_parameter_names(model: nn.Module) -> list[str]:
         from ..models.msdnet_plan import build_plan
 
         plan = build_plan(model)
-    used: set = set()
-    for cell in plan.exit_cells:
-        used |= set(plan.closure(cell, set()))
-    dead = [cell.name + "." for cell in plan.cells if cell.index not in used]
+    dead = [cell.name + "." for cell in plan.cells if cell.index not in plan.live]
     return [name for name, _ in model.named_parameters() if name.startswith(tuple(dead))] if dead else []
 
 
