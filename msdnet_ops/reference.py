@@ -97,6 +97,29 @@ def transform_conv_backward_(grad_out, x, scale, shift, weight, stride, padding,
     return grad_weight
 
 
+def conv(x, weight, stride: int, padding: int, pool: int) -> torch.Tensor:
+    """``conv2d(avg_pool(x, pool), weight, stride, padding)`` (no bias, no transform): a consumer
+    of *activated* buffer channels (post-activation networks store ``relu(bn(.))`` once, when the
+    channel is written, so its consumers convolve the stored values as they are)."""
+    if pool != 1:
+        x = F.avg_pool2d(x, pool)
+    return F.conv2d(x, weight, None, stride, padding)
+
+
+def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.Tensor:
+    """Backward of :func:`conv`: accumulates the input gradient into ``grad_x`` (``+=``, the
+    shared gradient buffer prefix) and returns ``grad_weight``."""
+    xp = F.avg_pool2d(x, pool) if pool != 1 else x
+    grad_xp, grad_weight = torch.ops.aten.convolution_backward(
+        grad_out, xp, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1,
+        [True, True, False])[:2]
+    if pool != 1:
+        grad_xp = torch.ops.aten.avg_pool2d_backward(grad_xp, x, [pool] * 2, [pool] * 2, [0, 0],
+                                                     False, True, None)
+    grad_x.add_(grad_xp.to(grad_x.dtype))
+    return grad_weight
+
+
 def gather_batch(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Batch compaction for early exit: ``out[i] = src[index[i]]`` along dim 0."""
     return src.index_select(0, index)
@@ -110,6 +133,10 @@ def affine_relu_into(x, scale, shift, out) -> None:
 
 def transform_conv_into(x, scale, shift, weight, stride, padding, pool, out) -> None:
     out.copy_(transform_conv(x, scale, shift, weight, stride, padding, pool))
+
+
+def conv_into(x, weight, stride, padding, pool, out) -> None:
+    out.copy_(conv(x, weight, stride, padding, pool))
 
 
 def gather_batch_into(src, index, out) -> None:
