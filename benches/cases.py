@@ -553,8 +553,8 @@ def build_msdnet(name: str, variant: str, device, dtype=torch.float32, seed: int
         model, fmt = plain.to(memory_format=torch.channels_last), torch.channels_last
     elif variant == "compile":
         model = torch.compile(plain)
-    elif variant == "ours":
-        model = msdnet_ops.MSDNet(**cfg)
+    elif variant in ("ours", "ours_memory_efficient"):
+        model = msdnet_ops.MSDNet(**cfg, memory_efficient=variant == "ours_memory_efficient")
         model.load_state_dict(plain.state_dict())
     else:
         raise ValueError(f"unknown variant {variant!r} for MSDNet")

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from . import backends
 from . import validation as check
+from .layout import dense, empty_like_layout, memory_format_of
 
 _LIB = "msdnet_ops"
 _UNDECORATED: dict = {}
@@ -102,7 +103,7 @@ def _channel_stats_backward(ctx, grad_mean, grad_invstd):
     x, mean, invstd = ctx.saved_tensors
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.contiguous()
     grad_invstd = torch.zeros_like(invstd) if grad_invstd is None else grad_invstd.contiguous()
-    grad_x = torch.zeros_like(x)
+    grad_x = empty_like_layout(x).zero_()
     channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x)
     return grad_x, None
 
@@ -120,9 +121,9 @@ def _check_affine_args(x, scale, shift):
 
 @_custom_op("affine_relu", mutates_args=())
 def affine_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``relu(scale[c] * x + shift[c])``, contiguous output in ``x``'s dtype."""
+    """``relu(scale[c] * x + shift[c])``, a dense output in ``x``'s dtype and layout."""
     _check_affine_args(x, scale, shift)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = empty_like_layout(x)
     _, kernels = _kernels(x)
     kernels.affine_relu_into(x, scale, shift, out)
     return out
@@ -130,7 +131,7 @@ def affine_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 
 @affine_relu.register_fake
 def _(x, scale, shift):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return empty_like_layout(x)
 
 
 @_custom_op("affine_relu_backward_", mutates_args=("grad_x", "grad_scale", "grad_shift"))
@@ -157,9 +158,9 @@ def _affine_relu_setup(ctx, inputs, output):
 
 def _affine_relu_backward(ctx, grad_z):
     x, scale, shift = ctx.saved_tensors
-    grad_x = torch.zeros_like(x)
+    grad_x = empty_like_layout(x).zero_()
     grad_scale, grad_shift = torch.zeros_like(scale), torch.zeros_like(shift)
-    affine_relu_backward_(x, scale, shift, grad_z.contiguous(), grad_x, grad_scale, grad_shift)
+    affine_relu_backward_(x, scale, shift, dense(grad_z), grad_x, grad_scale, grad_shift)
     return grad_x, grad_scale, grad_shift
 
 
@@ -197,16 +198,18 @@ class _Scratch(threading.local):
         self.flat = {}
 
     def get(self, slot: str, shape, like: Tensor) -> Tensor:
+        """A dense tensor of ``shape`` in ``like``'s layout (contents undefined)."""
         if like.device.type != "cpu":
-            return torch.empty(shape, dtype=like.dtype, device=like.device)
-        numel = 1
-        for d in shape:
-            numel *= d
+            return empty_like_layout(like, shape)
+        n, c, h, w = shape
         key = (slot, like.dtype)
         flat = self.flat.get(key)
-        if flat is None or flat.numel() < numel:
-            flat = self.flat[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return flat[:numel].view(shape)
+        if flat is None or flat.numel() < n * c * h * w:
+            flat = self.flat[key] = torch.empty(n * c * h * w, dtype=like.dtype, device=like.device)
+        flat = flat[:n * c * h * w]
+        if memory_format_of(like) == torch.channels_last:
+            return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+        return flat.view(shape)
 
 
 _scratch = _Scratch()
@@ -247,14 +250,14 @@ def transform_conv(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stri
                    padding: int, pool: int) -> Tensor:
     """Functional :func:`transform_conv_into_` (allocates the output)."""
     _check_transform_conv_args(x, scale, shift, weight, stride, padding, pool)
-    out = x.new_empty(check.conv_output_shape(x, weight, stride, padding, pool))
+    out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
     transform_conv_into_(x, scale, shift, weight, stride, padding, pool, out)
     return out
 
 
 @transform_conv.register_fake
 def _(x, scale, shift, weight, stride, padding, pool):
-    return x.new_empty(check.conv_output_shape(x, weight, stride, padding, pool))
+    return empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
 
 
 def _transform_conv_backward_unfused(kernels, grad_out, x, scale, shift, weight, stride, padding,
@@ -308,9 +311,9 @@ def _transform_conv_setup(ctx, inputs, output):
 
 def _transform_conv_backward(ctx, grad_out):
     x, scale, shift, weight = ctx.saved_tensors
-    grad_x = torch.zeros_like(x)
+    grad_x = empty_like_layout(x).zero_()
     grad_scale, grad_shift = torch.zeros_like(scale), torch.zeros_like(shift)
-    grad_weight = transform_conv_backward_(grad_out.contiguous(), x, scale, shift, weight,
+    grad_weight = transform_conv_backward_(dense(grad_out), x, scale, shift, weight,
                                            *ctx.conv, grad_x, grad_scale, grad_shift)
     return grad_x, grad_scale, grad_shift, grad_weight, None, None, None
 
@@ -330,7 +333,7 @@ def gather_batch(src: Tensor, index: Tensor) -> Tensor:
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= src.shape[0]):
         raise ValueError(f"index: expected values in [0, {src.shape[0]}), got "
                          f"[{int(index.min())}, {int(index.max())}]")
-    out = src.new_empty((index.numel(),) + tuple(src.shape[1:]))
+    out = empty_like_layout(src, (index.numel(),) + tuple(src.shape[1:]))
     if index.numel():
         _, kernels = _kernels(src)
         kernels.gather_batch_into(src, index, out)
@@ -339,7 +342,7 @@ def gather_batch(src: Tensor, index: Tensor) -> Tensor:
 
 @gather_batch.register_fake
 def _(src, index):
-    return src.new_empty((index.shape[0],) + tuple(src.shape[1:]))
+    return empty_like_layout(src, (index.shape[0],) + tuple(src.shape[1:]))
 
 
 # --------------------------------------------------------------------------- eager fast path
@@ -370,3 +373,49 @@ class _Eager:
 
 
 eager = _Eager()
+
+
+# --------------------------------------------------------------------------- inference convolution
+
+def _mkldnn_conv_relu():
+    """oneDNN's convolution with a fused bias+ReLU epilogue (what torch.compile's CPU backend
+    calls), or None where this PyTorch build lacks it."""
+    try:
+        return torch.ops.mkldnn._convolution_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_CONV_RELU = _mkldnn_conv_relu()
+
+
+def _as_rows(x: Tensor):
+    """An NHWC-strided ``[N, C, H, W]`` view as a ``[N*H*W, C]`` matrix view (no copy), or None
+    when its strides do not allow it."""
+    if x.stride(1) != 1:
+        return None
+    rows = x.permute(0, 2, 3, 1)
+    n, h, w, c = rows.shape
+    if rows.stride(1) != w * rows.stride(2) or rows.stride(0) != h * rows.stride(1):
+        return None
+    return rows.as_strided((n * h * w, c), (rows.stride(2), 1))
+
+
+def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
+    """``relu(conv2d(x, weight, bias, stride, padding))`` as a dense tensor in ``x``'s layout:
+    a convolution with an eval-mode BatchNorm folded into ``weight``/``bias`` (inference of
+    post-activation networks; no autograd). ``x`` may be a strided buffer prefix. On the CPU
+    a 1x1 convolution is one GEMM reading the prefix in place; others run in oneDNN with bias
+    and ReLU in the convolution's epilogue (float32)."""
+    if x.device.type == "cpu" and backends.resolve(x.device, x.dtype) == "cpu":
+        rows = _as_rows(x) if weight.shape[2] == 1 and stride == 1 and padding == 0 else None
+        if rows is not None:
+            n, _, h, w = x.shape
+            out = torch.addmm(bias, rows, weight.view(weight.shape[0], -1).t())
+            return torch.relu_(out).view(n, h, w, -1).permute(0, 3, 1, 2)
+        if x.dtype == torch.float32 and _CONV_RELU is not None:
+            if not x.is_contiguous(memory_format=torch.channels_last):
+                x = _scratch.get("prefix", x.shape, x).copy_(x)
+            return _CONV_RELU(x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], 1,
+                              "relu", [None], "")
+    return torch.relu_(F.conv2d(dense(x), weight, bias, stride, padding))

@@ -78,6 +78,76 @@ def test_msdnet_float32_and_batch_one(use_backend):
     _compare(ref, ours, torch.randn(1, 3, 32, 32, device=dev), True, 2e-4)
 
 
+@pytest.mark.parametrize("backend", backend_params(include_triton=False))
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_inference_on_activated_buffers_matches_plain_pytorch(backend, use_backend, config):
+    """Eval mode without autograd runs the inference path (BatchNorms folded into the
+    convolutions, activated buffers): same logits as the plain model, in float64."""
+    from msdnet_ops.models.msdnet_inference import InferenceRun
+    dev = use_backend(backend)
+    cfg, size = CONFIGS[config]
+    ref, ours = _pair(cfg, device=dev)
+    _compare(ref, ours, torch.randn(3, 3, size, size, dtype=F64, device=dev), True, 1e-9)
+    ref.eval()
+    ours.eval()
+    x = torch.randn(3, 3, size, size, dtype=F64, device=dev)
+    with torch.no_grad():
+        assert isinstance(ours.start(x), InferenceRun)
+        for k, (a, b) in enumerate(zip(ours(x), ref(x))):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"logits of exit {k}")
+    # running statistics changed in place (a training step, a loaded checkpoint): the folded
+    # weights follow
+    for m in list(ref.modules()) + list(ours.modules()):
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.mul_(1.5)
+    with torch.no_grad():
+        for a, b in zip(ours(x), ref(x)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_memory_efficient_recomputes_bottlenecks_exactly(use_backend, config):
+    use_backend("cpu")
+    cfg, size = CONFIGS[config]
+    ref, _ = _pair(cfg)
+    ours = msdnet_ops.MSDNet(**cfg, memory_efficient=True).double()
+    ours.load_reference_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, size, size, dtype=F64)
+    _compare(ref, ours, x, True, 1e-9)
+    _compare(ref, ours, x, False, 1e-9)
+
+
+def test_backward_frees_each_buffer_when_its_last_node_ran(use_backend, monkeypatch):
+    """Nodes drop their feature buffers as backward passes them (peak memory), unless the
+    graph is retained, in which case a second backward gives the same gradients."""
+    import gc
+    import weakref
+    from msdnet_ops.nn.feature_buffer import BufferState
+    use_backend("cpu")
+    ref, ours = _pair(SMALL)
+    states = []
+    init = BufferState.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        states.append(weakref.ref(self))
+    monkeypatch.setattr(BufferState, "__init__", recording_init)
+    x = torch.randn(2, 3, 32, 32, dtype=F64)
+    loss = sum(o.sum() for o in ours(x))
+    assert len(states) > 5
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in ours.parameters()]
+    gc.collect()
+    assert all(s() is not None for s in states), "a retained graph lost its buffers"
+    ours.zero_grad()
+    loss.backward()
+    for a, p in zip(first, ours.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-12, atol=1e-12)
+    gc.collect()
+    alive = [s for s in states if s() is not None]
+    assert not alive, f"{len(alive)} feature buffers outlived backward while the graph is alive"
+
+
 @pytest.mark.triton
 def test_msdnet_on_triton_kernels(use_backend):
     dev = use_backend("triton")

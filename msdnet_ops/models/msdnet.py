@@ -6,6 +6,7 @@ from typing import Iterator, List
 import torch
 
 from .macs import count_macs
+from .msdnet_inference import FoldedWeights, InferenceRun, can_run_activated
 from .msdnet_plain import MSDNetPlain
 from .msdnet_plan import build_plan
 from .msdnet_runtime import GridRun
@@ -16,8 +17,14 @@ class MSDNet(MSDNetPlain):
 
     Same constructor, module tree and ``state_dict`` keys as :class:`MSDNetPlain` (the public
     reference's structure). Each scale of the grid is a feature buffer that dense layers append
-    to; the strided path writes the coarser scale's slice; each channel is stored before its
-    BatchNorm and every consumer applies the producer's BN+ReLU in its prologue.
+    to; the strided path writes the coarser scale's slice. For training (and whenever autograd
+    is on) each channel is stored before its BatchNorm and every consumer applies the
+    producer's BN+ReLU as it reads (backward needs the pre-ReLU values); in eval mode without
+    autograd the BatchNorms are folded into the convolutions and each channel is stored once,
+    activated (:mod:`~msdnet_ops.models.msdnet_inference`).
+
+    ``memory_efficient=True`` frees every bottleneck output after the forward pass and
+    recomputes it in backward (one more 1x1 convolution per path; exact).
 
     * ``forward(x)``: list of the logits of every exit (like the reference).
     * ``anytime(x)``: yields each exit's logits in order, computing only what that exit needs;
@@ -30,11 +37,13 @@ class MSDNet(MSDNetPlain):
     # under torch.autocast the feature buffers hold the autocast dtype (nn.feature_buffer)
     supports_autocast = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, memory_efficient: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.memory_efficient = bool(memory_efficient)
         self.plan = build_plan(self)
         self.sync_group = None
         self._macs_cache: dict = {}
+        self._folded = FoldedWeights()
 
     # ---------------------------------------------------------------- cost accounting
     def exit_macs(self, input_size=(3, 32, 32)) -> List[int]:
@@ -62,10 +71,15 @@ class MSDNet(MSDNetPlain):
         all-reduce per buffer write: SyncBatchNorm semantics under DistributedDataParallel)."""
         self.sync_group = group if group is not None else torch.distributed.group.WORLD
 
-    def start(self, x: torch.Tensor) -> GridRun:
-        """A forward pass over the batch ``x`` whose exits are computed on request."""
+    def start(self, x: torch.Tensor):
+        """A forward pass over the batch ``x`` whose exits are computed on request: on
+        activated buffers with folded BatchNorms in eval mode without autograd
+        (:class:`InferenceRun`), else on the autograd path (:class:`GridRun`)."""
         self.check_input(x)
-        return GridRun(self, self.plan, x, self.cell_macs(tuple(x.shape[1:])), self.sync_group)
+        macs = self.cell_macs(tuple(x.shape[1:]))
+        if can_run_activated(self):
+            return InferenceRun(self, self.plan, x, macs, self._folded)
+        return GridRun(self, self.plan, x, macs, self.sync_group)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         if x.device.type == "meta":  # shape-only passes (MAC counting) use the plain graph

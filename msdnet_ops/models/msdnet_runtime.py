@@ -1,8 +1,12 @@
 """Runs the cells of an :class:`~msdnet_ops.models.msdnet_plan.MSDNetPlan` on feature buffers.
 
-One :class:`GridRun` is one forward pass over one batch: it owns the buffers, remembers which
-cells are done (so a later exit reuses everything an earlier exit computed), counts the
-multiply-adds it really executes, and can drop samples from every live buffer (early exit).
+One run is one forward pass over one batch: it owns the buffers, remembers which cells are
+done (so a later exit reuses everything an earlier exit computed), counts the multiply-adds it
+really executes, and can drop samples from every live buffer (early exit). :class:`PlanRun`
+holds what every run shares; :class:`GridRun` (this module) is the autograd path, used for
+training and whenever gradients are wanted: buffers hold each channel before its BatchNorm and
+consumers apply the producer's BN+ReLU on the fly (so backward needs no second copy).
+:class:`~msdnet_ops.models.msdnet_inference.InferenceRun` is the inference path.
 """
 from __future__ import annotations
 
@@ -11,25 +15,60 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..nn.bn_affine import update_running_stats
-from ..nn.dense_layer import append_transform_conv, write_tensor
+from ..nn.dense_layer import append_transform_conv, recompute_in_backward, write_tensor
 from ..nn.feature_buffer import FeatureBuffer
 from ..nn.functions import TransformRead
 from ..reference import stats_dtype
 
 
-class GridRun:
-    def __init__(self, model, plan, x: torch.Tensor, cell_macs, sync_group=None):
+class PlanRun:
+    """Bookkeeping shared by the training and the inference runs: which cells are done, the
+    multiply-adds executed, the live buffers; subclasses run the cells (``_run_<kind>``) and
+    compact their buffers (:meth:`keep_samples`)."""
+
+    def __init__(self, model, plan, x: torch.Tensor, cell_macs):
         self.model, self.plan, self.image = model, plan, x
-        self.dtype, self.device = x.dtype, x.device
-        self.training = model.training
-        self.sync_group = sync_group
+        self.device = x.device
         self.sizes = dict(enumerate(model.scale_sizes(x.shape[2], x.shape[3])))
         self.buffers: dict = {}
         self.done: set = set()
         self.cell_macs = cell_macs
-        self._buffer_vectors: dict = {}
         self.macs = 0                     # multiply-adds executed, summed over samples
         self.batch = x.shape[0]
+
+    def run_cell(self, index: int):
+        cell = self.plan.cells[index]
+        self.macs += self.cell_macs[index] * self.batch
+        self.done.add(index)
+        runner = {"stem": self._run_stem, "path": self._run_path,
+                  "transition": self._run_transition, "classifier": self._run_classifier}[cell.kind]
+        return runner(cell)
+
+    def exit_logits(self, exit_index: int) -> torch.Tensor:
+        """Runs what exit ``exit_index`` still needs, and its classifier."""
+        target = self.plan.exit_cells[exit_index]
+        out = None
+        for index in self.plan.closure(target, self.done):
+            out = self.run_cell(index)
+        self._drop_dead_buffers()
+        return out
+
+    def _drop_dead_buffers(self) -> None:
+        """Frees every buffer no remaining cell reads (inference only; training keeps them
+        for backward through the autograd graph anyway)."""
+        for key in list(self.buffers):
+            last = self.plan.last_reader.get(key)
+            if last is None or last in self.done:
+                del self.buffers[key]
+
+
+class GridRun(PlanRun):
+    def __init__(self, model, plan, x: torch.Tensor, cell_macs, sync_group=None):
+        super().__init__(model, plan, x, cell_macs)
+        self.dtype = x.dtype
+        self.training = model.training
+        self.sync_group = sync_group
+        self._buffer_vectors: dict = {}
 
     # ------------------------------------------------------------------ buffers
     def _new_buffer(self, channels: int, height: int, width: int) -> FeatureBuffer:
@@ -91,7 +130,9 @@ class GridRun:
         return append_transform_conv(src, width, dst, conv, batch_stats, w, b, mean, invstd)
 
     def _conv_bn_path(self, unit, key, width: int, dst: FeatureBuffer) -> None:
-        """One ConvBN path (optional bottleneck, then 3x3) reading buffer ``key``."""
+        """One ConvBN path (optional bottleneck, then 3x3) reading buffer ``key``. With the
+        model's ``memory_efficient`` the bottleneck output is freed after forward and
+        recomputed in backward."""
         src = self._buffer(key)
         if unit.bottleneck:
             h, w = src.spatial
@@ -100,6 +141,8 @@ class GridRun:
             self._record_stats(unit.bn1, inner, 0)
             append_transform_conv(inner, inner.filled, dst, unit.conv3,
                                   *self._plain_vectors(unit.bn1, inner))
+            if self.model.memory_efficient and torch.is_grad_enabled():
+                recompute_in_backward(inner, src, width, unit.conv1, *self._vectors(key, width))
         else:
             self._conv_bn(src, key, width, unit.conv3, dst)
 
@@ -169,32 +212,6 @@ class GridRun:
     def _half_size_buffer(self, src: FeatureBuffer, channels: int) -> FeatureBuffer:
         h, w = src.spatial
         return self._new_buffer(channels, (h - 1) // 2 + 1, (w - 1) // 2 + 1)
-
-    def run_cell(self, index: int):
-        cell = self.plan.cells[index]
-        self.macs += self.cell_macs[index] * self.batch
-        self.done.add(index)
-        runner = {"stem": self._run_stem, "path": self._run_path,
-                  "transition": self._run_transition, "classifier": self._run_classifier}[cell.kind]
-        return runner(cell)
-
-    def exit_logits(self, exit_index: int) -> torch.Tensor:
-        """Runs what exit ``exit_index`` still needs, and its classifier."""
-        target = self.plan.exit_cells[exit_index]
-        out = None
-        for index in self.plan.closure(target, self.done):
-            out = self.run_cell(index)
-        self._drop_dead_buffers()
-        return out
-
-    # ------------------------------------------------------------------ early exit
-    def _drop_dead_buffers(self) -> None:
-        """Frees every buffer no remaining cell reads (inference only; training keeps them
-        for backward through the autograd graph anyway)."""
-        for key in list(self.buffers):
-            last = self.plan.last_reader.get(key)
-            if last is None or last in self.done:
-                del self.buffers[key]
 
     def keep_samples(self, index: torch.Tensor) -> None:
         """Batch compaction: only the samples ``index`` go on (every live buffer gathered)."""

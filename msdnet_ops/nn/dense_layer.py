@@ -40,6 +40,24 @@ def append_transform_conv(src: FeatureBuffer, in_channels: int, dst: FeatureBuff
     return start
 
 
+def recompute_in_backward(dst: FeatureBuffer, src: FeatureBuffer, in_channels: int,
+                          conv: nn.Conv2d, batch_stats: bool, weight, bias, mean, invstd) -> None:
+    """Frees ``dst``'s values (written by ``conv`` of the transformed prefix of ``src``, as
+    :func:`append_transform_conv` with these vectors did) after the forward pass; backward
+    recomputes them when it first needs them (``memory_efficient``: one more convolution,
+    exact, since the prefix, its statistics and the parameters are unchanged by then)."""
+    affine = AffineParams(weight, bias, mean, invstd, batch_stats)
+    state = src.state
+    conv_weight = conv.weight.detach().to(state.values.dtype)  # as in forward (autocast)
+
+    def recompute(out: torch.Tensor) -> None:
+        ops.eager.transform_conv_into_(state.values[:, :in_channels], affine.scale,
+                                       affine.shift, conv_weight, conv.stride[0],
+                                       conv.padding[0], 1, out)
+
+    dst.state.forget_values(recompute)
+
+
 def write_tensor(dst: FeatureBuffer, x: torch.Tensor, with_stats: bool = True) -> int:
     """Appends an ordinary tensor's channels to ``dst`` (with their batch statistics when the
     buffer tracks them and ``with_stats``)."""
@@ -140,15 +158,8 @@ class DenseLayer(nn.Module):
         buffer prefix (which, like its statistics and the parameters, is unchanged by then)."""
         c = self.num_input_features
         batch_stats, mean, invstd = bn_vectors(self.norm1, buffer.state, 0, c)
-        affine = AffineParams(self.norm1.weight, self.norm1.bias, mean, invstd, batch_stats)
-        src = buffer.state
-        weight = self.conv1.weight.detach().to(src.values.dtype)  # as in forward (autocast)
-
-        def recompute(out: torch.Tensor) -> None:
-            ops.eager.transform_conv_into_(src.values[:, :c], affine.scale, affine.shift,
-                                           weight, 1, 0, 1, out)
-
-        inner.state.forget_values(recompute)
+        recompute_in_backward(inner, buffer, c, self.conv1, batch_stats, self.norm1.weight,
+                              self.norm1.bias, mean, invstd)
 
     def forward(self, input) -> torch.Tensor:
         x = torch.cat(list(input), 1) if isinstance(input, (list, tuple)) else input

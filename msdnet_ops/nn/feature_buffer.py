@@ -7,10 +7,10 @@ and, during backward, the shared gradient: ``grad`` (every consumer's direct gra
 ``sum_l scale_l * dpre_l``) and the per-channel ``grad_mean``/``grad_invstd`` that are turned
 into the BatchNorm-statistics part of the gradient once per channel by :meth:`finalize`.
 
-Layout: NCHW with channel capacity ``C_cap`` (``values[:, :c]`` is a prefix). It makes the
-block output *be* the concatenation torchvision's DenseNet produces (no copy to hand it on),
-and the per-channel planes stay contiguous for the CPU kernels; GPU kernels read the prefix
-through its strides.
+Layout: ``[N, H, W, C_cap]`` in memory, an NCHW tensor with channels_last strides
+(:mod:`msdnet_ops.layout`); ``values[:, :c]`` is a prefix, a matrix of ``N*H*W`` rows with
+row stride ``C_cap``. The block output *is* the concatenation torchvision's DenseNet
+produces (no copy to hand it on); kernels read prefixes through their strides.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
+from ..layout import empty_nhwc
 from ..reference import stats_dtype
 
 
@@ -82,7 +83,7 @@ class BufferState:
     def restore_values(self) -> None:
         if self.values is None:
             shape, dtype, device = self._layout
-            self.values = torch.empty(shape, dtype=dtype, device=device)
+            self.values = empty_nhwc(shape, dtype=dtype, device=device)
             self._recompute(self.values)
 
     # ---- backward
@@ -140,8 +141,8 @@ class FeatureBuffer:
             raise ValueError(f"FeatureBuffer: expected positive sizes, got batch={batch}, "
                              f"capacity={capacity}, height={height}, width={width}")
         device = torch.device(device)
-        values = torch.empty((batch, capacity, height, width), device=device,
-                             dtype=feature_dtype(dtype, device.type))
+        values = empty_nhwc((batch, capacity, height, width), device=device,
+                            dtype=feature_dtype(dtype, device.type))
         self.state = BufferState(values, track_stats, eps, sync_group)
         self.filled = 0
         self.token = None

@@ -11,11 +11,23 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..layout import dense
 from .bn_affine import AffineParams
 
 
 def _token(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
+
+
+def _release(ctx, *names: str) -> None:
+    """Drops a node's references to feature buffers (and other large state) once its backward
+    ran, so that a buffer is freed as soon as the last node using it is done, not when the
+    whole graph is: this is what keeps backward's peak memory low. Kept when the pass retains
+    the graph (``retain_graph=True``), for the next pass."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep is None or not keep():
+        for name in names:
+            setattr(ctx, name, None)
 
 
 def _token_grads(like: torch.Tensor, *present: bool):
@@ -42,6 +54,7 @@ class WriteFeatures(torch.autograd.Function):
         grad_x = dst.finalize(start, stop, ctx.with_stats).clone()
         if start == 0:
             dst.release_grads()
+        _release(ctx, "dst")
         return (None, None, grad_x, None) + _token_grads(grad_x, ctx.has_token)
 
 
@@ -59,6 +72,7 @@ class ReadFeatures(torch.autograd.Function):
         src, (start, stop) = ctx.src, ctx.range
         src.ensure_grads()
         src.grad[:, start:stop] += grad
+        _release(ctx, "src")
         return None, None, None, (grad.new_empty(0) if ctx.has_token else None)
 
 
@@ -82,9 +96,10 @@ class TransformRead(torch.autograd.Function):
         src.ensure_grads()
         grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
         ops.eager.affine_relu_backward_(src.values[:, :c], affine.scale, affine.shift,
-                                        grad_z.contiguous(), src.grad[:, :c], grad_scale,
+                                        dense(grad_z), src.grad[:, :c], grad_scale,
                                         grad_shift)
         grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
+        _release(ctx, "src", "affine")
         return (None, None, None, grad_w, grad_b, None, None,
                 grad_z.new_empty(0) if ctx.has_token else None)
 
@@ -126,7 +141,7 @@ class TransformConvWrite(torch.autograd.Function):
         grad_out = dst.finalize(start, stop)
         if ctx.mask is not None:
             grad_out = grad_out * ctx.mask
-        grad_out = grad_out.contiguous()
+        grad_out = dense(grad_out)
         if start == 0 and src is not dst:
             dst.release_grads()  # the first writer of a buffer runs backward last
         src.restore_values()  # a recomputed (memory_efficient) bottleneck
@@ -136,5 +151,6 @@ class TransformConvWrite(torch.autograd.Function):
             grad_out, src.values[:, :c], affine.scale, affine.shift, weight, *ctx.conv,
             src.grad[:, :c], grad_scale, grad_shift).to(ctx.weight_dtype)
         grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
+        _release(ctx, "src", "dst", "affine", "mask")
         return ((None,) * 9 + (grad_w, grad_b, None, None, grad_weight)
                 + _token_grads(grad_weight, *ctx.tokens))

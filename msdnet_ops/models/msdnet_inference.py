@@ -1,0 +1,137 @@
+"""MSDNet inference on *activated* feature buffers.
+
+In eval mode without autograd every BatchNorm uses fixed running statistics, so each
+conv -> BN -> ReLU unit is one convolution with the BN folded into its weights and bias, and
+its output is stored once, activated (``relu(bn(conv(.)))``): every consumer of a channel
+convolves the stored values as they are, with no per-consumer transform. Training keeps the
+pre-BN storage of :class:`~msdnet_ops.models.msdnet_runtime.GridRun`, whose backward needs
+the values before the ReLU (see docs/ARCHITECTURE.md).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..layout import empty_nhwc
+from ..nn.bn_affine import uses_batch_stats
+from ..nn.feature_buffer import feature_dtype
+from .msdnet_runtime import PlanRun
+
+
+def fold_batchnorm(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, dtype: torch.dtype):
+    """``(weight, bias)`` of ``bn(conv(x))`` as one convolution, with ``bn``'s running
+    statistics (computed in float64, returned in ``dtype``)."""
+    scale = bn.weight.detach().double() * torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    bias = bn.bias.detach().double() - bn.running_mean.detach().double() * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias.detach().double() * scale
+    weight = conv.weight.detach().double() * scale.view(-1, 1, 1, 1)
+    return (weight.to(dtype).contiguous(memory_format=torch.channels_last), bias.to(dtype))
+
+
+class FoldedWeights:
+    """Folded (weight, bias) per (conv, BN) pair, recomputed only when a parameter or running
+    statistic changed (their version counters) or the dtype/device differs."""
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    def get(self, conv, bn, dtype, device):
+        tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var) + \
+            ((conv.bias,) if conv.bias is not None else ())
+        stamp = tuple((t.data_ptr(), t._version) for t in tensors) + (dtype, device)
+        entry = self._cache.get(id(conv))
+        if entry is None or entry[0] != stamp:
+            entry = self._cache[id(conv)] = (stamp, fold_batchnorm(conv, bn, dtype))
+        return entry[1]
+
+
+def can_run_activated(model) -> bool:
+    """Eval mode, no autograd, and every BatchNorm normalizes with running statistics."""
+    return (not model.training and not torch.is_grad_enabled()
+            and not any(uses_batch_stats(m) for m in model.modules()
+                        if isinstance(m, torch.nn.BatchNorm2d)))
+
+
+class InferenceRun(PlanRun):
+    """A forward pass without autograd: buffers are plain NHWC tensors of activated values."""
+
+    def __init__(self, model, plan, x: torch.Tensor, cell_macs, folded: FoldedWeights):
+        super().__init__(model, plan, x, cell_macs)
+        self.dtype = feature_dtype(x.dtype, x.device.type)
+        self.folded = folded
+        self.filled: dict = {}
+
+    # ------------------------------------------------------------------ buffers
+    def _buffer(self, key) -> torch.Tensor:
+        if key not in self.buffers:
+            h, w = self.sizes[key[0]]
+            self.buffers[key] = empty_nhwc((self.batch, self.plan.capacity[key], h, w),
+                                           dtype=self.dtype, device=self.device)
+            self.filled[key] = 0
+        return self.buffers[key]
+
+    def _prefix(self, key, width: int) -> torch.Tensor:
+        return self._buffer(key)[:, :width]
+
+    def _append(self, key, y: torch.Tensor) -> None:
+        values = self._buffer(key)
+        start = self.filled[key]
+        values[:, start:start + y.shape[1]].copy_(y)
+        self.filled[key] = start + y.shape[1]
+
+    def _conv_bn_relu(self, x: torch.Tensor, unit_conv, unit_bn) -> torch.Tensor:
+        weight, bias = self.folded.get(unit_conv, unit_bn, self.dtype, self.device)
+        return ops.conv_bias_relu(x, weight, bias, unit_conv.stride[0], unit_conv.padding[0])
+
+    def _conv_bn_path(self, unit, x: torch.Tensor) -> torch.Tensor:
+        """One ConvBN path (optional bottleneck, then 3x3) of a dense layer."""
+        if unit.bottleneck:
+            x = self._conv_bn_relu(x, unit.conv1, unit.bn1)
+        return self._conv_bn_relu(x, unit.conv3, unit.bn3)
+
+    # ------------------------------------------------------------------ cells
+    def _run_stem(self, cell) -> None:
+        unit = cell.module
+        if cell.scale == 0:  # reads the image
+            image = self.image.to(self.dtype)
+            if self.model.stem_kind == "imagenet":
+                y = F.max_pool2d(self._conv_bn_relu(image, unit.conv, unit.bn), 3, 2, 1)
+            else:
+                y = self._conv_bn_relu(image, unit.conv, unit.bn)
+            self.image = None  # only the scale-0 stem reads it
+        else:
+            (key, width), = cell.reads
+            y = self._conv_bn_relu(self._prefix(key, width), unit.conv, unit.bn)
+        self._append(cell.writes, y)
+
+    def _run_path(self, cell) -> None:
+        unit = cell.module
+        reads = list(cell.reads)
+        if len(reads) == 2:  # the strided path from the finer scale comes first
+            key, width = reads.pop(0)
+            self._append(cell.writes, self._conv_bn_path(unit.conv_down, self._prefix(key, width)))
+        key, width = reads[0]
+        self._append(cell.writes, self._conv_bn_path(unit.conv_normal, self._prefix(key, width)))
+
+    def _run_transition(self, cell) -> None:
+        (key, width), = cell.reads
+        unit = cell.module
+        self._append(cell.writes, self._conv_bn_relu(self._prefix(key, width), unit.conv, unit.bn))
+
+    def _run_classifier(self, cell) -> torch.Tensor:
+        (key, width), = cell.reads
+        first, second, pool = cell.module.m
+        y = self._conv_bn_relu(self._prefix(key, width), first.conv, first.bn)
+        y = pool(self._conv_bn_relu(y, second.conv, second.bn))
+        return cell.module.linear(y.reshape(y.shape[0], -1))
+
+    # ------------------------------------------------------------------ early exit
+    def keep_samples(self, index: torch.Tensor) -> None:
+        """Batch compaction: only the samples ``index`` go on (every live buffer gathered)."""
+        for key, values in self.buffers.items():
+            self.buffers[key] = ops.eager.gather_batch(values, index)
+        if self.image is not None:
+            self.image = ops.eager.gather_batch(self.image, index)
+        self.batch = int(index.numel())
