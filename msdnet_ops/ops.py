@@ -6,11 +6,13 @@ Ops (semantics in :mod:`msdnet_ops.reference`):
 =============================  ===========================================================
 ``channel_stats``              per-channel batch mean and invstd of a (strided) NCHW view
 ``channel_stats_backward_``    finalize: add the statistics part of the BN gradient, in place
-``affine_relu``                ``relu(scale*x+shift)``
+``affine_relu`` / ``_into_``   ``relu(scale*x+shift)``, allocated / written into ``out``
 ``affine_relu_backward_``      its backward, accumulated into shared gradient buffers
 ``transform_conv``             ``conv(pool(relu(scale*x+shift)), W)``, functional
 ``transform_conv_into_``       the same, written into a channel slice of a feature buffer
 ``transform_conv_backward_``   its backward: accumulates grad_x/grad_scale/grad_shift, returns grad_weight
+``conv`` / ``conv_into_``      ``conv(pool(x), W)`` of *activated* channels (no transform)
+``conv_backward_``             its backward: accumulates grad_x, returns grad_weight
 ``gather_batch``               batch compaction (early exit)
 =============================  ===========================================================
 
@@ -21,6 +23,7 @@ buffer between all consumers of a channel.
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -32,14 +35,21 @@ from . import validation as check
 from .layout import dense, empty_like_layout, memory_format_of
 
 _LIB = "msdnet_ops"
-_UNDECORATED: dict = {}
+_UNCHECKED: dict = {}
 
 
-def _custom_op(name: str, mutates_args):
-    """``torch.library.custom_op`` that also remembers the plain function, for :data:`eager`."""
-    def register(fn):
-        _UNDECORATED[name] = fn
-        return torch.library.custom_op(f"{_LIB}::{name}", mutates_args=mutates_args)(fn)
+def _custom_op(name: str, mutates_args, checks):
+    """``torch.library.custom_op`` of ``checks(*args)`` followed by the decorated function (the
+    backend dispatch). :data:`eager` calls the decorated function alone: the fused modules call
+    the ops from inside their autograd functions with arguments they built themselves, and
+    validated their own inputs already; there the checks would cost more than small kernels."""
+    def register(run):
+        @functools.wraps(run)
+        def checked(*args):
+            checks(*args)
+            return run(*args)
+        _UNCHECKED[name] = run
+        return torch.library.custom_op(f"{_LIB}::{name}", mutates_args=mutates_args)(checked)
     return register
 
 
@@ -52,24 +62,19 @@ def _kernels(t: Tensor):
 
 # --------------------------------------------------------------------------- channel statistics
 
-def _check_stats_args(x, mean, invstd, grad_mean, grad_invstd, grad_x):
-    check.check_features(x, "x")
-    for v, name in ((mean, "mean"), (invstd, "invstd"), (grad_mean, "grad_mean"), (grad_invstd, "grad_invstd")):
-        check.check_channel_vector(v, name, x)
-    check.check_like(grad_x, "grad_x", x, "x")
-
-
-@_custom_op("channel_stats", mutates_args=())
-def channel_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Per-channel batch ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance) of ``x``."""
+def _check_channel_stats(x, eps):
     check.check_features(x, "x")
     if not eps > 0:
         raise ValueError(f"eps: expected a positive number, got {eps}")
     if x.shape[0] * x.shape[2] * x.shape[3] < 2:
         raise ValueError(f"x: batch statistics need more than one value per channel, got shape "
                          f"{tuple(x.shape)} (as nn.BatchNorm2d in training mode)")
-    _, kernels = _kernels(x)
-    return kernels.channel_stats(x, eps)
+
+
+@_custom_op("channel_stats", mutates_args=(), checks=_check_channel_stats)
+def channel_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-channel batch ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance) of ``x``."""
+    return _kernels(x)[1].channel_stats(x, eps)
 
 
 @channel_stats.register_fake
@@ -79,13 +84,19 @@ def _(x, eps):
     return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
 
 
-@_custom_op("channel_stats_backward_", mutates_args=("grad_x",))
+def _check_channel_stats_backward(x, mean, invstd, grad_mean, grad_invstd, grad_x):
+    check.check_features(x, "x")
+    for v, name in ((mean, "mean"), (invstd, "invstd"), (grad_mean, "grad_mean"), (grad_invstd, "grad_invstd")):
+        check.check_channel_vector(v, name, x)
+    check.check_like(grad_x, "grad_x", x, "x")
+
+
+@_custom_op("channel_stats_backward_", mutates_args=("grad_x",),
+            checks=_check_channel_stats_backward)
 def channel_stats_backward_(x: Tensor, mean: Tensor, invstd: Tensor, grad_mean: Tensor,
                             grad_invstd: Tensor, grad_x: Tensor) -> None:
     """``grad_x += grad_mean/n - grad_invstd*(x-mean)*invstd^3/n`` (n = N*H*W)."""
-    _check_stats_args(x, mean, invstd, grad_mean, grad_invstd, grad_x)
-    _, kernels = _kernels(x)
-    kernels.channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x)
+    _kernels(x)[1].channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x)
 
 
 @channel_stats_backward_.register_fake
@@ -113,19 +124,35 @@ channel_stats.register_autograd(_channel_stats_backward, setup_context=_channel_
 
 # --------------------------------------------------------------------------- transform
 
-def _check_affine_args(x, scale, shift):
+def _check_affine(x, scale, shift):
     check.check_features(x, "x")
     check.check_channel_vector(scale, "scale", x)
     check.check_channel_vector(shift, "shift", x)
 
 
-@_custom_op("affine_relu", mutates_args=())
+def _check_affine_relu_into(x, scale, shift, out):
+    _check_affine(x, scale, shift)
+    check.check_like(out, "out", x, "x")
+    check.check_not_overlapping(out, "out", (x, "x"))
+
+
+@_custom_op("affine_relu_into_", mutates_args=("out",), checks=_check_affine_relu_into)
+def affine_relu_into_(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
+    """Writes ``relu(scale[c] * x + shift[c])`` into ``out`` (e.g. a channel slice of a feature
+    buffer: a post-activation unit storing its output activated)."""
+    _kernels(x)[1].affine_relu_into(x, scale, shift, out)
+
+
+@affine_relu_into_.register_fake
+def _(x, scale, shift, out):
+    return None
+
+
+@_custom_op("affine_relu", mutates_args=(), checks=_check_affine)
 def affine_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``relu(scale[c] * x + shift[c])``, a dense output in ``x``'s dtype and layout."""
-    _check_affine_args(x, scale, shift)
     out = empty_like_layout(x)
-    _, kernels = _kernels(x)
-    kernels.affine_relu_into(x, scale, shift, out)
+    _kernels(x)[1].affine_relu_into(x, scale, shift, out)
     return out
 
 
@@ -134,17 +161,20 @@ def _(x, scale, shift):
     return empty_like_layout(x)
 
 
-@_custom_op("affine_relu_backward_", mutates_args=("grad_x", "grad_scale", "grad_shift"))
-def affine_relu_backward_(x: Tensor, scale: Tensor, shift: Tensor, grad_z: Tensor, grad_x: Tensor,
-                          grad_scale: Tensor, grad_shift: Tensor) -> None:
-    """Accumulates the backward of :func:`affine_relu` into the ``grad_*`` buffers."""
-    _check_affine_args(x, scale, shift)
+def _check_affine_relu_backward(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift):
+    _check_affine(x, scale, shift)
     check.check_like(grad_z, "grad_z", x, "x")
     check.check_like(grad_x, "grad_x", x, "x")
     check.check_channel_vector(grad_scale, "grad_scale", x)
     check.check_channel_vector(grad_shift, "grad_shift", x)
-    _, kernels = _kernels(x)
-    kernels.affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift)
+
+
+@_custom_op("affine_relu_backward_", mutates_args=("grad_x", "grad_scale", "grad_shift"),
+            checks=_check_affine_relu_backward)
+def affine_relu_backward_(x: Tensor, scale: Tensor, shift: Tensor, grad_z: Tensor, grad_x: Tensor,
+                          grad_scale: Tensor, grad_shift: Tensor) -> None:
+    """Accumulates the backward of :func:`affine_relu` into the ``grad_*`` buffers."""
+    _kernels(x)[1].affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift)
 
 
 @affine_relu_backward_.register_fake
@@ -167,12 +197,10 @@ def _affine_relu_backward(ctx, grad_z):
 affine_relu.register_autograd(_affine_relu_backward, setup_context=_affine_relu_setup)
 
 
-# --------------------------------------------------------------------------- transform-conv
-
-def _check_transform_conv_args(x, scale, shift, weight, stride, padding, pool):
-    _check_affine_args(x, scale, shift)
-    check.check_conv_args(x, weight, stride, padding, pool)
-
+# --------------------------------------------------------------------------- convolutions
+# Backends with fused kernels (triton, reference) run the transform in the convolution's
+# prologue; the others (cpu, cuda) transform into a reused dense scratch and hand it to
+# oneDNN / cuDNN, which take dense inputs only.
 
 def _conv(z, weight, stride, padding):
     return F.conv2d(z, weight, None, stride, padding)
@@ -215,29 +243,77 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def _transform_conv_unfused_into(kernels, x, scale, shift, weight, stride, padding, pool, out):
-    """Memory-bound transform by our kernels, convolution by BLAS / cuDNN / oneDNN: the
-    transformed prefix is a temporary (never kept per layer)."""
+def _transformed(kernels, x, scale, shift, pool):
+    """``avg_pool(relu(scale*x+shift), pool)`` in the scratch (and the unpooled values)."""
     z = _scratch.get("z", x.shape, x)
     kernels.affine_relu_into(x, scale, shift, z)
-    if pool != 1:
-        z = F.avg_pool2d(z, pool)
-    out.copy_(_conv(z, weight, stride, padding))
+    return z, (F.avg_pool2d(z, pool) if pool != 1 else z)
 
 
-@_custom_op("transform_conv_into_", mutates_args=("out",))
+def _dense_input(x: Tensor, pool: int):
+    """``x`` (or its copy in the scratch when it is a strided buffer prefix), and its pooled
+    values."""
+    if x.device.type != "cpu":
+        z = dense(x)
+    elif x.is_contiguous(memory_format=memory_format_of(x)):
+        z = x
+    else:
+        z = _scratch.get("z", x.shape, x).copy_(x)
+    return z, (F.avg_pool2d(z, pool) if pool != 1 else z)
+
+
+def _unpool_grad(grad_zp, z, pool):
+    if pool == 1:
+        return grad_zp
+    return torch.ops.aten.avg_pool2d_backward(grad_zp, z, [pool] * 2, [pool] * 2, [0, 0],
+                                              False, True, None)
+
+
+def _check_conv(x, weight, stride, padding, pool):
+    check.check_features(x, "x")
+    check.check_conv_args(x, weight, stride, padding, pool)
+
+
+def _check_conv_into(x, weight, stride, padding, pool, out):
+    _check_conv(x, weight, stride, padding, pool)
+    check.check_like(out, "out", x, "x", check.conv_output_shape(x, weight, stride, padding, pool))
+    check.check_not_overlapping(out, "out", (x, "x"))
+
+
+def _check_conv_backward(grad_out, x, weight, stride, padding, pool, grad_x):
+    _check_conv(x, weight, stride, padding, pool)
+    check.check_like(grad_out, "grad_out", x, "x", check.conv_output_shape(x, weight, stride, padding, pool))
+    check.check_like(grad_x, "grad_x", x, "x")
+
+
+def _check_transform_conv(x, scale, shift, weight, stride, padding, pool):
+    _check_affine(x, scale, shift)
+    check.check_conv_args(x, weight, stride, padding, pool)
+
+
+def _check_transform_conv_into(x, scale, shift, weight, stride, padding, pool, out):
+    _check_conv_into(x, weight, stride, padding, pool, out)
+    _check_affine(x, scale, shift)
+
+
+def _check_transform_conv_backward(grad_out, x, scale, shift, weight, stride, padding, pool,
+                                   grad_x, grad_scale, grad_shift):
+    _check_conv_backward(grad_out, x, weight, stride, padding, pool, grad_x)
+    _check_affine(x, scale, shift)
+    check.check_channel_vector(grad_scale, "grad_scale", x)
+    check.check_channel_vector(grad_shift, "grad_shift", x)
+
+
+@_custom_op("transform_conv_into_", mutates_args=("out",), checks=_check_transform_conv_into)
 def transform_conv_into_(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: int,
                          padding: int, pool: int, out: Tensor) -> None:
     """Writes ``conv2d(avg_pool(relu(scale*x+shift), pool), weight, stride, padding)`` into
     ``out`` (typically a channel slice of a feature buffer)."""
-    _check_transform_conv_args(x, scale, shift, weight, stride, padding, pool)
-    check.check_like(out, "out", x, "x", check.conv_output_shape(x, weight, stride, padding, pool))
-    check.check_not_overlapping(out, "out", (x, "x"))
     backend, kernels = _kernels(x)
     if backend in ("triton", "reference"):
         kernels.transform_conv_into(x, scale, shift, weight, stride, padding, pool, out)
     else:
-        _transform_conv_unfused_into(kernels, x, scale, shift, weight, stride, padding, pool, out)
+        out.copy_(_conv(_transformed(kernels, x, scale, shift, pool)[1], weight, stride, padding))
 
 
 @transform_conv_into_.register_fake
@@ -245,13 +321,12 @@ def _(x, scale, shift, weight, stride, padding, pool, out):
     return None
 
 
-@_custom_op("transform_conv", mutates_args=())
+@_custom_op("transform_conv", mutates_args=(), checks=_check_transform_conv)
 def transform_conv(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: int,
                    padding: int, pool: int) -> Tensor:
     """Functional :func:`transform_conv_into_` (allocates the output)."""
-    _check_transform_conv_args(x, scale, shift, weight, stride, padding, pool)
     out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
-    transform_conv_into_(x, scale, shift, weight, stride, padding, pool, out)
+    _UNCHECKED["transform_conv_into_"](x, scale, shift, weight, stride, padding, pool, out)
     return out
 
 
@@ -260,42 +335,23 @@ def _(x, scale, shift, weight, stride, padding, pool):
     return empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
 
 
-def _transform_conv_backward_unfused(kernels, grad_out, x, scale, shift, weight, stride, padding,
-                                     pool, grad_x, grad_scale, grad_shift):
-    z = _scratch.get("z", x.shape, x)
-    kernels.affine_relu_into(x, scale, shift, z)
-    zp = F.avg_pool2d(z, pool) if pool != 1 else z
-    grad_zp, grad_weight = _conv_backward(grad_out, zp, weight, stride, padding)
-    del zp
-    if pool != 1:
-        grad_z = torch.ops.aten.avg_pool2d_backward(grad_zp, z, [pool] * 2, [pool] * 2, [0, 0],
-                                                    False, True, None)
-    else:
-        grad_z = grad_zp
-    del z
-    kernels.affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift)
-    return grad_weight
-
-
-@_custom_op("transform_conv_backward_",
-            mutates_args=("grad_x", "grad_scale", "grad_shift"))
+@_custom_op("transform_conv_backward_", mutates_args=("grad_x", "grad_scale", "grad_shift"),
+            checks=_check_transform_conv_backward)
 def transform_conv_backward_(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
                              weight: Tensor, stride: int, padding: int, pool: int, grad_x: Tensor,
                              grad_scale: Tensor, grad_shift: Tensor) -> Tensor:
     """Backward of :func:`transform_conv`: accumulates into ``grad_x`` (the shared gradient
     buffer prefix), ``grad_scale`` and ``grad_shift``; returns ``grad_weight``."""
-    _check_transform_conv_args(x, scale, shift, weight, stride, padding, pool)
-    check.check_like(grad_out, "grad_out", x, "x", check.conv_output_shape(x, weight, stride, padding, pool))
-    check.check_like(grad_x, "grad_x", x, "x")
-    check.check_channel_vector(grad_scale, "grad_scale", x)
-    check.check_channel_vector(grad_shift, "grad_shift", x)
     backend, kernels = _kernels(x)
     if backend in ("triton", "reference"):
-        grad_weight = kernels.transform_conv_backward_(grad_out, x, scale, shift, weight, stride,
-                                                       padding, pool, grad_x, grad_scale, grad_shift)
-        return grad_weight.to(weight.dtype)
-    return _transform_conv_backward_unfused(kernels, grad_out, x, scale, shift, weight, stride,
-                                            padding, pool, grad_x, grad_scale, grad_shift)
+        return kernels.transform_conv_backward_(grad_out, x, scale, shift, weight, stride,
+                                                padding, pool, grad_x, grad_scale,
+                                                grad_shift).to(weight.dtype)
+    z, zp = _transformed(kernels, x, scale, shift, pool)
+    grad_zp, grad_weight = _conv_backward(grad_out, zp, weight, stride, padding)
+    kernels.affine_relu_backward_(x, scale, shift, _unpool_grad(grad_zp, z, pool), grad_x,
+                                  grad_scale, grad_shift)
+    return grad_weight
 
 
 @transform_conv_backward_.register_fake
@@ -321,11 +377,74 @@ def _transform_conv_backward(ctx, grad_out):
 transform_conv.register_autograd(_transform_conv_backward, setup_context=_transform_conv_setup)
 
 
+@_custom_op("conv_into_", mutates_args=("out",), checks=_check_conv_into)
+def conv_into_(x: Tensor, weight: Tensor, stride: int, padding: int, pool: int, out: Tensor) -> None:
+    """Writes ``conv2d(avg_pool(x, pool), weight, stride, padding)`` into ``out``: the consumer
+    of *activated* buffer channels, which reads them as they are (no transform)."""
+    backend, kernels = _kernels(x)
+    if backend in ("triton", "reference"):
+        kernels.conv_into(x, weight, stride, padding, pool, out)
+    else:
+        out.copy_(_conv(_dense_input(x, pool)[1], weight, stride, padding))
+
+
+@conv_into_.register_fake
+def _(x, weight, stride, padding, pool, out):
+    return None
+
+
+@_custom_op("conv", mutates_args=(), checks=_check_conv)
+def conv(x: Tensor, weight: Tensor, stride: int, padding: int, pool: int) -> Tensor:
+    """Functional :func:`conv_into_` (allocates the output)."""
+    out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
+    _UNCHECKED["conv_into_"](x, weight, stride, padding, pool, out)
+    return out
+
+
+@conv.register_fake
+def _(x, weight, stride, padding, pool):
+    return empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
+
+
+@_custom_op("conv_backward_", mutates_args=("grad_x",), checks=_check_conv_backward)
+def conv_backward_(grad_out: Tensor, x: Tensor, weight: Tensor, stride: int, padding: int,
+                   pool: int, grad_x: Tensor) -> Tensor:
+    """Backward of :func:`conv`: accumulates the input gradient into ``grad_x`` (the shared
+    gradient buffer prefix) and returns ``grad_weight``."""
+    backend, kernels = _kernels(x)
+    if backend in ("triton", "reference"):
+        return kernels.conv_backward_(grad_out, x, weight, stride, padding, pool,
+                                      grad_x).to(weight.dtype)
+    z, zp = _dense_input(x, pool)
+    grad_zp, grad_weight = _conv_backward(grad_out, zp, weight, stride, padding)
+    grad_x.add_(_unpool_grad(grad_zp, z, pool))
+    return grad_weight
+
+
+@conv_backward_.register_fake
+def _(grad_out, x, weight, stride, padding, pool, grad_x):
+    return torch.empty_like(weight)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, stride, padding, pool = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conv = (stride, padding, pool)
+
+
+def _conv_autograd_backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    grad_x = empty_like_layout(x).zero_()
+    grad_weight = conv_backward_(dense(grad_out), x, weight, *ctx.conv, grad_x)
+    return grad_x, grad_weight, None, None, None
+
+
+conv.register_autograd(_conv_autograd_backward, setup_context=_conv_setup)
+
+
 # --------------------------------------------------------------------------- batch compaction
 
-@_custom_op("gather_batch", mutates_args=())
-def gather_batch(src: Tensor, index: Tensor) -> Tensor:
-    """Rows ``index`` of ``src`` (dim 0), contiguous: the samples still running after an exit."""
+def _check_gather_batch(src, index):
     check.check_features(src, "src")
     if index.dim() != 1 or index.dtype != torch.int64 or index.device != src.device:
         raise ValueError(f"index: expected a 1-D int64 tensor on {src.device}, got "
@@ -333,10 +452,15 @@ def gather_batch(src: Tensor, index: Tensor) -> Tensor:
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= src.shape[0]):
         raise ValueError(f"index: expected values in [0, {src.shape[0]}), got "
                          f"[{int(index.min())}, {int(index.max())}]")
+
+
+@_custom_op("gather_batch", mutates_args=(), checks=_check_gather_batch)
+def gather_batch(src: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` of ``src`` (dim 0), dense in ``src``'s layout: the samples still running
+    after an exit."""
     out = empty_like_layout(src, (index.numel(),) + tuple(src.shape[1:]))
     if index.numel():
-        _, kernels = _kernels(src)
-        kernels.gather_batch_into(src, index, out)
+        _kernels(src)[1].gather_batch_into(src, index, out)
     return out
 
 
@@ -348,13 +472,14 @@ def _(src, index):
 # --------------------------------------------------------------------------- eager fast path
 
 class _Eager:
-    """The ops without the custom-op dispatcher, for the fused modules' autograd functions,
-    which call them from inside their own forward/backward (no autograd or tracing needed
-    there). The dispatcher's Python layers cost ~20 us a call: ~10 ms of a 240 ms
-    DenseNet-BC training step on the CPU. Under torch.compile the registered ops are used."""
+    """The ops without the custom-op dispatcher and without argument checks, for the fused
+    modules' autograd functions, which call them from inside their own forward/backward with
+    arguments they built themselves (no autograd or tracing needed there). The dispatcher's
+    Python layers cost ~20 us a call: ~10 ms of a 240 ms DenseNet-BC training step on the CPU.
+    Under torch.compile the registered (checked) ops are used."""
 
     def __init__(self):
-        for name, fn in _UNDECORATED.items():
+        for name, fn in _UNCHECKED.items():
             setattr(self, name, self._choose(globals()[name], fn))
 
     @staticmethod
@@ -389,33 +514,18 @@ def _mkldnn_conv_relu():
 _CONV_RELU = _mkldnn_conv_relu()
 
 
-def _as_rows(x: Tensor):
-    """An NHWC-strided ``[N, C, H, W]`` view as a ``[N*H*W, C]`` matrix view (no copy), or None
-    when its strides do not allow it."""
-    if x.stride(1) != 1:
-        return None
-    rows = x.permute(0, 2, 3, 1)
-    n, h, w, c = rows.shape
-    if rows.stride(1) != w * rows.stride(2) or rows.stride(0) != h * rows.stride(1):
-        return None
-    return rows.as_strided((n * h * w, c), (rows.stride(2), 1))
-
-
 def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
     """``relu(conv2d(x, weight, bias, stride, padding))`` as a dense tensor in ``x``'s layout:
     a convolution with an eval-mode BatchNorm folded into ``weight``/``bias`` (inference of
-    post-activation networks; no autograd). ``x`` may be a strided buffer prefix. On the CPU
-    a 1x1 convolution is one GEMM reading the prefix in place; others run in oneDNN with bias
-    and ReLU in the convolution's epilogue (float32)."""
-    if x.device.type == "cpu" and backends.resolve(x.device, x.dtype) == "cpu":
-        rows = _as_rows(x) if weight.shape[2] == 1 and stride == 1 and padding == 0 else None
-        if rows is not None:
-            n, _, h, w = x.shape
-            out = torch.addmm(bias, rows, weight.view(weight.shape[0], -1).t())
-            return torch.relu_(out).view(n, h, w, -1).permute(0, 3, 1, 2)
-        if x.dtype == torch.float32 and _CONV_RELU is not None:
-            if not x.is_contiguous(memory_format=torch.channels_last):
-                x = _scratch.get("prefix", x.shape, x).copy_(x)
-            return _CONV_RELU(x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], 1,
-                              "relu", [None], "")
+    post-activation networks; no autograd). ``x`` may be a strided buffer prefix: it is
+    copied into a reused dense scratch first (oneDNN reorders any other input itself, into a
+    fresh allocation each time). On the CPU (float32) oneDNN applies bias and ReLU in the
+    convolution's epilogue. (Measured, 1 thread: MKL's GEMM reading the prefix in place ran
+    the 1x1 convolutions of MSDNet 1.5-2x slower than this copy plus oneDNN.)"""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and _CONV_RELU is not None \
+            and backends.resolve(x.device, x.dtype) == "cpu":
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = _scratch.get("prefix", x.shape, x).copy_(x)
+        return _CONV_RELU(x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], 1,
+                          "relu", [None], "")
     return torch.relu_(F.conv2d(dense(x), weight, bias, stride, padding))

@@ -19,15 +19,6 @@ BufferKey = tuple  # (scale, generation)
 
 
 @dataclass
-class Segment:
-    """Channels [start, stop) of a buffer and the BatchNorm that normalizes them for every
-    consumer (post-activation: the producer's BN); ``bn is None``: already activated."""
-    start: int
-    stop: int
-    bn: nn.BatchNorm2d | None
-
-
-@dataclass
 class Cell:
     index: int
     kind: str                  # 'stem', 'path', 'transition', 'classifier'
@@ -43,10 +34,8 @@ class Cell:
 class MSDNetPlan:
     cells: list
     capacity: dict             # BufferKey -> channels
-    segments: dict             # BufferKey -> [Segment]
     exit_cells: list           # classifier cell index per exit
     last_reader: dict          # BufferKey -> index of the last cell reading it
-    read_width: dict           # BufferKey -> the widest prefix a cell some exit needs reads
     live: set                  # indices of the cells some exit needs (prune='max' leaves others)
 
     def closure(self, target: int, done: set) -> list:
@@ -65,7 +54,6 @@ def build_plan(model) -> MSDNetPlan:
     S = model.n_scales
     gen = [0] * S
     filled: dict = {}
-    segments: dict = {}
     writers: dict = {}          # BufferKey -> [(stop, cell index)]
     cells: list = []
     exit_cells: list = []
@@ -73,7 +61,7 @@ def build_plan(model) -> MSDNetPlan:
     def key(s):
         return (s, gen[s])
 
-    def add(kind, name, module, scale, reads, writes, new_segments):
+    def add(kind, name, module, scale, reads, writes, new_channels: int):
         index = len(cells)
         cell = Cell(index, kind, name, module, scale, tuple(reads), writes)
         for buf, width in cell.reads:
@@ -82,12 +70,8 @@ def build_plan(model) -> MSDNetPlan:
         if writes is not None:
             if writers.get(writes):
                 cell.deps.add(writers[writes][-1][1])
-            start = filled.get(writes, 0)
-            for count, bn in new_segments:
-                segments.setdefault(writes, []).append(Segment(start, start + count, bn))
-                start += count
-            filled[writes] = start
-            writers.setdefault(writes, []).append((start, index))
+            filled[writes] = filled.get(writes, 0) + new_channels
+            writers.setdefault(writes, []).append((filled[writes], index))
         cells.append(cell)
 
     for b, block in enumerate(model.blocks):
@@ -95,36 +79,30 @@ def build_plan(model) -> MSDNetPlan:
             prefix = f"blocks.{b}.{i}"
             if isinstance(m, MSDNetStem):
                 for s, unit in enumerate(m.layers):
-                    imagenet = s == 0 and m.kind == "imagenet"
                     reads = [] if s == 0 else [(key(s - 1), m.out_channels[s - 1])]
-                    add("stem", f"{prefix}.layers.{s}", unit, s, reads, key(s),
-                        [(m.out_channels[s], None if imagenet else unit.bn)])
+                    add("stem", f"{prefix}.layers.{s}", unit, s, reads, key(s), m.out_channels[s])
             elif isinstance(m, MSDNetLayer):
                 for spec, unit in zip(m.specs, m.layers):
                     s = spec.scale
                     reads = [(key(s), spec.in_channels)]
-                    new = [(unit.conv_normal.out_channels, unit.conv_normal.bn3)]
                     if spec.two_path:
                         reads.insert(0, (key(s - 1), spec.finer_channels))
-                        new.insert(0, (unit.conv_down.out_channels, unit.conv_down.bn3))
-                    add("path", f"{prefix}.layers.{spec.position}", unit, s, reads, key(s), new)
+                    add("path", f"{prefix}.layers.{spec.position}", unit, s, reads, key(s),
+                        spec.out_channels - spec.in_channels)
             elif isinstance(m, MSDNetTransition):
                 for j, s in enumerate(m.scales):
                     src = key(s)
                     gen[s] += 1
                     add("transition", f"{prefix}.m.{j}", m.m[j], s, [(src, m.in_channels[j])],
-                        key(s), [(m.out_channels[j], m.m[j].bn)])
+                        key(s), m.out_channels[j])
         cls = model.classifier[b]
-        add("classifier", f"classifier.{b}", cls, S - 1, [(key(S - 1), cls.in_channels)], None, [])
+        add("classifier", f"classifier.{b}", cls, S - 1, [(key(S - 1), cls.in_channels)], None, 0)
         exit_cells.append(len(cells) - 1)
 
     last_reader = {}
     for cell in cells:
         for buf, _ in cell.reads:
             last_reader[buf] = cell.index
-    plan = MSDNetPlan(cells, dict(filled), segments, exit_cells, last_reader, {}, set())
-    plan.live = set().union(*(plan.closure(e, set()) for e in exit_cells))
-    for i in sorted(plan.live):  # cells no exit needs never run
-        for buf, width in cells[i].reads:
-            plan.read_width[buf] = max(width, plan.read_width.get(buf, 0))
+    plan = MSDNetPlan(cells, dict(filled), exit_cells, last_reader, set())
+    plan.live = set().union(*(plan.closure(e, set()) for e in exit_cells))  # others never run
     return plan

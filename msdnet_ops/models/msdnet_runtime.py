@@ -4,8 +4,7 @@ One run is one forward pass over one batch: it owns the buffers, remembers which
 done (so a later exit reuses everything an earlier exit computed), counts the multiply-adds it
 really executes, and can drop samples from every live buffer (early exit). :class:`PlanRun`
 holds what every run shares; :class:`GridRun` (this module) is the autograd path, used for
-training and whenever gradients are wanted: buffers hold each channel before its BatchNorm and
-consumers apply the producer's BN+ReLU on the fly (so backward needs no second copy).
+training and whenever gradients are wanted.
 :class:`~msdnet_ops.models.msdnet_inference.InferenceRun` is the inference path.
 """
 from __future__ import annotations
@@ -15,10 +14,15 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..nn.bn_affine import update_running_stats
-from ..nn.dense_layer import append_transform_conv, recompute_in_backward, write_tensor
+from ..nn.dense_layer import (append_activated, append_conv, append_transform_conv,
+                              recompute_in_backward, write_tensor)
 from ..nn.feature_buffer import FeatureBuffer
 from ..nn.functions import TransformRead
 from ..reference import stats_dtype
+
+
+def _conv_size(size: int, conv) -> int:
+    return (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
 
 
 class PlanRun:
@@ -63,91 +67,41 @@ class PlanRun:
 
 
 class GridRun(PlanRun):
+    """The autograd path. Every scale buffer holds activated channels: each conv -> BN -> ReLU
+    unit keeps its convolution's output (before the BatchNorm: backward needs it) in a small
+    buffer of its own and appends ``relu(bn(.))`` of it to the scale buffer once, so consumers
+    convolve buffer prefixes as they are. A bottleneck output and a classifier's intermediate
+    maps have one consumer each: they stay before their BatchNorm and that consumer applies it
+    as it reads."""
+
     def __init__(self, model, plan, x: torch.Tensor, cell_macs, sync_group=None):
         super().__init__(model, plan, x, cell_macs)
         self.dtype = x.dtype
         self.training = model.training
         self.sync_group = sync_group
-        self._buffer_vectors: dict = {}
 
     # ------------------------------------------------------------------ buffers
-    def _new_buffer(self, channels: int, height: int, width: int) -> FeatureBuffer:
+    def _new_buffer(self, channels: int, height: int, width: int,
+                    track_stats: bool | None = None) -> FeatureBuffer:
         return FeatureBuffer(self.batch, channels, height, width, dtype=self.dtype,
-                             device=self.device, track_stats=self.training,
+                             device=self.device,
+                             track_stats=self.training if track_stats is None else track_stats,
                              sync_group=self.sync_group)
 
     def _buffer(self, key) -> FeatureBuffer:
+        """The scale buffer ``key``: activated channels, no statistics needed."""
         if key not in self.buffers:
             h, w = self.sizes[key[0]]
-            self.buffers[key] = self._new_buffer(self.plan.capacity[key], h, w)
+            self.buffers[key] = self._new_buffer(self.plan.capacity[key], h, w, False)
         return self.buffers[key]
 
-    def _vectors(self, key, width: int):
-        """Per-channel (batch_stats, weight, bias, mean, invstd) with which consumers read
-        channels [0, width) of buffer ``key``: each channel through its producer's BN.
-        Slices of per-buffer vectors built once per run (a concatenation per consumer made
-        O(L^2) small autograd nodes)."""
-        if key not in self._buffer_vectors:
-            self._buffer_vectors[key] = self._producer_vectors(key)
-        weight, bias, mean, invstd = self._buffer_vectors[key]
-        if self.training:  # the buffer's batch statistics (identity channels keep 0 and 1)
-            state = self._buffer(key).state
-            mean, invstd = state.mean, state.invstd
-        return self.training, weight[:width], bias[:width], mean[:width], invstd[:width]
+    def _output_buffer(self, conv, src: FeatureBuffer) -> FeatureBuffer:
+        """A buffer for ``conv``'s output on ``src``'s spatial size (its own statistics)."""
+        h, w = (_conv_size(v, conv) for v in src.spatial)
+        return self._new_buffer(conv.out_channels, h, w)
 
-    def _producer_vectors(self, key):
-        """(weight, bias, running mean, running invstd) of the channels of buffer ``key`` that
-        the cells some exit needs read, from the BN of the cell that produced each (identity
-        where there is none). Unread channels stay out, so their BN parameters get no gradient,
-        as in the plain model."""
-        state = self._buffer(key).state
-        sdt = stats_dtype(state.values.dtype)
-        width = self.plan.read_width.get(key, 0)
-        parts = []
-        for seg in self.plan.segments[key]:
-            if seg.start >= width:
-                break
-            n, bn = min(seg.stop, width) - seg.start, seg.bn
-            if bn is None:            # already activated: identity transform
-                one = state.values.new_ones(n, dtype=sdt)
-                zero = one.new_zeros(n)
-                parts.append((one, zero, zero, one))
-            else:
-                parts.append((bn.weight[:n], bn.bias[:n], bn.running_mean[:n].to(sdt),
-                               torch.rsqrt(bn.running_var[:n].to(sdt) + bn.eps)))
-        return tuple(torch.cat(column) for column in zip(*parts))
-
-    def _record_stats(self, bn, buffer: FeatureBuffer, start: int) -> None:
-        """Producer BN's running statistics, from the batch statistics of what it normalizes."""
-        if self.training:
-            stop = start + bn.num_features
-            update_running_stats(bn, buffer.state.mean[start:stop],
-                                 buffer.state.unbiased_var(start, stop))
-
-    def _conv_bn(self, src: FeatureBuffer, key, width: int, conv, dst: FeatureBuffer) -> int:
-        """``conv`` of the transformed prefix of ``src`` appended to ``dst``."""
-        batch_stats, w, b, mean, invstd = self._vectors(key, width)
-        return append_transform_conv(src, width, dst, conv, batch_stats, w, b, mean, invstd)
-
-    def _conv_bn_path(self, unit, key, width: int, dst: FeatureBuffer) -> None:
-        """One ConvBN path (optional bottleneck, then 3x3) reading buffer ``key``. With the
-        model's ``memory_efficient`` the bottleneck output is freed after forward and
-        recomputed in backward."""
-        src = self._buffer(key)
-        if unit.bottleneck:
-            h, w = src.spatial
-            inner = self._new_buffer(unit.inner_channels, h, w)
-            self._conv_bn(src, key, width, unit.conv1, inner)
-            self._record_stats(unit.bn1, inner, 0)
-            append_transform_conv(inner, inner.filled, dst, unit.conv3,
-                                  *self._plain_vectors(unit.bn1, inner))
-            if self.model.memory_efficient and torch.is_grad_enabled():
-                recompute_in_backward(inner, src, width, unit.conv1, *self._vectors(key, width))
-        else:
-            self._conv_bn(src, key, width, unit.conv3, dst)
-
-    def _plain_vectors(self, bn, buffer: FeatureBuffer):
-        """(batch_stats, weight, bias, mean, invstd) of a buffer written by one producer."""
+    def _vectors(self, bn, buffer: FeatureBuffer):
+        """(batch_stats, weight, bias, mean, invstd) with which ``bn`` normalizes ``buffer``."""
         n = buffer.filled
         if self.training:
             return True, bn.weight, bn.bias, buffer.state.mean[:n], buffer.state.invstd[:n]
@@ -155,63 +109,85 @@ class GridRun(PlanRun):
         return (False, bn.weight, bn.bias, bn.running_mean.to(sdt),
                 torch.rsqrt(bn.running_var.to(sdt) + bn.eps))
 
+    def _record_stats(self, bn, buffer: FeatureBuffer) -> None:
+        """``bn``'s running statistics, from the batch statistics of what it normalizes."""
+        if self.training:
+            update_running_stats(bn, buffer.state.mean, buffer.state.unbiased_var(0, bn.num_features))
+
+    def _activate_into(self, y: FeatureBuffer, bn, dst: FeatureBuffer) -> None:
+        """``relu(bn(y))`` appended to ``dst`` (``y`` is kept for backward)."""
+        self._record_stats(bn, y)
+        append_activated(y, dst, *self._vectors(bn, y))
+
+    def _unit(self, src: FeatureBuffer, width: int, conv, bn, dst: FeatureBuffer) -> None:
+        """A conv -> BN -> ReLU unit reading ``src``'s first ``width`` activated channels."""
+        y = self._output_buffer(conv, src)
+        append_conv(src, width, y, conv)
+        self._activate_into(y, bn, dst)
+
+    def _conv_bn_path(self, unit, src: FeatureBuffer, width: int, dst: FeatureBuffer) -> None:
+        """One ConvBN path (optional bottleneck, then 3x3). With the model's
+        ``memory_efficient`` the bottleneck output is freed after forward and recomputed in
+        backward."""
+        if not unit.bottleneck:
+            return self._unit(src, width, unit.conv3, unit.bn3, dst)
+        inner = self._output_buffer(unit.conv1, src)
+        append_conv(src, width, inner, unit.conv1)
+        self._record_stats(unit.bn1, inner)
+        y = self._output_buffer(unit.conv3, inner)
+        append_transform_conv(inner, inner.filled, y, unit.conv3, *self._vectors(unit.bn1, inner))
+        if self.model.memory_efficient and torch.is_grad_enabled():
+            recompute_in_backward(inner, src, width, unit.conv1)
+        self._activate_into(y, unit.bn3, dst)
+
     # ------------------------------------------------------------------ cells
     def _run_stem(self, cell) -> None:
         dst = self._buffer(cell.writes)
         unit = cell.module
         if cell.scale == 0:  # reads the image
-            if self.model.stem_kind == "imagenet":
-                write_tensor(dst, unit(self.image), with_stats=False)  # conv-BN-ReLU-maxpool
+            if self.model.stem_kind == "imagenet":  # conv-BN-ReLU-maxpool: already activated
+                write_tensor(dst, unit(self.image), with_stats=False)
             else:
+                y = self._new_buffer(unit.out_channels, *self.sizes[0])
                 conv = unit.conv
-                y = F.conv2d(self.image, conv.weight, None, conv.stride, conv.padding)
-                write_tensor(dst, y)
-                self._record_stats(unit.bn, dst, 0)
+                write_tensor(y, F.conv2d(self.image, conv.weight, None, conv.stride, conv.padding))
+                self._activate_into(y, unit.bn, dst)
             self.image = None  # only the scale-0 stem reads it
             return
         (key, width), = cell.reads
-        start = self._conv_bn(self._buffer(key), key, width, unit.conv, dst)
-        self._record_stats(unit.bn, dst, start)
+        self._unit(self._buffer(key), width, unit.conv, unit.bn, dst)
 
     def _run_path(self, cell) -> None:
         dst = self._buffer(cell.writes)
         unit = cell.module
         reads = list(cell.reads)
-        if len(reads) == 2:
+        if len(reads) == 2:  # the strided path from the finer scale comes first
             key, width = reads.pop(0)
-            start = dst.filled
-            self._conv_bn_path(unit.conv_down, key, width, dst)
-            self._record_stats(unit.conv_down.bn3, dst, start)
+            self._conv_bn_path(unit.conv_down, self._buffer(key), width, dst)
         key, width = reads[0]
-        start = dst.filled
-        self._conv_bn_path(unit.conv_normal, key, width, dst)
-        self._record_stats(unit.conv_normal.bn3, dst, start)
+        self._conv_bn_path(unit.conv_normal, self._buffer(key), width, dst)
 
     def _run_transition(self, cell) -> None:
         (key, width), = cell.reads
-        dst = self._buffer(cell.writes)
-        start = self._conv_bn(self._buffer(key), key, width, cell.module.conv, dst)
-        self._record_stats(cell.module.bn, dst, start)
+        unit = cell.module
+        self._unit(self._buffer(key), width, unit.conv, unit.bn, self._buffer(cell.writes))
 
     def _run_classifier(self, cell) -> torch.Tensor:
         """ConvBasic(3x3/2) twice, AvgPool2d(2), Linear: each ConvBasic's output is a small
         buffer of its own, read through that ConvBasic's BN by the next step."""
         (key, width), = cell.reads
         first, second, pool = cell.module.m
-        mid1 = self._half_size_buffer(self._buffer(key), first.out_channels)
-        self._conv_bn(self._buffer(key), key, width, first.conv, mid1)
-        self._record_stats(first.bn, mid1, 0)
-        mid2 = self._half_size_buffer(mid1, second.out_channels)
-        append_transform_conv(mid1, mid1.filled, mid2, second.conv, *self._plain_vectors(first.bn, mid1))
-        self._record_stats(second.bn, mid2, 0)
-        z = TransformRead.apply(mid2.state, mid2.filled, *self._plain_vectors(second.bn, mid2),
+        src = self._buffer(key)
+        mid1 = self._output_buffer(first.conv, src)
+        append_conv(src, width, mid1, first.conv)
+        self._record_stats(first.bn, mid1)
+        mid2 = self._output_buffer(second.conv, mid1)
+        append_transform_conv(mid1, mid1.filled, mid2, second.conv, *self._vectors(first.bn, mid1))
+        self._record_stats(second.bn, mid2)
+        z = TransformRead.apply(mid2.state, mid2.filled, *self._vectors(second.bn, mid2),
                                 mid2.token)
         z = pool(z)
         return cell.module.linear(z.reshape(z.shape[0], -1))
-
-    def _half_size_buffer(self, src: FeatureBuffer, channels: int) -> FeatureBuffer:
-        h, w = src.spatial
-        return self._new_buffer(channels, (h - 1) // 2 + 1, (w - 1) // 2 + 1)
 
     def keep_samples(self, index: torch.Tensor) -> None:
         """Batch compaction: only the samples ``index`` go on (every live buffer gathered)."""

@@ -7,7 +7,7 @@ from torch import nn
 from .. import ops
 from .bn_affine import AffineParams, bn_vectors, update_running_stats, uses_batch_stats
 from .feature_buffer import FeatureBuffer
-from .functions import ReadFeatures, TransformConvWrite, WriteFeatures
+from .functions import ReadFeatures, TransformConvWrite, TransformWrite, WriteFeatures
 
 
 def transform_conv_write(src: FeatureBuffer, in_channels: int, bn: nn.BatchNorm2d, conv: nn.Conv2d,
@@ -40,20 +40,45 @@ def append_transform_conv(src: FeatureBuffer, in_channels: int, dst: FeatureBuff
     return start
 
 
+def append_conv(src: FeatureBuffer, in_channels: int, dst: FeatureBuffer, conv: nn.Conv2d) -> int:
+    """Appends ``conv(src[:, :in_channels])`` to ``dst``, reading *activated* channels as they
+    are (no transform); returns where the new channels start."""
+    start = dst.reserve(conv.out_channels)
+    dst.token = TransformConvWrite.apply(
+        src.state, in_channels, dst.state, start, False, conv.stride[0], conv.padding[0], 1,
+        0.0, None, None, None, None, conv.weight, src.token, dst.token)
+    return start
+
+
+def append_activated(src: FeatureBuffer, dst: FeatureBuffer, batch_stats: bool, weight, bias,
+                     mean, invstd) -> int:
+    """Appends ``relu(weight*(x-mean)*invstd+bias)`` of all of ``src`` (a unit's conv output,
+    kept for backward) to ``dst``; returns where the new channels start."""
+    start = dst.reserve(src.filled)
+    dst.token = TransformWrite.apply(src.state, src.filled, dst.state, start, batch_stats,
+                                     weight, bias, mean, invstd, src.token, dst.token)
+    return start
+
+
 def recompute_in_backward(dst: FeatureBuffer, src: FeatureBuffer, in_channels: int,
-                          conv: nn.Conv2d, batch_stats: bool, weight, bias, mean, invstd) -> None:
-    """Frees ``dst``'s values (written by ``conv`` of the transformed prefix of ``src``, as
-    :func:`append_transform_conv` with these vectors did) after the forward pass; backward
-    recomputes them when it first needs them (``memory_efficient``: one more convolution,
-    exact, since the prefix, its statistics and the parameters are unchanged by then)."""
-    affine = AffineParams(weight, bias, mean, invstd, batch_stats)
+                          conv: nn.Conv2d, vectors=None) -> None:
+    """Frees ``dst``'s values after the forward pass; backward recomputes them when it first
+    needs them (``memory_efficient``: one more convolution, exact, since the prefix, its
+    statistics and the parameters are unchanged by then). They were written by ``conv`` of
+    ``src[:, :in_channels]``: transformed with ``vectors`` ``(batch_stats, weight, bias, mean,
+    invstd)`` as :func:`append_transform_conv` does, or, without, as :func:`append_conv`."""
+    affine = None if vectors is None else AffineParams(*vectors[1:], vectors[0])
     state = src.state
     conv_weight = conv.weight.detach().to(state.values.dtype)  # as in forward (autocast)
+    geometry = (conv.stride[0], conv.padding[0], 1)
 
     def recompute(out: torch.Tensor) -> None:
-        ops.eager.transform_conv_into_(state.values[:, :in_channels], affine.scale,
-                                       affine.shift, conv_weight, conv.stride[0],
-                                       conv.padding[0], 1, out)
+        x = state.values[:, :in_channels]
+        if affine is None:
+            ops.eager.conv_into_(x, conv_weight, *geometry, out)
+        else:
+            ops.eager.transform_conv_into_(x, affine.scale, affine.shift, conv_weight,
+                                           *geometry, out)
 
     dst.state.forget_values(recompute)
 
@@ -158,8 +183,8 @@ class DenseLayer(nn.Module):
         buffer prefix (which, like its statistics and the parameters, is unchanged by then)."""
         c = self.num_input_features
         batch_stats, mean, invstd = bn_vectors(self.norm1, buffer.state, 0, c)
-        recompute_in_backward(inner, buffer, c, self.conv1, batch_stats, self.norm1.weight,
-                              self.norm1.bias, mean, invstd)
+        recompute_in_backward(inner, buffer, c, self.conv1,
+                              (batch_stats, self.norm1.weight, self.norm1.bias, mean, invstd))
 
     def forward(self, input) -> torch.Tensor:
         x = torch.cat(list(input), 1) if isinstance(input, (list, tuple)) else input

@@ -106,20 +106,26 @@ class TransformRead(torch.autograd.Function):
 
 class TransformConvWrite(torch.autograd.Function):
     """``conv(pool(relu(bn(src[:, :in_channels]))))`` written into ``dst[:, start:start+C_out]``,
-    optionally followed by dropout; the written channels' statistics are computed once here."""
+    optionally followed by dropout; the written channels' statistics are computed once here.
+    With ``mean=None`` the source channels are already activated and are convolved as they are
+    (no transform, no BN parameters)."""
 
     @staticmethod
     def forward(ctx, src, in_channels, dst, start, batch_stats, stride, padding, pool,
                 dropout_p, bn_weight, bn_bias, mean, invstd, conv_weight, src_token, dst_token):
-        affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
+        affine = None if mean is None else AffineParams(bn_weight, bn_bias, mean, invstd,
+                                                        batch_stats)
         stop = start + conv_weight.shape[0]
         out = dst.values[:, start:stop]
         x = src.values[:, :in_channels]
         weight = conv_weight.detach()
         if weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
             weight = weight.to(x.dtype)  # autocast: low-precision features, float32 parameters
-        ops.eager.transform_conv_into_(x, affine.scale, affine.shift, weight, stride, padding,
-                                       pool, out)
+        if affine is None:
+            ops.eager.conv_into_(x, weight, stride, padding, pool, out)
+        else:
+            ops.eager.transform_conv_into_(x, affine.scale, affine.shift, weight, stride,
+                                           padding, pool, out)
         mask = None
         if dropout_p > 0:
             keep = torch.rand(out.shape, device=out.device) >= dropout_p
@@ -146,11 +152,49 @@ class TransformConvWrite(torch.autograd.Function):
             dst.release_grads()  # the first writer of a buffer runs backward last
         src.restore_values()  # a recomputed (memory_efficient) bottleneck
         src.ensure_grads()
-        grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
-        grad_weight = ops.eager.transform_conv_backward_(
-            grad_out, src.values[:, :c], affine.scale, affine.shift, weight, *ctx.conv,
-            src.grad[:, :c], grad_scale, grad_shift).to(ctx.weight_dtype)
-        grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
+        x, grad_x = src.values[:, :c], src.grad[:, :c]
+        grad_w = grad_b = None
+        if affine is None:
+            grad_weight = ops.eager.conv_backward_(grad_out, x, weight, *ctx.conv, grad_x)
+        else:
+            grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
+            grad_weight = ops.eager.transform_conv_backward_(
+                grad_out, x, affine.scale, affine.shift, weight, *ctx.conv, grad_x, grad_scale,
+                grad_shift)
+            grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
+        grad_weight = grad_weight.to(ctx.weight_dtype)
         _release(ctx, "src", "dst", "affine", "mask")
         return ((None,) * 9 + (grad_w, grad_b, None, None, grad_weight)
                 + _token_grads(grad_weight, *ctx.tokens))
+
+
+class TransformWrite(torch.autograd.Function):
+    """``relu(bn(src[:, :channels]))`` written into ``dst[:, start:start+channels]``: a
+    post-activation unit (conv -> BN -> ReLU, MSDNet) stores its output once, activated, for
+    all its consumers; ``src`` keeps the values before the BatchNorm, which backward needs
+    (where the ReLU output is 0 they cannot be recovered from it)."""
+
+    @staticmethod
+    def forward(ctx, src, channels, dst, start, batch_stats, bn_weight, bn_bias, mean, invstd,
+                src_token, dst_token):
+        affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
+        ops.eager.affine_relu_into_(src.values[:, :channels], affine.scale, affine.shift,
+                                   dst.values[:, start:start + channels])
+        ctx.src, ctx.dst, ctx.channels, ctx.start, ctx.affine = src, dst, channels, start, affine
+        ctx.tokens = (src_token is not None, dst_token is not None)
+        return _token(mean)
+
+    @staticmethod
+    def backward(ctx, _):
+        src, dst, c, start, affine = ctx.src, ctx.dst, ctx.channels, ctx.start, ctx.affine
+        grad_z = dst.finalize(start, start + c, with_stats=False)
+        src.ensure_grads()
+        grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
+        ops.eager.affine_relu_backward_(src.values[:, :c], affine.scale, affine.shift, grad_z,
+                                        src.grad[:, :c], grad_scale, grad_shift)
+        if start == 0:
+            dst.release_grads()  # the first writer of a buffer runs backward last
+        grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
+        _release(ctx, "src", "dst", "affine")
+        return ((None,) * 5 + (grad_w, grad_b, None, None)
+                + _token_grads(grad_scale, *ctx.tokens))
