@@ -377,13 +377,36 @@ def _transform_conv_backward(ctx, grad_out):
 transform_conv.register_autograd(_transform_conv_backward, setup_context=_transform_conv_setup)
 
 
+def _identity_transform(kernels, name):
+    """``kernels.<name>``; for a Triton module without the identity-prologue kernels yet, the
+    transform-conv kernels with scale 1 and shift 0, exact on activated (non-negative) inputs
+    (the backward then drops the gradient where an input is exactly 0, which the producer's
+    ReLU drops anyway). Interim: the Triton identity-prologue kernels are being added."""
+    if hasattr(kernels, name):
+        return getattr(kernels, name)
+
+    def vectors(x):
+        return (torch.ones(x.shape[1], dtype=check.stats_dtype(x.dtype), device=x.device),
+                torch.zeros(x.shape[1], dtype=check.stats_dtype(x.dtype), device=x.device))
+
+    if name == "conv_into":
+        return lambda x, w, s, p, pool, out: kernels.transform_conv_into(x, *vectors(x), w, s, p,
+                                                                         pool, out)
+
+    def backward(grad_out, x, w, s, p, pool, grad_x):
+        scale, shift = vectors(x)
+        return kernels.transform_conv_backward_(grad_out, x, scale, shift, w, s, p, pool, grad_x,
+                                                torch.zeros_like(scale), torch.zeros_like(shift))
+    return backward
+
+
 @_custom_op("conv_into_", mutates_args=("out",), checks=_check_conv_into)
 def conv_into_(x: Tensor, weight: Tensor, stride: int, padding: int, pool: int, out: Tensor) -> None:
     """Writes ``conv2d(avg_pool(x, pool), weight, stride, padding)`` into ``out``: the consumer
     of *activated* buffer channels, which reads them as they are (no transform)."""
     backend, kernels = _kernels(x)
     if backend in ("triton", "reference"):
-        kernels.conv_into(x, weight, stride, padding, pool, out)
+        _identity_transform(kernels, "conv_into")(x, weight, stride, padding, pool, out)
     else:
         out.copy_(_conv(_dense_input(x, pool)[1], weight, stride, padding))
 
@@ -413,8 +436,8 @@ def conv_backward_(grad_out: Tensor, x: Tensor, weight: Tensor, stride: int, pad
     gradient buffer prefix) and returns ``grad_weight``."""
     backend, kernels = _kernels(x)
     if backend in ("triton", "reference"):
-        return kernels.conv_backward_(grad_out, x, weight, stride, padding, pool,
-                                      grad_x).to(weight.dtype)
+        return _identity_transform(kernels, "conv_backward_")(
+            grad_out, x, weight, stride, padding, pool, grad_x).to(weight.dtype)
     z, zp = _dense_input(x, pool)
     grad_zp, grad_weight = _conv_backward(grad_out, zp, weight, stride, padding)
     grad_x.add_(_unpool_grad(grad_zp, z, pool))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..nn.bn_affine import update_running_stats
+from ..nn.bn_affine import deferred_running_stats, update_running_stats
 from ..nn.dense_layer import (append_activated, append_conv, append_transform_conv,
                               recompute_in_backward, write_tensor)
 from ..nn.feature_buffer import FeatureBuffer
@@ -52,8 +52,9 @@ class PlanRun:
         """Runs what exit ``exit_index`` still needs, and its classifier."""
         target = self.plan.exit_cells[exit_index]
         out = None
-        for index in self.plan.closure(target, self.done):
-            out = self.run_cell(index)
+        with deferred_running_stats():
+            for index in self.plan.closure(target, self.done):
+                out = self.run_cell(index)
         self._drop_dead_buffers()
         return out
 

@@ -8,6 +8,9 @@ gradients and, in training, to the gradients of the shared statistics.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 
@@ -21,30 +24,70 @@ class AffineParams:
         bias = torch.zeros_like(mean) if bias is None else bias.detach().to(dt)
         self.mean, self.invstd, self.batch_stats = mean, invstd, batch_stats
         self.scale = (self.weight * invstd).contiguous()
-        self.shift = (bias - self.weight * mean * invstd).contiguous()
+        self.shift = torch.addcmul(bias, mean, self.scale, value=-1).contiguous()
 
     def backward(self, grad_scale, grad_shift, state, channels: int):
         """Returns (grad_weight, grad_bias); in training adds the statistics gradients to the
         buffer's ``grad_mean``/``grad_invstd`` (applied once per channel at finalize)."""
-        centred = grad_scale - grad_shift * self.mean
+        centred = torch.addcmul(grad_scale, grad_shift, self.mean, value=-1)
         if self.batch_stats:
-            state.grad_invstd[:channels] += self.weight * centred
-            state.grad_mean[:channels] -= grad_shift * self.weight * self.invstd
+            state.grad_invstd[:channels].addcmul_(self.weight, centred)
+            state.grad_mean[:channels].addcmul_(grad_shift, self.scale, value=-1)
         return self.invstd * centred, grad_shift
 
 
+class _Deferred(threading.local):
+    def __init__(self):
+        self.depth = 0
+        self.pending: list = []
+
+
+_deferred = _Deferred()
+
+
+@contextlib.contextmanager
+def deferred_running_stats():
+    """Inside, :func:`update_running_stats` only records its update; leaving the outermost
+    block applies them all with a few ``torch._foreach_*`` calls (the same arithmetic as one
+    update per BatchNorm, without ~5 small tensor operations per BatchNorm)."""
+    _deferred.depth += 1
+    try:
+        yield
+    finally:
+        _deferred.depth -= 1
+        if _deferred.depth == 0 and _deferred.pending:
+            pending, _deferred.pending = _deferred.pending, []
+            _apply_running_stats(pending)
+
+
+def _apply_running_stats(updates) -> None:
+    with torch.no_grad():
+        groups: dict = {}
+        for bn, mean, var in updates:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            group = groups.setdefault(factor, ([], [], [], []))
+            for store, value in zip(group, (bn.running_mean, bn.running_var, mean, var)):
+                store.append(value)
+        for factor, (means, vars_, new_means, new_vars) in groups.items():
+            torch._foreach_mul_(means + vars_, 1 - factor)
+            torch._foreach_add_(means + vars_, [v.to(r.dtype) for v, r in
+                                                zip(new_means + new_vars, means + vars_)],
+                                alpha=factor)
+
+
 def update_running_stats(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-    """Exactly what ``nn.BatchNorm2d`` does to its buffers in a training-mode forward."""
+    """Exactly what ``nn.BatchNorm2d`` does to its buffers in a training-mode forward
+    (recorded and applied later inside :func:`deferred_running_stats`)."""
     if not (bn.training and bn.track_running_stats):
         return
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / float(bn.num_batches_tracked)
-        else:
-            factor = bn.momentum
-        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-        bn.running_var.mul_(1 - factor).add_(unbiased_var.to(bn.running_var.dtype), alpha=factor)
+    update = (bn, mean.detach(), unbiased_var.detach())
+    if not _deferred.depth:
+        return _apply_running_stats([update])
+    if any(pending is bn for pending, _, _ in _deferred.pending):  # a second use: in order
+        pending, _deferred.pending = _deferred.pending, []
+        _apply_running_stats(pending)
+    _deferred.pending.append(update)
 
 
 def uses_batch_stats(bn: torch.nn.BatchNorm2d) -> bool:

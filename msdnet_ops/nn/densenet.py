@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bn_affine import bn_vectors, update_running_stats
+from .bn_affine import bn_vectors, deferred_running_stats, update_running_stats
 from .dense_block import DenseBlock, Transition
 from .dense_layer import check_input_tensor, write_tensor
 from .functions import TransformRead
@@ -88,6 +88,10 @@ class DenseNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_tensor(x, "x", self.in_channels)
+        with deferred_running_stats():
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._stem(x)
         stages = [m for name, m in self.features.named_children()
                   if name.startswith(("denseblock", "transition"))]
