@@ -24,7 +24,6 @@ buffer between all consumers of a channel.
 from __future__ import annotations
 
 import functools
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,8 @@ from torch import Tensor
 
 from . import backends
 from . import validation as check
-from .layout import dense, empty_like_layout, memory_format_of
+from .kernels import cpu_conv
+from .layout import dense, empty_like_layout
 
 _LIB = "msdnet_ops"
 _UNCHECKED: dict = {}
@@ -202,71 +202,20 @@ affine_relu.register_autograd(_affine_relu_backward, setup_context=_affine_relu_
 # prologue; the others (cpu, cuda) transform into a reused dense scratch and hand it to
 # oneDNN / cuDNN, which take dense inputs only.
 
-def _conv(z, weight, stride, padding):
-    return F.conv2d(z, weight, None, stride, padding)
-
-
-def _conv_backward(grad_out, z, weight, stride, padding):
-    """(grad_z, grad_weight) of :func:`_conv`. (Measured on the 2-core CPU: oneDNN's 1x1
-    convolution beats a batched-GEMM formulation by 10-25 % at DenseNet-BC shapes.)"""
-    grad_z, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_out, z, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1,
-        [True, True, False])
-    return grad_z, grad_weight
-
-
-class _Scratch(threading.local):
-    """Reused per-thread temporaries for the transformed prefix on the CPU, where a fresh
-    prefix-sized tensor per call costs more in page faults than the transform itself (CUDA's
-    caching allocator has no such cost, and a reused tensor there would need stream care).
-    Grow-only: it keeps the largest prefix of the network, which a training step's peak
-    holds anyway. One flat tensor per (slot, dtype)."""
-
-    def __init__(self):
-        self.flat = {}
-
-    def get(self, slot: str, shape, like: Tensor) -> Tensor:
-        """A dense tensor of ``shape`` in ``like``'s layout (contents undefined)."""
-        if like.device.type != "cpu":
-            return empty_like_layout(like, shape)
-        n, c, h, w = shape
-        key = (slot, like.dtype)
-        flat = self.flat.get(key)
-        if flat is None or flat.numel() < n * c * h * w:
-            flat = self.flat[key] = torch.empty(n * c * h * w, dtype=like.dtype, device=like.device)
-        flat = flat[:n * c * h * w]
-        if memory_format_of(like) == torch.channels_last:
-            return flat.view(n, h, w, c).permute(0, 3, 1, 2)
-        return flat.view(shape)
-
-
-_scratch = _Scratch()
+def _scratch_like(x: Tensor, slot: str = "z") -> Tensor:
+    """A dense tensor shaped and laid out like ``x`` for a temporary: reused on the CPU
+    (:data:`cpu_conv.scratch`), fresh on CUDA (its caching allocator makes that free, and a
+    reused tensor there would need stream care)."""
+    if x.device.type == "cpu":
+        return cpu_conv.scratch.get(slot, x.shape, x)
+    return empty_like_layout(x)
 
 
 def _transformed(kernels, x, scale, shift, pool):
-    """``avg_pool(relu(scale*x+shift), pool)`` in the scratch (and the unpooled values)."""
-    z = _scratch.get("z", x.shape, x)
+    """``relu(scale*x+shift)`` in a dense temporary, and its ``pool``-pooled values."""
+    z = _scratch_like(x)
     kernels.affine_relu_into(x, scale, shift, z)
     return z, (F.avg_pool2d(z, pool) if pool != 1 else z)
-
-
-def _dense_input(x: Tensor, pool: int):
-    """``x`` (or its copy in the scratch when it is a strided buffer prefix), and its pooled
-    values."""
-    if x.device.type != "cpu":
-        z = dense(x)
-    elif x.is_contiguous(memory_format=memory_format_of(x)):
-        z = x
-    else:
-        z = _scratch.get("z", x.shape, x).copy_(x)
-    return z, (F.avg_pool2d(z, pool) if pool != 1 else z)
-
-
-def _unpool_grad(grad_zp, z, pool):
-    if pool == 1:
-        return grad_zp
-    return torch.ops.aten.avg_pool2d_backward(grad_zp, z, [pool] * 2, [pool] * 2, [0, 0],
-                                              False, True, None)
 
 
 def _check_conv(x, weight, stride, padding, pool):
@@ -313,7 +262,8 @@ def transform_conv_into_(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor
     if backend in ("triton", "reference"):
         kernels.transform_conv_into(x, scale, shift, weight, stride, padding, pool, out)
     else:
-        out.copy_(_conv(_transformed(kernels, x, scale, shift, pool)[1], weight, stride, padding))
+        zp = _transformed(kernels, x, scale, shift, pool)[1]
+        out.copy_(cpu_conv.aten_conv(zp, weight, stride, padding))
 
 
 @transform_conv_into_.register_fake
@@ -348,9 +298,9 @@ def transform_conv_backward_(grad_out: Tensor, x: Tensor, scale: Tensor, shift: 
                                                 padding, pool, grad_x, grad_scale,
                                                 grad_shift).to(weight.dtype)
     z, zp = _transformed(kernels, x, scale, shift, pool)
-    grad_zp, grad_weight = _conv_backward(grad_out, zp, weight, stride, padding)
-    kernels.affine_relu_backward_(x, scale, shift, _unpool_grad(grad_zp, z, pool), grad_x,
-                                  grad_scale, grad_shift)
+    grad_zp, grad_weight = cpu_conv.aten_conv_backward(grad_out, zp, weight, stride, padding)
+    kernels.affine_relu_backward_(x, scale, shift, cpu_conv.unpool_grad(grad_zp, z, pool),
+                                  grad_x, grad_scale, grad_shift)
     return grad_weight
 
 
@@ -407,8 +357,12 @@ def conv_into_(x: Tensor, weight: Tensor, stride: int, padding: int, pool: int, 
     backend, kernels = _kernels(x)
     if backend in ("triton", "reference"):
         _identity_transform(kernels, "conv_into")(x, weight, stride, padding, pool, out)
-    else:
-        out.copy_(_conv(_dense_input(x, pool)[1], weight, stride, padding))
+    elif backend == "cpu":
+        cpu_conv.conv_into(x, weight, stride, padding, pool, out)
+    else:  # cuDNN takes dense inputs
+        z = dense(x)
+        out.copy_(cpu_conv.aten_conv(F.avg_pool2d(z, pool) if pool != 1 else z, weight,
+                                       stride, padding))
 
 
 @conv_into_.register_fake
@@ -438,9 +392,12 @@ def conv_backward_(grad_out: Tensor, x: Tensor, weight: Tensor, stride: int, pad
     if backend in ("triton", "reference"):
         return _identity_transform(kernels, "conv_backward_")(
             grad_out, x, weight, stride, padding, pool, grad_x).to(weight.dtype)
-    z, zp = _dense_input(x, pool)
-    grad_zp, grad_weight = _conv_backward(grad_out, zp, weight, stride, padding)
-    grad_x.add_(_unpool_grad(grad_zp, z, pool))
+    if backend == "cpu":
+        return cpu_conv.conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x)
+    z = dense(x)  # cuDNN
+    zp = F.avg_pool2d(z, pool) if pool != 1 else z
+    grad_zp, grad_weight = cpu_conv.aten_conv_backward(grad_out, zp, weight, stride, padding)
+    grad_x.add_(cpu_conv.unpool_grad(grad_zp, z, pool))
     return grad_weight
 
 
@@ -548,7 +505,7 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding
     if x.device.type == "cpu" and x.dtype == torch.float32 and _CONV_RELU is not None \
             and backends.resolve(x.device, x.dtype) == "cpu":
         if not x.is_contiguous(memory_format=torch.channels_last):
-            x = _scratch.get("prefix", x.shape, x).copy_(x)
+            x = _scratch_like(x, "prefix").copy_(x)
         return _CONV_RELU(x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], 1,
                           "relu", [None], "")
     return torch.relu_(F.conv2d(dense(x), weight, bias, stride, padding))

@@ -1,0 +1,181 @@
+"""CPU convolutions of feature-buffer prefixes: oneDNN, or for 1x1 convolutions MKL GEMMs that
+read and write the strided buffer rows in place; chosen per shape by timing both once.
+
+oneDNN takes dense inputs only, so a buffer prefix is first copied into a reused scratch, and
+its input gradient is a new tensor added into the shared gradient buffer afterwards. A 1x1
+convolution of an NHWC prefix is a GEMM on a ``[N*H*W, C]`` matrix with row stride ``C_cap``:
+``out = X @ W^T`` (written straight into a buffer slice), ``grad_X += grad_out @ W`` (straight
+into the shared gradient) and ``grad_W = grad_out^T @ X``: no copy, no extra pass. Which is
+faster depends on the shape and the machine (measured on the 2-core development CPU, one
+thread: the GEMMs win the backward 2x for 6-12 output channels and lose 1.5x at 48-128), so
+the first call of each shape times both and remembers the faster (as ``cudnn.benchmark`` does).
+``MSDNET_OPS_CPU_CONV`` = ``auto`` (default) | ``onednn`` | ``gemm`` forces a choice (``gemm``
+only where it applies); both compute the same convolution, with different summation orders.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import memory_format_of
+
+
+class _Scratch(threading.local):
+    """Reused per-thread dense temporaries, where a fresh prefix-sized tensor per call costs
+    more in page faults than filling it. Grow-only: it keeps the largest prefix of the network,
+    which a training step's peak holds anyway. One flat tensor per (slot, dtype)."""
+
+    def __init__(self):
+        self.flat = {}
+
+    def get(self, slot: str, shape, like: torch.Tensor) -> torch.Tensor:
+        """A dense tensor of ``shape`` in ``like``'s layout (contents undefined)."""
+        n, c, h, w = shape
+        key = (slot, like.dtype)
+        flat = self.flat.get(key)
+        if flat is None or flat.numel() < n * c * h * w:
+            flat = self.flat[key] = torch.empty(n * c * h * w, dtype=like.dtype, device=like.device)
+        flat = flat[:n * c * h * w]
+        if memory_format_of(like) == torch.channels_last:
+            return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+        return flat.view(shape)
+
+
+scratch = _Scratch()
+
+
+def dense_input(x: torch.Tensor, pool: int):
+    """``x`` (or its copy in the scratch when it is a strided buffer prefix), and its pooled
+    values."""
+    z = x if x.is_contiguous(memory_format=memory_format_of(x)) else \
+        scratch.get("z", x.shape, x).copy_(x)
+    return z, (F.avg_pool2d(z, pool) if pool != 1 else z)
+
+
+def aten_conv(z, weight, stride: int, padding: int):
+    return F.conv2d(z, weight, None, stride, padding)
+
+
+def aten_conv_backward(grad_out, z, weight, stride: int, padding: int):
+    """(grad_z, grad_weight) of :func:`onednn_conv`."""
+    grad_z, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_out, z, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1,
+        [True, True, False])
+    return grad_z, grad_weight
+
+
+def unpool_grad(grad_zp, z, pool: int):
+    if pool == 1:
+        return grad_zp
+    return torch.ops.aten.avg_pool2d_backward(grad_zp, z, [pool] * 2, [pool] * 2, [0, 0],
+                                              False, True, None)
+
+
+def rows(t: torch.Tensor):
+    """An NHWC-strided ``[N, C, H, W]`` tensor as a ``[N*H*W, C]`` matrix view (row stride
+    ``C_cap``), or None when its strides do not allow it."""
+    n, c, h, w = t.shape
+    sn, sc, sh, sw = t.stride()
+    if sc != 1 and c > 1:
+        return None
+    if sh != w * sw or sn != h * sh or sw < c:
+        return None
+    return t.as_strided((n * h * w, c), (sw, 1))
+
+
+def _gemm_applies(x, weight, stride, padding, pool, *others) -> bool:
+    return (weight.shape[2] == 1 and stride == 1 and padding == 0 and pool == 1
+            and all(rows(t) is not None for t in (x,) + others))
+
+
+# --------------------------------------------------------------------------- implementations
+
+def _fwd_onednn(x, weight, stride, padding, pool, out):
+    out.copy_(aten_conv(dense_input(x, pool)[1], weight, stride, padding))
+
+
+def _fwd_gemm(x, weight, stride, padding, pool, out):
+    torch.mm(rows(x), weight.view(weight.shape[0], -1).t(), out=rows(out))
+
+
+def _bwd_onednn(grad_out, x, weight, stride, padding, pool, grad_x):
+    z, zp = dense_input(x, pool)
+    grad_zp, grad_weight = aten_conv_backward(grad_out, zp, weight, stride, padding)
+    grad_x.add_(unpool_grad(grad_zp, z, pool))
+    return grad_weight
+
+
+def _bwd_gemm(grad_out, x, weight, stride, padding, pool, grad_x):
+    g = rows(grad_out)
+    w2 = weight.view(weight.shape[0], -1)
+    rows(grad_x).addmm_(g, w2)
+    return torch.mm(g.t(), rows(x)).view(weight.shape)
+
+
+_FORWARD = {"onednn": _fwd_onednn, "gemm": _fwd_gemm}
+_BACKWARD = {"onednn": _bwd_onednn, "gemm": _bwd_gemm}
+
+
+class _Chooser:
+    """Per-shape choice between the implementations, timed once on the first call."""
+
+    def __init__(self):
+        self.choice: dict = {}
+        self.lock = threading.Lock()
+
+    def pick(self, table: dict, key, gemm_applies: bool, trial) -> str:
+        forced = os.environ.get("MSDNET_OPS_CPU_CONV", "auto").strip().lower() or "auto"
+        if forced not in ("auto", "onednn", "gemm"):
+            raise ValueError(f"MSDNET_OPS_CPU_CONV={forced!r}: expected auto, onednn or gemm")
+        if not gemm_applies:
+            return "onednn"
+        if forced != "auto":
+            return forced
+        name = self.choice.get(key)
+        if name is None:
+            with self.lock:
+                timings = {n: trial(table[n]) for n in table}
+                name = self.choice[key] = min(timings, key=timings.get)
+        return name
+
+
+_chooser = _Chooser()
+
+
+def _best_of(fn, reps: int = 3) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _key(kind, x, weight, stride, padding, pool):
+    return (kind, tuple(x.shape), tuple(x.stride()), tuple(weight.shape), stride, padding, pool,
+            x.dtype, torch.get_num_threads())
+
+
+def conv_into(x, weight, stride, padding, pool, out) -> None:
+    """``out = conv2d(avg_pool(x, pool), weight, stride, padding)``; ``x`` and ``out`` may be
+    strided buffer views."""
+    def trial(impl):
+        scratch_out = torch.empty_like(out)
+        return _best_of(lambda: impl(x, weight, stride, padding, pool, scratch_out))
+    name = _chooser.pick(_FORWARD, _key("fwd", x, weight, stride, padding, pool),
+                         _gemm_applies(x, weight, stride, padding, pool, out), trial)
+    _FORWARD[name](x, weight, stride, padding, pool, out)
+
+
+def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.Tensor:
+    """Accumulates the input gradient into ``grad_x`` (``+=``); returns ``grad_weight``."""
+    def trial(impl):
+        scratch_grad = torch.zeros_like(grad_x)
+        return _best_of(lambda: impl(grad_out, x, weight, stride, padding, pool, scratch_grad))
+    name = _chooser.pick(_BACKWARD, _key("bwd", x, weight, stride, padding, pool),
+                         _gemm_applies(x, weight, stride, padding, pool, grad_out, grad_x), trial)
+    return _BACKWARD[name](grad_out, x, weight, stride, padding, pool, grad_x)
