@@ -218,6 +218,14 @@ def _transformed(kernels, x, scale, shift, pool):
     return z, (F.avg_pool2d(z, pool) if pool != 1 else z)
 
 
+def _like_weight(grad_weight: Tensor, weight: Tensor) -> Tensor:
+    """``grad_weight`` in ``weight``'s dtype and strides (what the fake implementations
+    promise; oneDNN returns channels_last weight gradients for channels_last inputs)."""
+    if grad_weight.dtype == weight.dtype and grad_weight.stride() == weight.stride():
+        return grad_weight
+    return torch.empty_like(weight).copy_(grad_weight)
+
+
 def _check_conv(x, weight, stride, padding, pool):
     check.check_features(x, "x")
     check.check_conv_args(x, weight, stride, padding, pool)
@@ -294,14 +302,14 @@ def transform_conv_backward_(grad_out: Tensor, x: Tensor, scale: Tensor, shift: 
     buffer prefix), ``grad_scale`` and ``grad_shift``; returns ``grad_weight``."""
     backend, kernels = _kernels(x)
     if backend in ("triton", "reference"):
-        return kernels.transform_conv_backward_(grad_out, x, scale, shift, weight, stride,
-                                                padding, pool, grad_x, grad_scale,
-                                                grad_shift).to(weight.dtype)
+        return _like_weight(kernels.transform_conv_backward_(
+            grad_out, x, scale, shift, weight, stride, padding, pool, grad_x, grad_scale,
+            grad_shift), weight)
     z, zp = _transformed(kernels, x, scale, shift, pool)
     grad_zp, grad_weight = cpu_conv.aten_conv_backward(grad_out, zp, weight, stride, padding)
     kernels.affine_relu_backward_(x, scale, shift, cpu_conv.unpool_grad(grad_zp, z, pool),
                                   grad_x, grad_scale, grad_shift)
-    return grad_weight
+    return _like_weight(grad_weight, weight)
 
 
 @transform_conv_backward_.register_fake
@@ -390,15 +398,16 @@ def conv_backward_(grad_out: Tensor, x: Tensor, weight: Tensor, stride: int, pad
     gradient buffer prefix) and returns ``grad_weight``."""
     backend, kernels = _kernels(x)
     if backend in ("triton", "reference"):
-        return _identity_transform(kernels, "conv_backward_")(
-            grad_out, x, weight, stride, padding, pool, grad_x).to(weight.dtype)
-    if backend == "cpu":
-        return cpu_conv.conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x)
-    z = dense(x)  # cuDNN
-    zp = F.avg_pool2d(z, pool) if pool != 1 else z
-    grad_zp, grad_weight = cpu_conv.aten_conv_backward(grad_out, zp, weight, stride, padding)
-    grad_x.add_(cpu_conv.unpool_grad(grad_zp, z, pool))
-    return grad_weight
+        grad_weight = _identity_transform(kernels, "conv_backward_")(
+            grad_out, x, weight, stride, padding, pool, grad_x)
+    elif backend == "cpu":
+        grad_weight = cpu_conv.conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x)
+    else:
+        z = dense(x)  # cuDNN
+        zp = F.avg_pool2d(z, pool) if pool != 1 else z
+        grad_zp, grad_weight = cpu_conv.aten_conv_backward(grad_out, zp, weight, stride, padding)
+        grad_x.add_(cpu_conv.unpool_grad(grad_zp, z, pool))
+    return _like_weight(grad_weight, weight)
 
 
 @conv_backward_.register_fake

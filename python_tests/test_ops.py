@@ -160,3 +160,97 @@ def test_ops_compile(use_backend):
         return ops.transform_conv(x, s * invstd, h - s * mean * invstd, w, 1, 1, 1)
 
     torch.testing.assert_close(torch.compile(f, backend="aot_eager", fullgraph=True)(x), f(x))
+
+
+def _nhwc_prefix(n, c, h, w, cap_extra=3, dtype=F64, device="cpu"):
+    """A channel-prefix view of an NHWC buffer (what the fused modules hand the kernels)."""
+    buf = torch.randn(n, h, w, c + cap_extra, dtype=dtype, device=device).permute(0, 3, 1, 2)
+    return buf, buf[:, :c]
+
+
+@pytest.mark.parametrize("backend", backend_params(include_triton=False))
+def test_opcheck_activated_conv_ops(backend, use_backend):
+    """The ops of activated buffers: conv, conv_into_, conv_backward_, affine_relu_into_."""
+    dev = use_backend(backend)
+    torch.manual_seed(3)
+    _, x = _nhwc_prefix(3, 5, 7, 5, device=dev)
+    w3 = torch.randn(4, 5, 3, 3, dtype=F64, device=dev)
+    xl = x.detach().clone().requires_grad_()
+    torch.library.opcheck(ops.conv, (xl, w3.clone().requires_grad_(), 2, 1, 1))
+    torch.library.opcheck(ops.conv, (xl, torch.randn(4, 5, 1, 1, dtype=F64, device=dev), 1, 0, 2))
+    out = torch.empty(3, 4, 4, 3, dtype=F64, device=dev)
+    torch.library.opcheck(ops.conv_into_, (x, w3, 2, 1, 1, out))
+    torch.library.opcheck(ops.conv_backward_, (torch.randn(3, 4, 4, 3, dtype=F64, device=dev),
+                                               x, w3, 2, 1, 1, torch.zeros_like(x)))
+    torch.library.opcheck(ops.affine_relu_into_, (x, _vec(5, device=dev), _vec(5, device=dev),
+                                                  torch.empty(3, 5, 7, 5, dtype=F64, device=dev)))
+
+
+@pytest.mark.parametrize("backend", backend_params(include_triton=False))
+@pytest.mark.parametrize("k,stride,pool", CONV_GEOMETRIES)
+def test_gradcheck_conv(backend, use_backend, k, stride, pool):
+    dev = use_backend(backend)
+    torch.manual_seed(k * 10 + stride + pool)
+    _, x = _nhwc_prefix(2, 3, 5, 7, device=dev)
+    x = x.detach().requires_grad_()
+    w = torch.randn(2, 3, k, k, dtype=F64, device=dev, requires_grad=True)
+    assert gradcheck(lambda *a: ops.conv(*a, stride, (k - 1) // 2, pool), (x, w))
+
+
+@pytest.mark.parametrize("choice", ["onednn", "gemm", "auto"])
+@pytest.mark.parametrize("k,stride,pool", CONV_GEOMETRIES)
+def test_cpu_conv_choices_match_the_reference(use_backend, monkeypatch, choice, k, stride, pool):
+    """Either CPU implementation (oneDNN on a dense copy, or GEMMs on the strided rows) writes
+    exactly the reference's convolution into its slice and accumulates the reference's
+    gradient, on NHWC buffer views; GEMMs apply to 1x1 stride-1 unpooled convolutions only."""
+    use_backend("cpu")
+    monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)
+    torch.manual_seed(7)
+    _, x = _nhwc_prefix(3, 11, 9, 7, cap_extra=5)
+    w = torch.randn(5, 11, k, k, dtype=F64)
+    pad = (k - 1) // 2
+    out_buf = torch.full((3, 9 // pool, 7 // pool, 13), 7.0, dtype=F64).permute(0, 3, 1, 2)
+    want = reference.conv(x, w, stride, pad, pool)
+    out = out_buf[:, 4:9, :want.shape[2], :want.shape[3]]
+    if stride == 2:  # the output map is smaller than the buffer's: a dense slice
+        out_buf = torch.full((3, want.shape[2], want.shape[3], 13), 7.0, dtype=F64).permute(0, 3, 1, 2)
+        out = out_buf[:, 4:9]
+    ops.conv_into_(x, w, stride, pad, pool, out)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    assert (out_buf[:, :4] == 7).all() and (out_buf[:, 9:] == 7).all()
+    grad_out = torch.randn_like(want).contiguous(memory_format=torch.channels_last)
+    grad_buf = torch.ones(3, 9, 7, 16, dtype=F64).permute(0, 3, 1, 2)
+    got_w = ops.conv_backward_(grad_out, x, w, stride, pad, pool, grad_buf[:, :11])
+    want_gx = torch.ones_like(x)
+    want_w = reference.conv_backward_(grad_out, x, w, stride, pad, pool, want_gx)
+    torch.testing.assert_close(grad_buf[:, :11], want_gx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-12, atol=1e-12)
+    assert (grad_buf[:, 11:] == 1).all()
+
+
+def test_cpu_conv_choice_rejects_unknown_values(use_backend, monkeypatch):
+    use_backend("cpu")
+    monkeypatch.setenv("MSDNET_OPS_CPU_CONV", "fastest")
+    _, x = _nhwc_prefix(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="MSDNET_OPS_CPU_CONV='fastest': expected auto"):
+        ops.conv(x, torch.randn(2, 3, 1, 1, dtype=F64), 1, 0, 1)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_ops_read_nhwc_buffer_prefixes(backend, use_backend):
+    dev = use_backend(backend)
+    torch.manual_seed(4)
+    _, x = _nhwc_prefix(2, 6, 5, 3, device=dev, dtype=torch.float32)
+    scale, shift = _vec(6, torch.float32, dev), _vec(6, torch.float32, dev)
+    got_mean, got_invstd = ops.channel_stats(x, 1e-5)
+    want_mean, want_invstd = reference.channel_stats(x.double(), 1e-5)
+    torch.testing.assert_close(got_mean.double(), want_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_invstd.double(), want_invstd, rtol=1e-4, atol=1e-5)
+    out_buf = torch.full((2, 5, 3, 10), 7.0, device=dev).permute(0, 3, 1, 2)
+    ops.affine_relu_into_(x, scale, shift, out_buf[:, 2:8])
+    torch.testing.assert_close(out_buf[:, 2:8], reference.affine_relu(x, scale, shift))
+    assert (out_buf[:, :2] == 7).all() and (out_buf[:, 8:] == 7).all()
+    w = torch.randn(4, 6, 3, 3, device=dev)
+    out = ops.transform_conv(x, scale, shift, w, 1, 1, 1)
+    torch.testing.assert_close(out, reference.transform_conv(x, scale, shift, w, 1, 1, 1),
+                               rtol=1e-4, atol=1e-4)
