@@ -10,6 +10,9 @@ Variants
 ``memory_efficient`` torchvision's ``memory_efficient=True`` (checkpointing of cat+BN+ReLU+conv1).
 ``compile``          ``torch.compile`` of the plain module (inductor, default mode).
 ``ours``             msdnet_ops (backend from ``MSDNET_OPS_BACKEND``, default ``auto``).
+``ours_memory_efficient``  ours, recomputing bottleneck outputs in backward.
+``ours_compile``     ``torch.compile`` of ours (MSDNet: inference compiles to one graph; the
+                     training forward runs eagerly inside it).
 """
 from __future__ import annotations
 
@@ -478,8 +481,8 @@ class ModelCase:
 
 
 MODEL_CASES = {
-    # the network of issue 2: torchvision's DenseNet class (ImageNet stem), k=12, (16,16,16)
-    "densenet-bc-issue2": ModelCase("densenet-bc-issue2", "densenet", 64, 10),
+    # torchvision's DenseNet class (ImageNet stem), k=12, (16,16,16)
+    "densenet-bc-k12-64px": ModelCase("densenet-bc-k12-64px", "densenet", 64, 10),
     "densenet-bc100": ModelCase("densenet-bc100", "densenet", 32, 10),
     "densenet121": ModelCase("densenet121", "densenet", 224, 1000),
     "msdnet-cifar100-anytime": ModelCase("msdnet-cifar100-anytime", "msdnet", 32, 100),
@@ -494,7 +497,7 @@ def _tv_densenet(name: str, memory_efficient: bool, depth_per_block: int | None 
     from torchvision.models import DenseNet as TV
     if name == "densenet121":
         return TV(32, (6, 12, 24, 16), 64, memory_efficient=memory_efficient)
-    if name == "densenet-bc-issue2":
+    if name == "densenet-bc-k12-64px":
         return TV(growth_rate=12, block_config=(16, 16, 16), num_init_features=24, bn_size=4,
                   num_classes=10, memory_efficient=memory_efficient)
     if name in ("densenet-bc100", "densenet-bc-depth"):
@@ -526,7 +529,7 @@ def build_densenet(name: str, variant: str, device, dtype=torch.float32, seed: i
     elif variant == "compile":
         model = torch.compile(plain)
     elif variant in ("ours", "ours_memory_efficient"):
-        if name in ("densenet121", "densenet-bc-issue2"):
+        if name in ("densenet121", "densenet-bc-k12-64px"):
             if variant == "ours_memory_efficient":  # the bottleneck recomputed in backward
                 checkpointed = _tv_densenet(name, True, depth_per_block)
                 checkpointed.load_state_dict(plain.state_dict())
@@ -553,9 +556,11 @@ def build_msdnet(name: str, variant: str, device, dtype=torch.float32, seed: int
         model, fmt = plain.to(memory_format=torch.channels_last), torch.channels_last
     elif variant == "compile":
         model = torch.compile(plain)
-    elif variant in ("ours", "ours_memory_efficient"):
+    elif variant in ("ours", "ours_memory_efficient", "ours_compile"):
         model = msdnet_ops.MSDNet(**cfg, memory_efficient=variant == "ours_memory_efficient")
         model.load_state_dict(plain.state_dict())
+        if variant == "ours_compile":
+            model = torch.compile(model)
     else:
         raise ValueError(f"unknown variant {variant!r} for MSDNet")
     return model.to(device=device, dtype=dtype), fmt

@@ -1,6 +1,6 @@
 """Peak memory of training steps, measured in a fresh process.
 
-    python -m benches.memory_probe '{"what": "model", "name": "densenet-bc-issue2",
+    python -m benches.memory_probe '{"what": "model", "name": "densenet-bc-k12-64px",
                                      "variant": "ours", "batch": 64, "device": "cpu",
                                      "allocator": "strict"}'
 

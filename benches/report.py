@@ -106,7 +106,7 @@ def _header(meta) -> list:
         "**ours** msdnet_ops.", ""])
 
 
-def _issue2(sec) -> list:
+def _densenet_bc_cpu(sec) -> list:
     out = [f"Memory a training step adds to the process at batch {sec['mem_batch']} (64x64 "
            "input, fresh process per variant, peak RSS minus RSS before the step; `strict`: "
            "glibc returns every freed block over 64 KiB to the OS, so this is the step's own "
@@ -180,12 +180,98 @@ def _model_time_table(r) -> list:
         f"{fmt_err(r.get('check_max_rel_err'))}", ""]
 
 
+def _profile_table(title, top, k=10) -> list:
+    return [title, ""] + table(("op", "calls", "self ms", "%"),
+                               [(e["name"], e["calls"], f"{e['self_ms']:.1f}", f"{e['pct']:.1f}")
+                                for e in top[:k]])
+
+
 def _models(sec) -> list:
     out = []
     for r in sec["rows"]:
         out += [f"### {r['name']}: batch {r['batch']}, {r['image']}x{r['image']}, {r['dtype']}",
                 ""] + _model_time_table(r)
+        for v, top in r.get("profile", {}).items():
+            out += _profile_table(f"Profile of one {v} training step (top ops by self time; "
+                                  "our kernels and Python count as the autograd nodes' self "
+                                  "time):", top)
+        gb = r.get("compile_graph_breaks")
+        if gb:
+            out += ["`torch.compile` of ours (`torch._dynamo.explain`): " + "; ".join(
+                f"{mode}: {g['graphs']} graph(s), {g['breaks']} break(s)"
+                + (f" ({', '.join(g['reasons'])})" if g["reasons"] else "")
+                for mode, g in gb.items())
+                + ". Inference traces whole; the training forward runs eagerly inside the "
+                "compiled model (its autograd nodes share Python-side buffer state, which "
+                "torch.compile cannot trace).", ""]
     return out
+
+
+# --------------------------------------------------------------------------- goals
+
+def _model_row(results, name):
+    for r in results["sections"].get("models", {}).get("rows", []):
+        if r["name"] == name:
+            return r
+    return None
+
+
+def _goal(what, measured, op, target):
+    met = measured is not None and (measured >= target if op == ">=" else measured <= target)
+    if measured is None:
+        gap = "not measured"
+    elif met:
+        gap = "met"
+    else:
+        gap = f"missed by {abs(measured - target) / target * 100:.0f} %"
+    return [what, "-" if measured is None else f"{measured:.2f}", f"{op} {target}",
+            "yes" if met else "**no**", gap]
+
+
+def _model_goals(r, label, train_plain, train_cl, infer_plain, infer_cl, memory, mem_variant="ours"):
+    tr, inf = r["train_vs_plain"], r["infer_vs_plain"]
+    rows = [_goal(f"{label}: training step speed / plain", tr.get("ours"), ">=", train_plain),
+            _goal(f"{label}: training step speed / channels_last",
+                  ratio(tr.get("ours"), tr.get("channels_last")), ">=", train_cl)]
+    if infer_plain is not None:
+        rows += [_goal(f"{label}: inference speed / plain", inf.get("ours"), ">=", infer_plain),
+                 _goal(f"{label}: inference speed / channels_last",
+                       ratio(inf.get("ours"), inf.get("channels_last")), ">=", infer_cl)]
+    mem = r.get("memory", {})
+    plain_peak = mem.get("plain", {}).get("peak")
+    for v in (mem_variant,) + (("ours_memory_efficient",) if "ours_memory_efficient" in mem else ()):
+        rows.append(_goal(f"{label}: peak training memory / plain ({v})",
+                          ratio(mem.get(v, {}).get("peak"), plain_peak), "<=", memory))
+    return rows
+
+
+def goals(results) -> list:
+    """The goals of the MSDNet / DenseNet speed work, checked against this run's figures."""
+    rows = []
+    for name, label in (("msdnet-cifar100-anytime", "MSDNet cifar100-anytime"),
+                        ("msdnet-imagenet-step4", "MSDNet imagenet-step4")):
+        r = _model_row(results, name)
+        if r:
+            rows += _model_goals(r, f"{label} ({r['image']}px, batch {r['batch']})",
+                                 1.3, 1.15, 1.3, 1.0, 0.30)
+    r = _model_row(results, "densenet-bc100")
+    if r:
+        rows += _model_goals(r, f"DenseNet-BC-100 (batch {r['batch']})", 1.5, 1.0, None, None,
+                             0.25)
+    a = results["sections"].get("anytime", {})
+    if a.get("status") == "ok":
+        worst = max(e["time_frac"] / e["macs_frac"] for e in a["anytime"]["exits"])
+        rows.append(_goal("MSDNet anytime: worst (time to exit k / full) / (MACs to exit k / "
+                          "full)", worst, "<=", 1.15))
+        slowest = max(b["wall_over_plain_full"] for b in a["budgeted"]["rows"])
+        rows.append(_goal("MSDNet budgeted: slowest budget's time / plain full forward",
+                          slowest, "<=", 1.0))
+    if not rows:
+        return []
+    return ["## Goals (this run)", "",
+            "Speeds are ratios of medians measured side by side in this run (above 1: faster "
+            "than the baseline); memory is the peak of a training step in a fresh process.",
+            ""] + table(("goal", "measured", "target", "met", ""), rows)
 
 
 def _anytime(sec) -> list:
@@ -271,7 +357,7 @@ def _gpu(sec) -> list:
 
 
 SECTION_TITLES = [
-    ("issue2", "Issue 2: DenseNet-BC training on the CPU", _issue2),
+    ("densenet_bc_cpu", "DenseNet-BC (k=12, 16-16-16, 64x64) training on the CPU", _densenet_bc_cpu),
     ("ops", "Ops", _ops),
     ("layers", "DenseNet layers (DenseNet-BC-100, DenseNet-121)", lambda s: _layers(s["rows"])),
     ("msd_layers", "MSDNet layers (cifar100-anytime)", lambda s: _layers(s["rows"])),
@@ -283,7 +369,7 @@ SECTION_TITLES = [
 
 
 def markdown(results) -> str:
-    lines = _header(results["meta"])
+    lines = _header(results["meta"]) + goals(results)
     for key, title, render in SECTION_TITLES:
         sec = results["sections"].get(key)
         if sec is None:

@@ -5,7 +5,7 @@
     python benches/run.py --quick --out /tmp/bench   # CI: tiny shapes, checks it runs (~1 min)
     python benches/run.py --compile       # + torch.compile for every layer shape and model
     python benches/run.py --device cpu    # default: cuda when available
-    python benches/run.py --sections issue2,depth   # a subset (see --help)
+    python benches/run.py --sections densenet_bc_cpu,depth   # a subset (see --help)
 
 Writes ``RESULTS.md`` (``RESULTS_cuda.md`` on a GPU), ``results.json`` (``results_cuda.json``)
 and ``memory_vs_depth.png`` (``..._cuda.png``) into ``--out`` (default: ``benches/``).
@@ -33,7 +33,7 @@ from benches.anytime import section_anytime  # noqa: E402
 from benches.depth import section_depth  # noqa: E402
 from benches.gpu import section_gpu  # noqa: E402
 from benches.micro import section_layers, section_msd_layers, section_ops  # noqa: E402
-from benches.models import section_issue2, section_models  # noqa: E402
+from benches.models import section_densenet_bc_cpu, section_models  # noqa: E402
 
 # --------------------------------------------------------------------------- parameters
 # Batch sizes, time budgets (seconds per timed group: rounds continue until both min_reps and
@@ -46,11 +46,13 @@ PARAMS = {
         op_batch_cifar=16, op_batch_imagenet=4,
         layer_budget=2.5, op_budget=1.0, min_reps=3, max_reps=11,
         compile_shapes=("bc100 b2 L8",),
+        # MSDNet's ImageNet layout at 160x160 (the smallest side it takes is 144)
         models=(("densenet-bc100", 32, None), ("densenet121", 4, None),
-                ("msdnet-cifar100-anytime", 32, None)),
+                ("msdnet-cifar100-anytime", 32, None), ("msdnet-imagenet-step4", 32, 160)),
+        model_compile=("msdnet-cifar100-anytime",),
         model_budget=8.0, model_min_reps=5, model_max_reps=9, model_memory=True,
-        issue2_mem_batch=64, issue2_time_batch=32, issue2_budget=12.0,
-        issue2_allocators=("strict", "default"), profile=True,
+        densenet_bc_mem_batch=64, densenet_bc_time_batch=32, densenet_bc_budget=12.0,
+        densenet_bc_allocators=("strict", "default"), profile=True,
         anytime_batch=64, budget_batch=128, anytime_budget=4.0,
         depth_layers=(4, 8, 16, 24, 32, 48, 64), depth_batch=8, depth_hw=16,
         bandwidth_shape=None, dtypes=(), max_depth=None,
@@ -63,9 +65,10 @@ PARAMS = {
         compile_shapes=("bc100 b1 L16", "d121 b1 L6", "msd L3 s2 (down+normal)"),
         models=(("densenet-bc100", 64, None), ("densenet121", 32, None),
                 ("msdnet-cifar100-anytime", 64, None), ("msdnet-imagenet-step4", 32, None)),
+        model_compile=("densenet-bc100", "msdnet-cifar100-anytime", "msdnet-imagenet-step4"),
         model_budget=3.0, model_min_reps=5, model_max_reps=20, model_memory=True,
-        issue2_mem_batch=64, issue2_time_batch=32, issue2_budget=3.0,
-        issue2_allocators=("strict", "default"), profile=True,
+        densenet_bc_mem_batch=64, densenet_bc_time_batch=32, densenet_bc_budget=3.0,
+        densenet_bc_allocators=("strict", "default"), profile=True,
         anytime_batch=256, budget_batch=1024, anytime_budget=2.0,
         depth_layers=(8, 16, 32, 64, 128), depth_batch=64, depth_hw=32,
         bandwidth_shape=(64, 512, 32, 56), dtypes=("bfloat16", "float16"),
@@ -79,9 +82,10 @@ PARAMS = {
         compile_shapes=(),
         models=(("densenet-bc100", 2, None), ("densenet121", 1, 64),
                 ("msdnet-cifar100-anytime", 2, None)),
+        model_compile=(),
         model_budget=0.0, model_min_reps=1, model_max_reps=2, model_memory=False,
-        issue2_mem_batch=4, issue2_time_batch=2, issue2_budget=0.0,
-        issue2_allocators=("default",), profile=False,
+        densenet_bc_mem_batch=4, densenet_bc_time_batch=2, densenet_bc_budget=0.0,
+        densenet_bc_allocators=("default",), profile=False,
         anytime_batch=4, budget_batch=8, anytime_budget=0.0,
         depth_layers=(2, 4, 6), depth_batch=2, depth_hw=8,
         bandwidth_shape=(2, 16, 8, 8), dtypes=("bfloat16",),
@@ -124,7 +128,7 @@ class Ctx:
 # --------------------------------------------------------------------------- main
 
 SECTIONS = {"ops": section_ops, "layers": section_layers, "msd_layers": section_msd_layers,
-            "issue2": section_issue2, "models": section_models, "anytime": section_anytime,
+            "densenet_bc_cpu": section_densenet_bc_cpu, "models": section_models, "anytime": section_anytime,
             "depth": section_depth, "gpu": section_gpu}
 
 

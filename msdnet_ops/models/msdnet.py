@@ -84,8 +84,18 @@ class MSDNet(MSDNetPlain):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         if x.device.type == "meta":  # shape-only passes (MAC counting) use the plain graph
             return super().forward(x)
+        if can_run_activated(self):  # plain tensor code: torch.compile traces it whole
+            return self._all_exits(x)
+        return self._all_exits_autograd(x)
+
+    def _all_exits(self, x: torch.Tensor) -> List[torch.Tensor]:
         run = self.start(x)
         return [run.exit_logits(k) for k in range(self.num_exits)]
+
+    # The autograd path's nodes share Python-side buffer state, which torch.compile cannot
+    # trace (every node would break the graph): under torch.compile it runs eagerly, as one
+    # opaque call.
+    _all_exits_autograd = torch._dynamo.disable(_all_exits)
 
     def anytime(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """Yields the logits of exit 0, 1, ... in order; each exit computes only the feature
