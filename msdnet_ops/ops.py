@@ -261,17 +261,33 @@ def _check_transform_conv_backward(grad_out, x, scale, shift, weight, stride, pa
     check.check_channel_vector(grad_shift, "grad_shift", x)
 
 
+def _run_transform_conv(x, scale, shift, weight, stride, padding, pool, out=None):
+    """The transform-conv written into ``out``, or returned as a new dense tensor in ``x``'s
+    layout (the convolution's own output where there is one: no copy)."""
+    backend, kernels = _kernels(x)
+    if backend in ("triton", "reference"):
+        if out is None:
+            out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
+        kernels.transform_conv_into(x, scale, shift, weight, stride, padding, pool, out)
+        return out
+    zp = _transformed(kernels, x, scale, shift, pool)[1]
+    y = cpu_conv.aten_conv(zp, weight, stride, padding)
+    return _in_layout_of(x, y) if out is None else out.copy_(y)
+
+
+def _in_layout_of(x: Tensor, y: Tensor) -> Tensor:
+    """``y`` with exactly the strides a new tensor in ``x``'s layout gets (what the fake
+    implementations promise), copied only where they differ."""
+    want = empty_like_layout(x, y.shape)
+    return y if y.stride() == want.stride() else want.copy_(y)
+
+
 @_custom_op("transform_conv_into_", mutates_args=("out",), checks=_check_transform_conv_into)
 def transform_conv_into_(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: int,
                          padding: int, pool: int, out: Tensor) -> None:
     """Writes ``conv2d(avg_pool(relu(scale*x+shift), pool), weight, stride, padding)`` into
     ``out`` (typically a channel slice of a feature buffer)."""
-    backend, kernels = _kernels(x)
-    if backend in ("triton", "reference"):
-        kernels.transform_conv_into(x, scale, shift, weight, stride, padding, pool, out)
-    else:
-        zp = _transformed(kernels, x, scale, shift, pool)[1]
-        out.copy_(cpu_conv.aten_conv(zp, weight, stride, padding))
+    _run_transform_conv(x, scale, shift, weight, stride, padding, pool, out)
 
 
 @transform_conv_into_.register_fake
@@ -282,10 +298,8 @@ def _(x, scale, shift, weight, stride, padding, pool, out):
 @_custom_op("transform_conv", mutates_args=(), checks=_check_transform_conv)
 def transform_conv(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: int,
                    padding: int, pool: int) -> Tensor:
-    """Functional :func:`transform_conv_into_` (allocates the output)."""
-    out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
-    _UNCHECKED["transform_conv_into_"](x, scale, shift, weight, stride, padding, pool, out)
-    return out
+    """Functional :func:`transform_conv_into_`: a new dense tensor in ``x``'s layout."""
+    return _run_transform_conv(x, scale, shift, weight, stride, padding, pool)
 
 
 @transform_conv.register_fake
@@ -358,19 +372,31 @@ def _identity_transform(kernels, name):
     return backward
 
 
+def _run_conv(x, weight, stride, padding, pool, out=None):
+    """The convolution of activated channels written into ``out``, or returned as a new dense
+    tensor in ``x``'s layout (the convolution's own output where there is one: no copy)."""
+    backend, kernels = _kernels(x)
+    if backend == "cpu":
+        y = cpu_conv.conv(x, weight, stride, padding, pool, out)
+    elif backend == "cuda":  # cuDNN takes dense inputs
+        z = dense(x)
+        y = cpu_conv.aten_conv(F.avg_pool2d(z, pool) if pool != 1 else z, weight, stride,
+                               padding)
+        if out is not None:
+            return out.copy_(y)
+    else:
+        if out is None:
+            out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
+        _identity_transform(kernels, "conv_into")(x, weight, stride, padding, pool, out)
+        return out
+    return y if out is not None else _in_layout_of(x, y)
+
+
 @_custom_op("conv_into_", mutates_args=("out",), checks=_check_conv_into)
 def conv_into_(x: Tensor, weight: Tensor, stride: int, padding: int, pool: int, out: Tensor) -> None:
     """Writes ``conv2d(avg_pool(x, pool), weight, stride, padding)`` into ``out``: the consumer
     of *activated* buffer channels, which reads them as they are (no transform)."""
-    backend, kernels = _kernels(x)
-    if backend in ("triton", "reference"):
-        _identity_transform(kernels, "conv_into")(x, weight, stride, padding, pool, out)
-    elif backend == "cpu":
-        cpu_conv.conv_into(x, weight, stride, padding, pool, out)
-    else:  # cuDNN takes dense inputs
-        z = dense(x)
-        out.copy_(cpu_conv.aten_conv(F.avg_pool2d(z, pool) if pool != 1 else z, weight,
-                                       stride, padding))
+    _run_conv(x, weight, stride, padding, pool, out)
 
 
 @conv_into_.register_fake
@@ -380,10 +406,8 @@ def _(x, weight, stride, padding, pool, out):
 
 @_custom_op("conv", mutates_args=(), checks=_check_conv)
 def conv(x: Tensor, weight: Tensor, stride: int, padding: int, pool: int) -> Tensor:
-    """Functional :func:`conv_into_` (allocates the output)."""
-    out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
-    _UNCHECKED["conv_into_"](x, weight, stride, padding, pool, out)
-    return out
+    """Functional :func:`conv_into_`: a new dense tensor in ``x``'s layout."""
+    return _run_conv(x, weight, stride, padding, pool)
 
 
 @conv.register_fake

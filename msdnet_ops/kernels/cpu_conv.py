@@ -94,12 +94,17 @@ def _gemm_applies(x, weight, stride, padding, pool, *others) -> bool:
 
 # --------------------------------------------------------------------------- implementations
 
-def _fwd_onednn(x, weight, stride, padding, pool, out):
-    out.copy_(aten_conv(dense_input(x, pool)[1], weight, stride, padding))
+def _fwd_onednn(x, weight, stride, padding, pool, out=None):
+    y = aten_conv(dense_input(x, pool)[1], weight, stride, padding)
+    return y if out is None else out.copy_(y)
 
 
-def _fwd_gemm(x, weight, stride, padding, pool, out):
-    torch.mm(rows(x), weight.view(weight.shape[0], -1).t(), out=rows(out))
+def _fwd_gemm(x, weight, stride, padding, pool, out=None):
+    w2 = weight.view(weight.shape[0], -1).t()
+    if out is not None:
+        return torch.mm(rows(x), w2, out=rows(out))
+    n, _, h, w = x.shape
+    return torch.mm(rows(x), w2).view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 def _bwd_onednn(grad_out, x, weight, stride, padding, pool, grad_x):
@@ -160,15 +165,15 @@ def _key(kind, x, weight, stride, padding, pool):
             x.dtype, torch.get_num_threads())
 
 
-def conv_into(x, weight, stride, padding, pool, out) -> None:
-    """``out = conv2d(avg_pool(x, pool), weight, stride, padding)``; ``x`` and ``out`` may be
-    strided buffer views."""
+def conv(x, weight, stride, padding, pool, out=None) -> torch.Tensor:
+    """``conv2d(avg_pool(x, pool), weight, stride, padding)`` written into ``out`` (a strided
+    buffer view), or a new dense NHWC tensor without it; ``x`` may be a strided view."""
     def trial(impl):
-        scratch_out = torch.empty_like(out)
-        return _best_of(lambda: impl(x, weight, stride, padding, pool, scratch_out))
+        return _best_of(lambda: impl(x, weight, stride, padding, pool))
+    outs = () if out is None else (out,)
     name = _chooser.pick(_FORWARD, _key("fwd", x, weight, stride, padding, pool),
-                         _gemm_applies(x, weight, stride, padding, pool, out), trial)
-    _FORWARD[name](x, weight, stride, padding, pool, out)
+                         _gemm_applies(x, weight, stride, padding, pool, *outs), trial)
+    return _FORWARD[name](x, weight, stride, padding, pool, out)
 
 
 def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.Tensor:

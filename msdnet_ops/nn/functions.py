@@ -121,7 +121,16 @@ class TransformConvWrite(torch.autograd.Function):
         weight = conv_weight.detach()
         if weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
             weight = weight.to(x.dtype)  # autocast: low-precision features, float32 parameters
-        if affine is None:
+        if start == 0 and stop == dst.values.shape[1]:
+            # the only writer of a dense buffer (a unit's conv output, a bottleneck): the
+            # convolution's own output becomes the buffer, no copy
+            if affine is None:
+                out = ops.eager.conv(x, weight, stride, padding, pool)
+            else:
+                out = ops.eager.transform_conv(x, affine.scale, affine.shift, weight, stride,
+                                               padding, pool)
+            dst.values = out
+        elif affine is None:
             ops.eager.conv_into_(x, weight, stride, padding, pool, out)
         else:
             ops.eager.transform_conv_into_(x, affine.scale, affine.shift, weight, stride,
