@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..nn.bn_affine import deferred_running_stats, update_running_stats
-from ..nn.dense_layer import (append_activated, append_conv, append_transform_conv,
+from ..nn.dense_layer import (append_conv, append_conv_bn_relu, append_transform_conv,
                               recompute_in_backward, write_tensor)
 from ..nn.feature_buffer import FeatureBuffer
 from ..nn.functions import TransformRead
@@ -69,8 +69,8 @@ class PlanRun:
 
 class GridRun(PlanRun):
     """The autograd path. Every scale buffer holds activated channels: each conv -> BN -> ReLU
-    unit keeps its convolution's output (before the BatchNorm: backward needs it) in a small
-    buffer of its own and appends ``relu(bn(.))`` of it to the scale buffer once, so consumers
+    unit keeps its convolution's output (before the BatchNorm: backward needs it) and appends
+    ``relu(bn(.))`` of it to the scale buffer once (:class:`ConvBNReLUWrite`), so consumers
     convolve buffer prefixes as they are. A bottleneck output and a classifier's intermediate
     maps have one consumer each: they stay before their BatchNorm and that consumer applies it
     as it reads."""
@@ -115,31 +115,20 @@ class GridRun(PlanRun):
         if self.training:
             update_running_stats(bn, buffer.state.mean, buffer.state.unbiased_var(0, bn.num_features))
 
-    def _activate_into(self, y: FeatureBuffer, bn, dst: FeatureBuffer) -> None:
-        """``relu(bn(y))`` appended to ``dst`` (``y`` is kept for backward)."""
-        self._record_stats(bn, y)
-        append_activated(y, dst, *self._vectors(bn, y))
-
-    def _unit(self, src: FeatureBuffer, width: int, conv, bn, dst: FeatureBuffer) -> None:
-        """A conv -> BN -> ReLU unit reading ``src``'s first ``width`` activated channels."""
-        y = self._output_buffer(conv, src)
-        append_conv(src, width, y, conv)
-        self._activate_into(y, bn, dst)
-
     def _conv_bn_path(self, unit, src: FeatureBuffer, width: int, dst: FeatureBuffer) -> None:
         """One ConvBN path (optional bottleneck, then 3x3). With the model's
         ``memory_efficient`` the bottleneck output is freed after forward and recomputed in
         backward."""
         if not unit.bottleneck:
-            return self._unit(src, width, unit.conv3, unit.bn3, dst)
+            append_conv_bn_relu(src, width, dst, unit.conv3, unit.bn3)
+            return
         inner = self._output_buffer(unit.conv1, src)
         append_conv(src, width, inner, unit.conv1)
         self._record_stats(unit.bn1, inner)
-        y = self._output_buffer(unit.conv3, inner)
-        append_transform_conv(inner, inner.filled, y, unit.conv3, *self._vectors(unit.bn1, inner))
+        append_conv_bn_relu(inner, inner.filled, dst, unit.conv3, unit.bn3,
+                            read=self._vectors(unit.bn1, inner))
         if self.model.memory_efficient and torch.is_grad_enabled():
             recompute_in_backward(inner, src, width, unit.conv1)
-        self._activate_into(y, unit.bn3, dst)
 
     # ------------------------------------------------------------------ cells
     def _run_stem(self, cell) -> None:
@@ -149,14 +138,13 @@ class GridRun(PlanRun):
             if self.model.stem_kind == "imagenet":  # conv-BN-ReLU-maxpool: already activated
                 write_tensor(dst, unit(self.image), with_stats=False)
             else:
-                y = self._new_buffer(unit.out_channels, *self.sizes[0])
-                conv = unit.conv
-                write_tensor(y, F.conv2d(self.image, conv.weight, None, conv.stride, conv.padding))
-                self._activate_into(y, unit.bn, dst)
+                image = self._new_buffer(self.image.shape[1], *self.image.shape[2:], False)
+                write_tensor(image, self.image, with_stats=False)
+                append_conv_bn_relu(image, image.filled, dst, unit.conv, unit.bn)
             self.image = None  # only the scale-0 stem reads it
             return
         (key, width), = cell.reads
-        self._unit(self._buffer(key), width, unit.conv, unit.bn, dst)
+        append_conv_bn_relu(self._buffer(key), width, dst, unit.conv, unit.bn)
 
     def _run_path(self, cell) -> None:
         dst = self._buffer(cell.writes)
@@ -171,7 +159,8 @@ class GridRun(PlanRun):
     def _run_transition(self, cell) -> None:
         (key, width), = cell.reads
         unit = cell.module
-        self._unit(self._buffer(key), width, unit.conv, unit.bn, self._buffer(cell.writes))
+        append_conv_bn_relu(self._buffer(key), width, self._buffer(cell.writes), unit.conv,
+                            unit.bn)
 
     def _run_classifier(self, cell) -> torch.Tensor:
         """ConvBasic(3x3/2) twice, AvgPool2d(2), Linear: each ConvBasic's output is a small

@@ -7,7 +7,7 @@ from torch import nn
 from .. import ops
 from .bn_affine import AffineParams, bn_vectors, update_running_stats, uses_batch_stats
 from .feature_buffer import FeatureBuffer
-from .functions import ReadFeatures, TransformConvWrite, TransformWrite, WriteFeatures
+from .functions import ConvBNReLUWrite, ReadFeatures, TransformConvWrite, WriteFeatures
 
 
 def transform_conv_write(src: FeatureBuffer, in_channels: int, bn: nn.BatchNorm2d, conv: nn.Conv2d,
@@ -50,13 +50,19 @@ def append_conv(src: FeatureBuffer, in_channels: int, dst: FeatureBuffer, conv: 
     return start
 
 
-def append_activated(src: FeatureBuffer, dst: FeatureBuffer, batch_stats: bool, weight, bias,
-                     mean, invstd) -> int:
-    """Appends ``relu(weight*(x-mean)*invstd+bias)`` of all of ``src`` (a unit's conv output,
-    kept for backward) to ``dst``; returns where the new channels start."""
-    start = dst.reserve(src.filled)
-    dst.token = TransformWrite.apply(src.state, src.filled, dst.state, start, batch_stats,
-                                     weight, bias, mean, invstd, src.token, dst.token)
+def append_conv_bn_relu(src: FeatureBuffer, in_channels: int, dst: FeatureBuffer,
+                        conv: nn.Conv2d, bn: nn.BatchNorm2d, read=None) -> int:
+    """Appends ``relu(bn(conv(read(src[:, :in_channels]))))`` to ``dst``, activated (a
+    post-activation unit); ``read`` is ``(batch_stats, weight, bias, mean, invstd)`` of the
+    BatchNorm+ReLU the source channels go through first, or None for activated channels.
+    Returns where the new channels start."""
+    if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1):
+        raise ValueError(f"{conv}: expected a bias-free, ungrouped, undilated convolution")
+    start = dst.reserve(conv.out_channels)
+    read = read or (False, None, None, None, None)
+    dst.token = ConvBNReLUWrite.apply(
+        src.state, in_channels, dst.state, start, read[0], conv.stride[0], conv.padding[0],
+        *read[1:], conv.weight, bn, bn.weight, bn.bias, src.token, dst.token)
     return start
 
 

@@ -12,7 +12,8 @@ import torch
 
 from .. import ops
 from ..layout import dense
-from .bn_affine import AffineParams
+from .bn_affine import AffineParams, bn_vectors, update_running_stats, uses_batch_stats
+from .feature_buffer import BufferState
 
 
 def _token(like: torch.Tensor) -> torch.Tensor:
@@ -104,6 +105,41 @@ class TransformRead(torch.autograd.Function):
                 grad_z.new_empty(0) if ctx.has_token else None)
 
 
+def _autocast_weight(conv_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    weight = conv_weight.detach()
+    if weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+        weight = weight.to(x.dtype)  # autocast: low-precision features, float32 parameters
+    return weight
+
+
+def _read_conv(src, channels: int, affine, weight, conv, out=None) -> torch.Tensor:
+    """``conv(pool(relu(affine(src[:, :channels]))))`` (``affine=None``: activated channels,
+    convolved as they are) written into ``out``, or returned as a new dense tensor."""
+    x = src.values[:, :channels]
+    if affine is None:
+        if out is None:
+            return ops.eager.conv(x, weight, *conv)
+        return ops.eager.conv_into_(x, weight, *conv, out)
+    if out is None:
+        return ops.eager.transform_conv(x, affine.scale, affine.shift, weight, *conv)
+    return ops.eager.transform_conv_into_(x, affine.scale, affine.shift, weight, *conv, out)
+
+
+def _read_conv_backward(grad_out, src, channels: int, affine, weight, conv):
+    """Backward of :func:`_read_conv`: accumulates into ``src``'s shared gradient; returns
+    (grad of the conv weight, grads of the reading BatchNorm's weight and bias)."""
+    src.restore_values()  # a recomputed (memory_efficient) bottleneck
+    src.ensure_grads()
+    x, grad_x = src.values[:, :channels], src.grad[:, :channels]
+    if affine is None:
+        return ops.eager.conv_backward_(grad_out, x, weight, *conv, grad_x), None, None
+    grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
+    grad_weight = ops.eager.transform_conv_backward_(grad_out, x, affine.scale, affine.shift,
+                                                     weight, *conv, grad_x, grad_scale,
+                                                     grad_shift)
+    return (grad_weight,) + affine.backward(grad_scale, grad_shift, src, channels)
+
+
 class TransformConvWrite(torch.autograd.Function):
     """``conv(pool(relu(bn(src[:, :in_channels]))))`` written into ``dst[:, start:start+C_out]``,
     optionally followed by dropout; the written channels' statistics are computed once here.
@@ -116,25 +152,15 @@ class TransformConvWrite(torch.autograd.Function):
         affine = None if mean is None else AffineParams(bn_weight, bn_bias, mean, invstd,
                                                         batch_stats)
         stop = start + conv_weight.shape[0]
-        out = dst.values[:, start:stop]
-        x = src.values[:, :in_channels]
-        weight = conv_weight.detach()
-        if weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
-            weight = weight.to(x.dtype)  # autocast: low-precision features, float32 parameters
+        weight = _autocast_weight(conv_weight, src.values)
+        conv = (stride, padding, pool)
         if start == 0 and stop == dst.values.shape[1]:
-            # the only writer of a dense buffer (a unit's conv output, a bottleneck): the
+            # the only writer of a dense buffer (a bottleneck, a classifier map): the
             # convolution's own output becomes the buffer, no copy
-            if affine is None:
-                out = ops.eager.conv(x, weight, stride, padding, pool)
-            else:
-                out = ops.eager.transform_conv(x, affine.scale, affine.shift, weight, stride,
-                                               padding, pool)
-            dst.values = out
-        elif affine is None:
-            ops.eager.conv_into_(x, weight, stride, padding, pool, out)
+            dst.values = out = _read_conv(src, in_channels, affine, weight, conv)
         else:
-            ops.eager.transform_conv_into_(x, affine.scale, affine.shift, weight, stride,
-                                           padding, pool, out)
+            out = dst.values[:, start:stop]
+            _read_conv(src, in_channels, affine, weight, conv, out)
         mask = None
         if dropout_p > 0:
             keep = torch.rand(out.shape, device=out.device) >= dropout_p
@@ -144,66 +170,80 @@ class TransformConvWrite(torch.autograd.Function):
         ctx.save_for_backward(weight)
         ctx.weight_dtype = conv_weight.dtype
         ctx.src, ctx.dst, ctx.channels, ctx.range = src, dst, in_channels, (start, stop)
-        ctx.affine, ctx.conv, ctx.mask = affine, (stride, padding, pool), mask
+        ctx.affine, ctx.conv, ctx.mask = affine, conv, mask
         ctx.tokens = (src_token is not None, dst_token is not None)
         return _token(conv_weight)
 
     @staticmethod
     def backward(ctx, _):
         (weight,) = ctx.saved_tensors
-        src, dst, c, affine = ctx.src, ctx.dst, ctx.channels, ctx.affine
+        src, dst = ctx.src, ctx.dst
         start, stop = ctx.range
         grad_out = dst.finalize(start, stop)
         if ctx.mask is not None:
             grad_out = grad_out * ctx.mask
-        grad_out = dense(grad_out)
         if start == 0 and src is not dst:
             dst.release_grads()  # the first writer of a buffer runs backward last
-        src.restore_values()  # a recomputed (memory_efficient) bottleneck
-        src.ensure_grads()
-        x, grad_x = src.values[:, :c], src.grad[:, :c]
-        grad_w = grad_b = None
-        if affine is None:
-            grad_weight = ops.eager.conv_backward_(grad_out, x, weight, *ctx.conv, grad_x)
-        else:
-            grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
-            grad_weight = ops.eager.transform_conv_backward_(
-                grad_out, x, affine.scale, affine.shift, weight, *ctx.conv, grad_x, grad_scale,
-                grad_shift)
-            grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
+        grad_weight, grad_w, grad_b = _read_conv_backward(dense(grad_out), src, ctx.channels,
+                                                          ctx.affine, weight, ctx.conv)
         grad_weight = grad_weight.to(ctx.weight_dtype)
         _release(ctx, "src", "dst", "affine", "mask")
         return ((None,) * 9 + (grad_w, grad_b, None, None, grad_weight)
                 + _token_grads(grad_weight, *ctx.tokens))
 
 
-class TransformWrite(torch.autograd.Function):
-    """``relu(bn(src[:, :channels]))`` written into ``dst[:, start:start+channels]``: a
-    post-activation unit (conv -> BN -> ReLU, MSDNet) stores its output once, activated, for
-    all its consumers; ``src`` keeps the values before the BatchNorm, which backward needs
-    (where the ReLU output is 0 they cannot be recovered from it)."""
+class ConvBNReLUWrite(torch.autograd.Function):
+    """A post-activation unit (MSDNet's conv -> BN -> ReLU): ``relu(bn(conv(read(src))))``
+    written into ``dst[:, start:start+C_out]`` once, activated, for all its consumers, where
+    ``read`` is the reading BatchNorm+ReLU (``in_mean=None``: ``src`` holds activated channels,
+    read as they are). The convolution's output is kept for backward: where the ReLU output is
+    0 the values before it cannot be recovered from it, and BatchNorm's backward needs them.
+    ``bn`` (the unit's BatchNorm module) normalizes with the output's batch statistics, computed
+    here once, or with its running statistics; its running statistics are updated here."""
 
     @staticmethod
-    def forward(ctx, src, channels, dst, start, batch_stats, bn_weight, bn_bias, mean, invstd,
+    def forward(ctx, src, in_channels, dst, start, in_batch_stats, stride, padding,
+                in_weight, in_bias, in_mean, in_invstd, conv_weight, bn, bn_weight, bn_bias,
                 src_token, dst_token):
+        read = None if in_mean is None else AffineParams(in_weight, in_bias, in_mean, in_invstd,
+                                                         in_batch_stats)
+        weight = _autocast_weight(conv_weight, src.values)
+        conv = (stride, padding, 1)
+        y = BufferState(_read_conv(src, in_channels, read, weight, conv),
+                        uses_batch_stats(bn), bn.eps, dst.sync_group)
+        channels = y.values.shape[1]
+        batch_stats, mean, invstd = bn_vectors(bn, y, 0, channels)
+        if batch_stats:
+            y.compute_stats(0, channels)
+            update_running_stats(bn, mean, y.unbiased_var(0, channels))
         affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
-        ops.eager.affine_relu_into_(src.values[:, :channels], affine.scale, affine.shift,
-                                   dst.values[:, start:start + channels])
-        ctx.src, ctx.dst, ctx.channels, ctx.start, ctx.affine = src, dst, channels, start, affine
+        ops.eager.affine_relu_into_(y.values, affine.scale, affine.shift,
+                                    dst.values[:, start:start + channels])
+        ctx.save_for_backward(weight)
+        ctx.weight_dtype = conv_weight.dtype
+        ctx.src, ctx.dst, ctx.y, ctx.channels, ctx.start = src, dst, y, in_channels, start
+        ctx.read, ctx.affine, ctx.conv = read, affine, conv
         ctx.tokens = (src_token is not None, dst_token is not None)
-        return _token(mean)
+        return _token(conv_weight)
 
     @staticmethod
     def backward(ctx, _):
-        src, dst, c, start, affine = ctx.src, ctx.dst, ctx.channels, ctx.start, ctx.affine
-        grad_z = dst.finalize(start, start + c, with_stats=False)
-        src.ensure_grads()
-        grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
-        ops.eager.affine_relu_backward_(src.values[:, :c], affine.scale, affine.shift, grad_z,
-                                        src.grad[:, :c], grad_scale, grad_shift)
+        (weight,) = ctx.saved_tensors
+        src, dst, y, affine, start = ctx.src, ctx.dst, ctx.y, ctx.affine, ctx.start
+        channels = y.values.shape[1]
+        grad_z = dst.finalize(start, start + channels, with_stats=False)
         if start == 0:
             dst.release_grads()  # the first writer of a buffer runs backward last
-        grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
-        _release(ctx, "src", "dst", "affine")
-        return ((None,) * 5 + (grad_w, grad_b, None, None)
-                + _token_grads(grad_scale, *ctx.tokens))
+        y.ensure_grads()
+        grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
+        ops.eager.affine_relu_backward_(y.values, affine.scale, affine.shift, grad_z, y.grad,
+                                        grad_scale, grad_shift)
+        grad_bn_w, grad_bn_b = affine.backward(grad_scale, grad_shift, y, channels)
+        grad_y = y.finalize(0, channels)
+        grad_weight, grad_in_w, grad_in_b = _read_conv_backward(grad_y, src, ctx.channels,
+                                                                ctx.read, weight, ctx.conv)
+        y.release_grads()
+        _release(ctx, "src", "dst", "y", "read", "affine")
+        return ((None,) * 7 + (grad_in_w, grad_in_b, None, None,
+                               grad_weight.to(ctx.weight_dtype), None, grad_bn_w, grad_bn_b)
+                + _token_grads(grad_weight, *ctx.tokens))
