@@ -81,6 +81,9 @@ def _resolve(device: torch.device, dtype: torch.dtype) -> str:
         raise RuntimeError("MSDNET_OPS_BACKEND=cpu runs CPU tensors only, got a CUDA tensor")
     if name == "cuda" and device.type != "cuda":
         raise RuntimeError("MSDNET_OPS_BACKEND=cuda runs CUDA tensors only, got a CPU tensor")
+    if name == "triton" and device.type == "cuda" and dtype == torch.float64:
+        raise TypeError("MSDNET_OPS_BACKEND=triton: Triton's GEMMs have no float64 path on GPUs; "
+                        "use MSDNET_OPS_BACKEND=auto (the CUDA C++ kernels for float64) or cuda")
     if name == "triton" and device.type == "cpu" and not triton_interpreting():
         raise RuntimeError("MSDNET_OPS_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 "
                            "in the environment before Triton is imported")

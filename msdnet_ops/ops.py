@@ -35,7 +35,8 @@ from .kernels import cpu_conv
 from .layout import dense, empty_like_layout
 
 _LIB = "msdnet_ops"
-_UNCHECKED: dict = {}
+_UNCHECKED: dict = {}   # op name -> the backend dispatch alone (see :data:`eager`)
+_REGISTERED: dict = {}  # op name -> the registered custom op
 
 
 def _custom_op(name: str, mutates_args, checks):
@@ -49,14 +50,14 @@ def _custom_op(name: str, mutates_args, checks):
             checks(*args)
             return run(*args)
         _UNCHECKED[name] = run
-        return torch.library.custom_op(f"{_LIB}::{name}", mutates_args=mutates_args)(checked)
+        op = _REGISTERED[name] = torch.library.custom_op(f"{_LIB}::{name}",
+                                                          mutates_args=mutates_args)(checked)
+        return op
     return register
 
 
 def _kernels(t: Tensor):
     backend = backends.resolve(t.device, t.dtype)
-    if backend == "triton" and t.dtype == torch.float64 and t.device.type == "cuda":
-        backend = "cuda"  # Triton's tl.dot has no float64 path on GPUs
     return backend, backends.kernels_for(backend)
 
 
@@ -350,25 +351,34 @@ transform_conv.register_autograd(_transform_conv_backward, setup_context=_transf
 
 
 def _identity_transform(kernels, name):
-    """``kernels.<name>``; for a Triton module without the identity-prologue kernels yet, the
-    transform-conv kernels with scale 1 and shift 0, exact on activated (non-negative) inputs
-    (the backward then drops the gradient where an input is exactly 0, which the producer's
-    ReLU drops anyway). Interim: the Triton identity-prologue kernels are being added."""
+    """``kernels.<name>``; for a Triton module without the identity-prologue kernels yet, two
+    transform-conv launches: ``conv(x) = conv(relu(x)) - conv(relu(-x))`` (exact, except that
+    the input gradient is dropped where an input is exactly 0). Interim: the Triton
+    identity-prologue kernels are being added."""
     if hasattr(kernels, name):
         return getattr(kernels, name)
 
-    def vectors(x):
-        return (torch.ones(x.shape[1], dtype=check.stats_dtype(x.dtype), device=x.device),
-                torch.zeros(x.shape[1], dtype=check.stats_dtype(x.dtype), device=x.device))
+    def vectors(x, sign):
+        sdt = check.stats_dtype(x.dtype)
+        return (torch.full((x.shape[1],), sign, dtype=sdt, device=x.device),
+                torch.zeros(x.shape[1], dtype=sdt, device=x.device))
 
     if name == "conv_into":
-        return lambda x, w, s, p, pool, out: kernels.transform_conv_into(x, *vectors(x), w, s, p,
-                                                                         pool, out)
+        def forward(x, w, s, p, pool, out):
+            negative = torch.empty_like(out)
+            kernels.transform_conv_into(x, *vectors(x, 1.0), w, s, p, pool, out)
+            kernels.transform_conv_into(x, *vectors(x, -1.0), w, s, p, pool, negative)
+            out.sub_(negative)
+        return forward
 
     def backward(grad_out, x, w, s, p, pool, grad_x):
-        scale, shift = vectors(x)
-        return kernels.transform_conv_backward_(grad_out, x, scale, shift, w, s, p, pool, grad_x,
-                                                torch.zeros_like(scale), torch.zeros_like(shift))
+        grad_w = 0
+        for sign, g in ((1.0, grad_out), (-1.0, -grad_out)):
+            scale, shift = vectors(x, sign)
+            grad_w = grad_w + kernels.transform_conv_backward_(
+                g, x, scale, shift, w, s, p, pool, grad_x, torch.zeros_like(scale),
+                torch.zeros_like(shift))
+        return grad_w
     return backward
 
 
@@ -493,7 +503,7 @@ class _Eager:
 
     def __init__(self):
         for name, fn in _UNCHECKED.items():
-            setattr(self, name, self._choose(globals()[name], fn))
+            setattr(self, name, self._choose(_REGISTERED[name], fn))
 
     @staticmethod
     def _choose(op, fn):
@@ -515,30 +525,26 @@ eager = _Eager()
 
 # --------------------------------------------------------------------------- inference convolution
 
-def _mkldnn_conv_relu():
-    """oneDNN's convolution with a fused bias+ReLU epilogue (what torch.compile's CPU backend
-    calls), or None where this PyTorch build lacks it."""
-    try:
-        return torch.ops.mkldnn._convolution_pointwise.default
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_CONV_RELU = _mkldnn_conv_relu()
-
-
 def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
     """``relu(conv2d(x, weight, bias, stride, padding))`` as a dense tensor in ``x``'s layout:
     a convolution with an eval-mode BatchNorm folded into ``weight``/``bias`` (inference of
-    post-activation networks; no autograd). ``x`` may be a strided buffer prefix: it is
-    copied into a reused dense scratch first (oneDNN reorders any other input itself, into a
-    fresh allocation each time). On the CPU (float32) oneDNN applies bias and ReLU in the
-    convolution's epilogue. (Measured, 1 thread: MKL's GEMM reading the prefix in place ran
-    the 1x1 convolutions of MSDNet 1.5-2x slower than this copy plus oneDNN.)"""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and _CONV_RELU is not None \
-            and backends.resolve(x.device, x.dtype) == "cpu":
-        if not x.is_contiguous(memory_format=torch.channels_last):
-            x = _scratch_like(x, "prefix").copy_(x)
-        return _CONV_RELU(x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], 1,
-                          "relu", [None], "")
+    post-activation networks; no autograd). ``x`` may be a strided buffer prefix.
+
+    * cpu: oneDNN with bias and ReLU in its epilogue, on the prefix copied into a reused dense
+      scratch (oneDNN would reorder it into a fresh allocation each time), or for 1x1
+      convolutions a GEMM reading the prefix in place; chosen per shape
+      (:mod:`msdnet_ops.kernels.cpu_conv`).
+    * triton: the convolution reads the prefix in place; bias and ReLU in one more pass over
+      the (small) output.
+    * cuda, reference: ``F.conv2d`` of a dense copy, then ReLU.
+    """
+    backend, kernels = _kernels(x)
+    if backend == "cpu":
+        return cpu_conv.conv_bias_relu(x, weight, bias, stride, padding)
+    if backend == "triton":
+        out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, 1))
+        _identity_transform(kernels, "conv_into")(x, weight, stride, padding, 1, out)
+        kernels.affine_relu_into(out, torch.ones_like(bias, dtype=check.stats_dtype(x.dtype)),
+                                 bias.to(check.stats_dtype(x.dtype)), out)
+        return out
     return torch.relu_(F.conv2d(dense(x), weight, bias, stride, padding))

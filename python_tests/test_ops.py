@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from conftest import backend_params
+from conftest import backend_params, require_float64
 from msdnet_ops import ops, reference
 
 F64 = torch.float64
@@ -22,6 +22,7 @@ def _vec(c, dtype=F64, device="cpu", lo=-1.0, hi=1.0):
 @pytest.mark.parametrize("backend", backend_params())
 def test_opcheck_every_op(backend, use_backend):
     dev = use_backend(backend)
+    require_float64(backend, dev)
     torch.manual_seed(0)
     _, x = _buffer_prefix(3, 5, 7, 5, device=dev)
     scale, shift = _vec(5, device=dev, lo=0.5, hi=1.5), _vec(5, device=dev)
@@ -64,6 +65,7 @@ GRADCHECK_CASES = [pytest.param(p.values[0], *g, marks=p.marks) if hasattr(p, "v
 @pytest.mark.parametrize("backend,k,stride,pool", GRADCHECK_CASES)
 def test_gradcheck_transform_conv(backend, use_backend, k, stride, pool):
     dev = use_backend(backend)
+    require_float64(backend, dev)
     torch.manual_seed(k * 10 + stride + pool)
     _, x = _buffer_prefix(2, 3, 5, 7, device=dev)
     x = x.detach().requires_grad_()
@@ -77,6 +79,7 @@ def test_gradcheck_transform_conv(backend, use_backend, k, stride, pool):
 @pytest.mark.parametrize("backend", backend_params())
 def test_gradcheck_stats_and_affine(backend, use_backend):
     dev = use_backend(backend)
+    require_float64(backend, dev)
     torch.manual_seed(1)
     x = torch.randn(3, 5, 2, 3, dtype=F64, device=dev)[:, 1:4].detach().requires_grad_()
     assert gradcheck(lambda a: ops.channel_stats(a, 1e-5), (x,))
@@ -89,6 +92,8 @@ def test_gradcheck_stats_and_affine(backend, use_backend):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (F64, 1e-12)])
 def test_ops_match_reference(backend, use_backend, dtype, tol):
     dev = use_backend(backend)
+    if dtype == F64:
+        require_float64(backend, dev)
     torch.manual_seed(2)
     buf, x = _buffer_prefix(1, 7, 5, 3, dtype=dtype, device=dev)
     got_mean, got_invstd = ops.channel_stats(x, 1e-5)

@@ -121,7 +121,34 @@ def _bwd_gemm(grad_out, x, weight, stride, padding, pool, grad_x):
     return torch.mm(g.t(), rows(x)).view(weight.shape)
 
 
+def _mkldnn_conv_relu():
+    """oneDNN's convolution with a fused bias+ReLU epilogue (what torch.compile's CPU backend
+    calls), or None where this PyTorch build lacks it."""
+    try:
+        return torch.ops.mkldnn._convolution_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_CONV_RELU = _mkldnn_conv_relu()
+
+
+def _infer_onednn(x, weight, bias, stride, padding):
+    z = dense_input(x, 1)[0]
+    if x.dtype == torch.float32 and _CONV_RELU is not None:
+        return _CONV_RELU(z, weight, bias, [padding] * 2, [stride] * 2, [1, 1], 1, "relu",
+                          [None], "")
+    return torch.relu_(F.conv2d(z, weight, bias, stride, padding))
+
+
+def _infer_gemm(x, weight, bias, stride, padding):
+    n, _, h, w = x.shape
+    out = torch.addmm(bias, rows(x), weight.view(weight.shape[0], -1).t())
+    return torch.relu_(out).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
 _FORWARD = {"onednn": _fwd_onednn, "gemm": _fwd_gemm}
+_INFERENCE = {"onednn": _infer_onednn, "gemm": _infer_gemm}
 _BACKWARD = {"onednn": _bwd_onednn, "gemm": _bwd_gemm}
 
 
@@ -174,6 +201,16 @@ def conv(x, weight, stride, padding, pool, out=None) -> torch.Tensor:
     name = _chooser.pick(_FORWARD, _key("fwd", x, weight, stride, padding, pool),
                          _gemm_applies(x, weight, stride, padding, pool, *outs), trial)
     return _FORWARD[name](x, weight, stride, padding, pool, out)
+
+
+def conv_bias_relu(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
+    """``relu(conv2d(x, weight, bias, stride, padding))`` (inference with a folded BatchNorm),
+    a new dense NHWC tensor; oneDNN applies bias and ReLU in its epilogue (float32)."""
+    def trial(impl):
+        return _best_of(lambda: impl(x, weight, bias, stride, padding))
+    name = _chooser.pick(_INFERENCE, _key("infer", x, weight, stride, padding, 1),
+                         _gemm_applies(x, weight, stride, padding, 1), trial)
+    return _INFERENCE[name](x, weight, bias, stride, padding)
 
 
 def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.Tensor:
