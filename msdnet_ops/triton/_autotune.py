@@ -1,9 +1,9 @@
 """Autotuning of the GPU GEMM kernels, in one place: the config tables, their pruning by problem
 size, and the autotuned wrappers.
 
-Tables are per kernel, per operand width and per kernel size, because the register budget is:
-a float32 (TF32) operand tile takes twice the registers of a bfloat16/float16 one, and a 3x3
-tap loop keeps more address math live than a 1x1 GEMM. Every entry compiles without spilling
+Tables are per kernel, operand width and shape class (1x1, 3x3, pooled 1x1), because the
+register and shared-memory budgets are: a float32 (TF32) operand tile takes twice the registers
+and shared memory of a bfloat16/float16 one, a pooled operand four loads per step. Every entry compiles without spilling
 on sm_80 and sm_90 (``benches/gpu_compile.py`` checks each one the models launch, in CI).
 """
 from __future__ import annotations
@@ -16,33 +16,20 @@ import triton
 
 from . import _runtime as rt
 
-# (kernel, operand class, kernel size) -> [(block sizes..., num_warps, num_stages)]
-# block sizes: conv_fwd/conv_dgrad (BLOCK_M, BLOCK_N, BLOCK_K); conv_wgrad (BLOCK_CO, BLOCK_CI, BLOCK_P)
+# (kernel, operand class, shape class) -> [(block sizes..., num_warps, num_stages)]
+# block sizes: conv_fwd/conv_dgrad (BLOCK_M, BLOCK_N, BLOCK_K); conv_wgrad (BLOCK_CO, BLOCK_CI, BLOCK_P).
+# Rules found with benches/gpu_compile.py: at most 32 accumulator elements per thread
+# (BM*BN <= 32 * 32 * warps: the dgrad epilogue holds ~5 tiles of that size); pool-2 forward
+# in float32 with BLOCK_K 16 or 64-row tiles (its 4 pipelined loads per step otherwise take
+# more than sm_80's 163 KiB of shared memory); BLOCK_CO >= 64 (a wgmma is 64 rows).
+_GEMM = [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (64, 32, 32, 4, 3)]
+_POOL2_TF32 = [(128, 64, 16, 4, 3), (64, 64, 32, 4, 3), (64, 32, 32, 4, 3)]
+_WGRAD = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
 CONFIGS = {
-    ("conv_fwd", "16bit", 1): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4),
-                               (128, 32, 32, 4, 4), (64, 32, 64, 4, 3)],
-    ("conv_fwd", "16bit", 3): [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (128, 32, 32, 4, 3),
-                               (64, 32, 32, 4, 3)],
-    ("conv_fwd", "tf32", 1): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3),
-                              (128, 32, 32, 4, 3), (64, 32, 32, 4, 3)],
-    ("conv_fwd", "tf32", 3): [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (128, 32, 16, 4, 3),
-                              (64, 32, 32, 4, 3)],
-    ("conv_dgrad", "16bit", 1): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4),
-                                 (128, 32, 32, 4, 4), (64, 64, 64, 4, 3)],
-    ("conv_dgrad", "16bit", 3): [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (128, 32, 32, 4, 3),
-                                 (64, 32, 32, 4, 3)],
-    ("conv_dgrad", "tf32", 1): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3),
-                                (128, 32, 32, 4, 3), (64, 64, 32, 4, 3)],
-    ("conv_dgrad", "tf32", 3): [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (128, 32, 16, 4, 3),
-                                (64, 32, 32, 4, 3)],
-    ("conv_wgrad", "16bit", 1): [(64, 64, 64, 4, 3), (128, 64, 32, 4, 4), (32, 64, 64, 4, 4),
-                                 (64, 128, 32, 8, 3)],
-    ("conv_wgrad", "16bit", 3): [(64, 64, 64, 4, 3), (128, 64, 32, 4, 4), (32, 64, 64, 4, 4),
-                                 (64, 128, 32, 8, 3)],
-    ("conv_wgrad", "tf32", 1): [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (32, 64, 32, 4, 3),
-                                (64, 128, 32, 8, 3)],
-    ("conv_wgrad", "tf32", 3): [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (32, 64, 32, 4, 3),
-                                (64, 128, 32, 8, 3)],
+    **{("conv_fwd", ops, shape): _GEMM for ops in ("16bit", "tf32") for shape in ("1x1", "3x3", "pool2")},
+    ("conv_fwd", "tf32", "pool2"): _POOL2_TF32,
+    **{("conv_dgrad", ops, shape): _GEMM for ops in ("16bit", "tf32") for shape in ("1x1", "3x3", "pool2")},
+    **{("conv_wgrad", ops, shape): _WGRAD for ops in ("16bit", "tf32") for shape in ("1x1", "3x3", "pool2")},
 }
 
 BLOCK_NAMES = {"conv_fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
@@ -54,8 +41,8 @@ BLOCK_NAMES = {"conv_fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
 class Tuning:
     """How one launch of a GEMM kernel is autotuned."""
     table: str                  # "conv_fwd" | "conv_dgrad" | "conv_wgrad"
-    operands: str               # "16bit" | "tf32" (float32 features)
-    ksize: int
+    operands: str               # "16bit" | "tf32" (float32 features): operand_class
+    shape: str                  # "1x1" | "3x3" | "pool2": shape_class
     width: tuple                # (size argument, block): column tiles much wider than the size are dropped
     key: tuple                  # arguments the best config depends on
     restore: tuple = ()         # outputs accumulated into: restored between tuning runs
@@ -66,11 +53,15 @@ def operand_class(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 else "16bit"
 
 
+def shape_class(ksize: int, pool: int) -> str:
+    return "pool2" if pool == 2 else f"{ksize}x{ksize}"
+
+
 def configs(tuning: Tuning) -> list:
     """The table of ``tuning``: dicts of block sizes, num_warps and num_stages."""
     names = BLOCK_NAMES[tuning.table]
     return [dict(zip(names, row[:3]), num_warps=row[3], num_stages=row[4])
-            for row in CONFIGS[(tuning.table, tuning.operands, tuning.ksize)]]
+            for row in CONFIGS[(tuning.table, tuning.operands, tuning.shape)]]
 
 
 def candidates(tuning: Tuning, named_args: dict) -> list:

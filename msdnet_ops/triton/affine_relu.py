@@ -83,7 +83,7 @@ def affine_relu(x, scale, shift) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- backward
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk"], do_not_specialize_on_alignment=["gscale_ptr", "gshift_ptr"])
 def _affine_relu_backward_kernel(
     x_ptr, scale_ptr, shift_ptr, gz_ptr, gx_ptr, gscale_ptr, gshift_ptr,
     N, C, H, W,

@@ -24,7 +24,7 @@ import triton.language as tl
 from . import _runtime as rt
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk"])
 def _channel_stats_partial_kernel(
     x_ptr, part_ptr, mean_ptr, invstd_ptr,
     N, C, H, W,
@@ -78,7 +78,7 @@ def _channel_stats_partial_kernel(
         tl.store(p + 2, M2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])
 def _channel_stats_merge_kernel(
     part_ptr, mean_ptr, invstd_ptr, n_chunks, eps_hi, eps_lo,
     ACC_DTYPE: tl.constexpr, CHUNKS: tl.constexpr,

@@ -6,14 +6,15 @@ runs over (tap, output-channel block) pairs in one loop.
 * Stride 2 is split into its 4 phases (a grid axis): the input pixels of one phase
   ``(ih % 2, iw % 2)`` receive gradient from the same taps only (``kh = kh0 + 2j``), so each
   program loops over just those taps (no masked-out work).
-* ``pool == 2`` (1x1, stride 1): rows are pooled pixels; the GEMM gives ``grad_zp`` once and
-  the epilogue spreads ``grad_zp / 4`` to the 2x2 input pixels it came from.
+* ``pool == 2`` (1x1, stride 1): rows are the input pixels too, each reading the gradient of
+  the pooled pixel it belongs to (``grad_zp / 4``): 4x the GEMM rows of the pooled pixels (a
+  cheap 1x1), but a row's epilogue touches one pixel, contiguous with its neighbours' (NCHW).
 
-Epilogue, at each of the ``POOL x POOL`` input positions of a row (one loop for both cases):
-with ``TRANSFORM``, ``pre = scale*x + shift`` is recomputed from ``x``,
-``dpre = dz * (pre > 0)``, ``grad_x += scale * dpre`` (read-modify-write through ``grad_x``'s
-strides; every element belongs to one program) and the per-channel sums of ``dpre * x`` and
-``dpre`` are atomically added to ``grad_scale`` and ``grad_shift``; without, ``grad_x += dz``.
+Epilogue, at each row's input pixel: with ``TRANSFORM``, ``pre = scale*x + shift`` is
+recomputed from ``x``, ``dpre = dz * (pre > 0)``, ``grad_x += scale * dpre``
+(read-modify-write through ``grad_x``'s strides; every element belongs to one program) and the
+per-channel sums of ``dpre * x`` and ``dpre`` are atomically added to ``grad_scale`` and
+``grad_shift``; without, ``grad_x += dz``.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .. import _autotune
 from .. import _runtime as rt
 
 
-@triton.jit(do_not_specialize=["M", "H", "W", "Ho", "Wo", "Hq", "Wq"])
+@triton.jit(do_not_specialize_on_alignment=["scale_ptr", "shift_ptr", "gscale_ptr", "gshift_ptr"])
 def _conv_dgrad_kernel(
     gy_ptr, x_ptr, scale_ptr, shift_ptr, w_ptr, gx_ptr, gscale_ptr, gshift_ptr,
     M, Cin, H, W, Cout, Ho, Wo, Hq, Wq,
@@ -44,14 +45,15 @@ def _conv_dgrad_kernel(
     ph = phase // STRIDE
     pw = phase - ph * STRIDE
 
-    # rows: (n, qh, qw); input pixel (qh*STRIDE + ph, qw*STRIDE + pw), or pooled pixel (qh, qw)
+    # rows: (n, qh, qw), input pixel (qh*STRIDE + ph, qw*STRIDE + pw); reading grad_out at
+    # (qh // POOL + dh, qw // POOL + dw) for each tap
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     qw = offs_m % Wq
     t = offs_m // Wq
     qh = t % Hq
     n = t // Hq
-    gy_row = n * sgn + qh * sgh + qw * sgw
+    gy_row = n * sgn + (qh // POOL) * sgh + (qw // POOL) * sgw
 
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_c = offs_c < Cin
@@ -80,8 +82,8 @@ def _conv_dgrad_kernel(
         dw = (pw + PAD - kw) // STRIDE
         offs_k = k0 + arange_k
         mask_k = offs_k < Cout
-        oh = qh + dh
-        ow = qw + dw
+        oh = qh // POOL + dh
+        ow = qw // POOL + dw
         valid = mask_m & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
         a_offs = (gy_row + (dh * sgh + dw * sgw))[:, None] + (offs_k * sgc)[None, :]
         a = tl.load(gy_ptr + a_offs, mask=valid[:, None] & mask_k[None, :], other=0.0).to(X_DTYPE)
@@ -92,38 +94,25 @@ def _conv_dgrad_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
-    # ---- epilogue at the input positions of each row
+    # ---- epilogue at each row's input pixel
     dz = acc * (1.0 / (POOL * POOL))
+    ih = qh * STRIDE + ph
+    iw = qw * STRIDE + pw
+    emask = (mask_m & (ih < H) & (iw < W))[:, None] & mask_c[None, :]
+    if HAS_GX:
+        g_offs = (n * sdn + ih * sdh + iw * sdw)[:, None] + (offs_c * sdc)[None, :]
     if TRANSFORM:
         sc = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)[None, :]
         sh = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)[None, :]
-        sum_dx = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-        sum_d = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    ih0 = qh * (STRIDE * POOL) + ph
-    iw0 = qw * (STRIDE * POOL) + pw
-    for dy in tl.static_range(POOL):
-        for dx in tl.static_range(POOL):
-            ih = ih0 + dy
-            iw = iw0 + dx
-            emask = (mask_m & (ih < H) & (iw < W))[:, None] & mask_c[None, :]
-            if HAS_GX:
-                g_offs = (n * sdn + ih * sdh + iw * sdw)[:, None] + (offs_c * sdc)[None, :]
-            if TRANSFORM:
-                x_offs = (n * sxn + ih * sxh + iw * sxw)[:, None] + (offs_c * sxc)[None, :]
-                xv = tl.load(x_ptr + x_offs, mask=emask, other=0.0).to(ACC_DTYPE)
-                dpre = tl.where(emask & (xv * sc + sh > 0), dz, 0.0)
-                sum_dx += tl.sum(dpre * xv, axis=0)
-                sum_d += tl.sum(dpre, axis=0)
-                if HAS_GX:
-                    g = tl.load(gx_ptr + g_offs, mask=emask, other=0.0).to(ACC_DTYPE)
-                    tl.store(gx_ptr + g_offs, (g + dpre * sc).to(gx_ptr.dtype.element_ty), mask=emask)
-            else:
-                g = tl.load(gx_ptr + g_offs, mask=emask, other=0.0).to(ACC_DTYPE)
-                tl.store(gx_ptr + g_offs, (g + dz).to(gx_ptr.dtype.element_ty), mask=emask)
-    if TRANSFORM:
-        tl.atomic_add(gscale_ptr + offs_c, sum_dx.to(gscale_ptr.dtype.element_ty), mask=mask_c)
-        tl.atomic_add(gshift_ptr + offs_c, sum_d.to(gshift_ptr.dtype.element_ty), mask=mask_c)
-
+        x_offs = (n * sxn + ih * sxh + iw * sxw)[:, None] + (offs_c * sxc)[None, :]
+        xv = tl.load(x_ptr + x_offs, mask=emask, other=0.0).to(ACC_DTYPE)
+        dpre = tl.where(emask & (xv * sc + sh > 0), dz, 0.0)
+        tl.atomic_add(gscale_ptr + offs_c, tl.sum(dpre * xv, axis=0).to(gscale_ptr.dtype.element_ty), mask=mask_c)
+        tl.atomic_add(gshift_ptr + offs_c, tl.sum(dpre, axis=0).to(gshift_ptr.dtype.element_ty), mask=mask_c)
+        dz = dpre * sc
+    if HAS_GX:
+        g = tl.load(gx_ptr + g_offs, mask=emask, other=0.0).to(ACC_DTYPE)
+        tl.store(gx_ptr + g_offs, (g + dz).to(gx_ptr.dtype.element_ty), mask=emask)
 
 INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
 
@@ -135,8 +124,8 @@ def launch_dgrad(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_
     transform = scale is not None
     if g.pool == 1:
         Hq, Wq, phases = triton.cdiv(g.H, g.stride), triton.cdiv(g.W, g.stride), g.stride ** 2
-    else:
-        Hq, Wq, phases = g.Ho, g.Wo, 1
+    else:  # the input pixels of complete pooling windows (an odd last row/column gets none)
+        Hq, Wq, phases = g.pool * g.Ho, g.pool * g.Wo, 1
     has_gx = grad_x is not None
     gx = grad_x if has_gx else x  # placeholder pointer, never dereferenced
     vecs = (scale.contiguous(), shift.contiguous(), grad_scale, grad_shift) if transform else (weight,) * 4
@@ -150,7 +139,8 @@ def launch_dgrad(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_
                 INPUT_PRECISION=rt.input_precision(x.dtype, dev))
     # the kernel accumulates into its outputs: the autotuner restores them between its runs
     restore = (("gx_ptr",) if has_gx else ()) + (("gscale_ptr", "gshift_ptr") if transform else ())
-    tuning = _autotune.Tuning("conv_dgrad", _autotune.operand_class(x.dtype), g.k,
+    tuning = _autotune.Tuning("conv_dgrad", _autotune.operand_class(x.dtype),
+                              _autotune.shape_class(g.k, g.pool),
                               width=("Cin", "BLOCK_N"),
                               key=("M", "Cin", "H", "W", "Cout", "STRIDE", "PAD", "POOL",
                                    "TRANSFORM", "HAS_GX"),

@@ -18,7 +18,7 @@ from .. import _runtime as rt
 from .operand import load_input_tile
 
 
-@triton.jit(do_not_specialize=["M", "H", "W", "Ho", "Wo"])
+@triton.jit(do_not_specialize_on_alignment=["scale_ptr", "shift_ptr"])
 def _conv_fwd_kernel(
     x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr,
     M, Cin, H, W, Cout, Ho, Wo,
@@ -100,7 +100,8 @@ def launch_forward(x, scale, shift, weight, g, out) -> None:
                 ACC_DTYPE=rt.acc_tl_dtype(x.dtype), X_DTYPE=rt.tl_dtype(x.dtype),
                 DOT_UPCAST=rt.dot_upcast(_conv_fwd_kernel, x.dtype, dev),
                 INPUT_PRECISION=rt.input_precision(x.dtype, dev))
-    tuning = _autotune.Tuning("conv_fwd", _autotune.operand_class(x.dtype), g.k,
+    tuning = _autotune.Tuning("conv_fwd", _autotune.operand_class(x.dtype),
+                              _autotune.shape_class(g.k, g.pool),
                               width=("Cout", "BLOCK_N"),
                               key=("M", "Cin", "H", "W", "Cout", "STRIDE", "PAD", "POOL", "TRANSFORM"))
 

@@ -16,7 +16,7 @@ from .. import _runtime as rt
 from .operand import load_input_tile
 
 
-@triton.jit(do_not_specialize=["P", "H", "W", "Ho", "Wo"])
+@triton.jit(do_not_specialize_on_alignment=["scale_ptr", "shift_ptr"])
 def _conv_wgrad_kernel(
     gy_ptr, x_ptr, scale_ptr, shift_ptr, gw_ptr,
     P, Cin, H, W, Cout, Ho, Wo,
@@ -105,7 +105,8 @@ def launch_wgrad(grad_out, x, scale, shift, g, grad_w) -> None:
                 ACC_DTYPE=rt.acc_tl_dtype(x.dtype), X_DTYPE=rt.tl_dtype(x.dtype),
                 DOT_UPCAST=rt.dot_upcast(_conv_wgrad_kernel, x.dtype, dev),
                 INPUT_PRECISION=rt.input_precision(x.dtype, dev))
-    tuning = _autotune.Tuning("conv_wgrad", _autotune.operand_class(x.dtype), g.k,
+    tuning = _autotune.Tuning("conv_wgrad", _autotune.operand_class(x.dtype),
+                              _autotune.shape_class(g.k, g.pool),
                               width=("Cout", "BLOCK_CO"),
                               key=("P", "Cin", "H", "W", "Cout", "STRIDE", "PAD", "POOL", "TRANSFORM"),
                               reset=("gw_ptr",))
