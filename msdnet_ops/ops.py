@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends
+from . import backends, conv_choice
 from . import validation as check
 
 _LIB = "msdnet_ops"
@@ -231,10 +231,15 @@ def transform_conv_into_(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor
     check.check_like(out, "out", x, "x", check.conv_output_shape(x, weight, stride, padding, pool))
     check.check_not_overlapping(out, "out", (x, "x"))
     backend, kernels = _kernels(x)
-    if backend in ("triton", "reference"):
-        kernels.transform_conv_into(x, scale, shift, weight, stride, padding, pool, out)
-    else:
-        _transform_conv_unfused_into(kernels, x, scale, shift, weight, stride, padding, pool, out)
+
+    def run(path):  # both paths overwrite out: a timing trial leaves a valid result
+        if path == "fused":
+            kernels.transform_conv_into(x, scale, shift, weight, stride, padding, pool, out)
+        else:
+            _transform_conv_unfused_into(kernels, x, scale, shift, weight, stride, padding, pool, out)
+
+    key = lambda: conv_choice.shape_key("transform_conv_into_", x, weight, stride, padding, pool)  # noqa: E731
+    run("fused" if conv_choice.fused(backend, key, run, x.device) else "unfused")
 
 
 @transform_conv_into_.register_fake
@@ -287,12 +292,20 @@ def transform_conv_backward_(grad_out: Tensor, x: Tensor, scale: Tensor, shift: 
     check.check_channel_vector(grad_scale, "grad_scale", x)
     check.check_channel_vector(grad_shift, "grad_shift", x)
     backend, kernels = _kernels(x)
-    if backend in ("triton", "reference"):
-        grad_weight = kernels.transform_conv_backward_(grad_out, x, scale, shift, weight, stride,
-                                                       padding, pool, grad_x, grad_scale, grad_shift)
-        return grad_weight.to(weight.dtype)
-    return _transform_conv_backward_unfused(kernels, grad_out, x, scale, shift, weight, stride,
-                                            padding, pool, grad_x, grad_scale, grad_shift)
+
+    def run(path, grads):
+        if path == "fused":
+            return kernels.transform_conv_backward_(grad_out, x, scale, shift, weight, stride,
+                                                    padding, pool, *grads).to(weight.dtype)
+        return _transform_conv_backward_unfused(kernels, grad_out, x, scale, shift, weight, stride,
+                                                padding, pool, *grads)
+
+    def trial(path):  # on scratch gradients: the real ones must be updated exactly once
+        run(path, [g.clone() for g in (grad_x, grad_scale, grad_shift)])
+
+    key = lambda: conv_choice.shape_key("transform_conv_backward_", x, weight, stride, padding, pool)  # noqa: E731
+    path = "fused" if conv_choice.fused(backend, key, trial, x.device) else "unfused"
+    return run(path, (grad_x, grad_scale, grad_shift))
 
 
 @transform_conv_backward_.register_fake
