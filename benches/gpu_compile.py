@@ -17,7 +17,11 @@ sm_80, ``HGMMA`` (wgmma) or ``HMMA`` on sm_90). Writes a JSON list (``--json``) 
 summary. Exit status 1 on any spill, any shared memory over the architecture's limit, or a GEMM
 kernel without tensor-core instructions.
 
-Compiles run in parallel (``--jobs``, default: all cores); results are cached by everything
+By default one specialisation is compiled per group that differs only in Triton's
+divisibility-by-16 attributes (alignment of pointers, multiples of 16 among sizes and
+strides): the one with the fewest, which has the least alignment information and so the most
+per-element address registers (the worst case for spills); ``--all`` compiles every one (about
+5x as many). Compiles run in parallel (``--jobs``, default: all cores); results are cached by everything
 that determines them (Triton version, kernel source, specialisation, config, arch) under
 ``$MSDNET_OPS_COMPILE_CACHE`` (default ``~/.cache/msdnet_ops/gpu_compile``), and Triton keeps
 its own binary cache, so a rerun takes seconds.
@@ -119,6 +123,23 @@ def compile_job(job) -> dict:
     return dict(result, cached=False)
 
 
+def representatives(specs) -> list:
+    """Per group of specialisations that differ only in divisibility attributes, the one with the
+    fewest (its ``used_by`` the group's, ``variants`` the group's size)."""
+    groups = {}
+    for s in specs:
+        key = (s.kernel, tuple(s.signature.items()), tuple(sorted(s.constexprs.items(), key=str)),
+               tuple(sorted(s.config.items())))
+        groups.setdefault(key, []).append(s)
+    out = []
+    for group in groups.values():
+        rep = min(group, key=lambda s: sum(1 for v in s.attrs.values() if v))
+        rep.used_by = set().union(*(s.used_by for s in group))
+        rep.variants = len(group)
+        out.append(rep)
+    return out
+
+
 def triton_records(specs, jobs: int, log=print) -> list:
     """One record per (specialisation, arch)."""
     work, meta = [], []
@@ -128,7 +149,8 @@ def triton_records(specs, jobs: int, log=print) -> list:
                              attrs=s.attrs, config=s.config, arch=arch))
             meta.append(dict(kernel=s.kernel.split(":")[1], arch=f"sm_{arch}", dtype=s.dtype,
                              config=_config_text(s.config), gemm=s.gemm,
-                             geometry=_geometry(s), used_by=sorted(s.used_by), source="triton"))
+                             geometry=_geometry(s), used_by=sorted(s.used_by),
+                             attr_variants=getattr(s, "variants", 1), source="triton"))
     t0 = time.perf_counter()
     out, done = [], 0
     with ProcessPoolExecutor(max_workers=jobs) as ex:
@@ -250,6 +272,8 @@ def main(argv=None) -> int:
                     help="comma-separated subset of " + ",".join(m[0] for m in gpu_launches.MODELS))
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
     ap.add_argument("--skip-extension", action="store_true", help="do not inspect the CUDA extension")
+    ap.add_argument("--all", action="store_true",
+                    help="every specialisation, not one per group differing only in divisibility attributes")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     models = gpu_launches.MODELS
@@ -261,8 +285,11 @@ def main(argv=None) -> int:
         models = tuple(m for m in models if m[0] in wanted)
     dtypes = tuple(getattr(torch, d) for d in args.dtypes.split(","))
     specs = gpu_launches.capture(models, dtypes)
-    print(f"[gpu_compile] {len(specs)} Triton specialisations x {len(ARCHS)} archs "
-          f"({time.perf_counter() - t0:.0f} s to capture)", flush=True)
+    found = len(specs)
+    if not args.all:
+        specs = representatives(specs)
+    print(f"[gpu_compile] {found} Triton specialisations launched; compiling {len(specs)} x "
+          f"{len(ARCHS)} archs ({time.perf_counter() - t0:.0f} s to capture)", flush=True)
     records = triton_records(specs, max(1, args.jobs))
     if not args.skip_extension:
         records += extension_records()
