@@ -19,18 +19,23 @@ from . import _runtime as rt
 # (kernel, operand class, shape class) -> [(block sizes..., num_warps, num_stages)]
 # block sizes: conv_fwd/conv_dgrad (BLOCK_M, BLOCK_N, BLOCK_K); conv_wgrad (BLOCK_CO, BLOCK_CI, BLOCK_P).
 # Rules found with benches/gpu_compile.py: at most 32 accumulator elements per thread
-# (BM*BN <= 32 * 32 * warps: the dgrad epilogue holds ~5 tiles of that size); pool-2 forward
-# in float32 with BLOCK_K 16 or 64-row tiles (its 4 pipelined loads per step otherwise take
-# more than sm_80's 163 KiB of shared memory); BLOCK_CO >= 64 (a wgmma is 64 rows).
+# (BM*BN <= 32 * 32 * warps: the dgrad epilogue holds ~5 tiles of that size), at most 16 for a
+# 3x3 dgrad (its phase/tap index math is live too); the pooled forward (4 loads per step)
+# pipelined 2 deep, or with BLOCK_K 16 in float32 (else it spills, and its shared memory
+# passes sm_80's 163 KiB); BLOCK_CO >= 64 in wgrad (a wgmma is 64 rows).
 _GEMM = [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (64, 32, 32, 4, 3)]
-_POOL2_TF32 = [(128, 64, 16, 4, 3), (64, 64, 32, 4, 3), (64, 32, 32, 4, 3)]
+_FWD_3X3 = [(128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (64, 32, 32, 4, 2)]
+_DGRAD_3X3 = [(64, 64, 32, 8, 3), (64, 32, 32, 4, 3), (128, 32, 32, 8, 3)]
+_POOL2 = {"16bit": [(128, 64, 32, 8, 2), (64, 64, 32, 4, 2), (64, 32, 32, 4, 2)],
+          "tf32": [(64, 64, 16, 4, 3), (64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]}
 _WGRAD = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
-CONFIGS = {
-    **{("conv_fwd", ops, shape): _GEMM for ops in ("16bit", "tf32") for shape in ("1x1", "3x3", "pool2")},
-    ("conv_fwd", "tf32", "pool2"): _POOL2_TF32,
-    **{("conv_dgrad", ops, shape): _GEMM for ops in ("16bit", "tf32") for shape in ("1x1", "3x3", "pool2")},
-    **{("conv_wgrad", ops, shape): _WGRAD for ops in ("16bit", "tf32") for shape in ("1x1", "3x3", "pool2")},
-}
+CONFIGS = {}
+for _ops in ("16bit", "tf32"):
+    CONFIGS.update({("conv_fwd", _ops, "1x1"): _GEMM, ("conv_fwd", _ops, "3x3"): _FWD_3X3,
+                    ("conv_fwd", _ops, "pool2"): _POOL2[_ops],
+                    ("conv_dgrad", _ops, "1x1"): _GEMM, ("conv_dgrad", _ops, "3x3"): _DGRAD_3X3,
+                    ("conv_dgrad", _ops, "pool2"): _GEMM,
+                    **{("conv_wgrad", _ops, shape): _WGRAD for shape in ("1x1", "3x3", "pool2")}})
 
 BLOCK_NAMES = {"conv_fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
                "conv_dgrad": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),

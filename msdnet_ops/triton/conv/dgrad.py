@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .. import _autotune
 from .. import _runtime as rt
+from .operand import pixels_of_rows
 
 
 @triton.jit(do_not_specialize_on_alignment=["scale_ptr", "shift_ptr", "gscale_ptr", "gshift_ptr"])
@@ -47,12 +48,7 @@ def _conv_dgrad_kernel(
 
     # rows: (n, qh, qw), input pixel (qh*STRIDE + ph, qw*STRIDE + pw); reading grad_out at
     # (qh // POOL + dh, qw // POOL + dw) for each tap
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    qw = offs_m % Wq
-    t = offs_m // Wq
-    qh = t % Hq
-    n = t // Hq
+    n, qh, qw, mask_m = pixels_of_rows(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M, Hq, Wq)
     gy_row = n * sgn + (qh // POOL) * sgh + (qw // POOL) * sgw
 
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

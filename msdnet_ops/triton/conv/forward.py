@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .. import _autotune
 from .. import _runtime as rt
-from .operand import load_input_tile
+from .operand import load_input_tile, pixels_of_rows
 
 
 @triton.jit(do_not_specialize_on_alignment=["scale_ptr", "shift_ptr"])
@@ -34,12 +34,7 @@ def _conv_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    ow = offs_m % Wo
-    t = offs_m // Wo
-    oh = t % Ho
-    n = t // Ho
+    n, oh, ow, mask_m = pixels_of_rows(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M, Ho, Wo)
     # top-left input pixel of each row's window (POOL == 2 implies STRIDE == 1, PAD == 0)
     ih0 = oh * (STRIDE * POOL) - PAD
     iw0 = ow * (STRIDE * POOL) - PAD

@@ -1,8 +1,18 @@
-"""The convolution's input operand, built on the fly in a GEMM prologue (never materialised)."""
+"""Device helpers of the convolution kernels: GEMM rows as pixels, and the input operand built
+on the fly in a GEMM prologue (never materialised)."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def pixels_of_rows(offs, rows, H, W):
+    """``(n, h, w)`` of GEMM rows ``offs`` numbering the pixels of ``[N, H, W]`` (row-major),
+    and whether each row is one (``offs < rows``)."""
+    w = offs % W
+    t = offs // W
+    return t // H, t % H, w, offs < rows
 
 
 @triton.jit

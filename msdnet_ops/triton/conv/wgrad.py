@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .. import _autotune
 from .. import _runtime as rt
-from .operand import load_input_tile
+from .operand import load_input_tile, pixels_of_rows
 
 
 @triton.jit(do_not_specialize_on_alignment=["scale_ptr", "shift_ptr"])
@@ -47,12 +47,7 @@ def _conv_wgrad_kernel(
 
     acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC_DTYPE)
     for p0 in range(pid_k * BLOCK_P, P, split * BLOCK_P):
-        offs_p = p0 + arange_p
-        mask_p = offs_p < P
-        ow = offs_p % Wo
-        t = offs_p // Wo
-        oh = t % Ho
-        n = t // Ho
+        n, oh, ow, mask_p = pixels_of_rows(p0 + arange_p, P, Ho, Wo)
 
         a_offs = (offs_co * sgc)[:, None] + (n * sgn + oh * sgh + ow * sgw)[None, :]
         a = tl.load(gy_ptr + a_offs, mask=mask_co[:, None] & mask_p[None, :], other=0.0).to(X_DTYPE)
