@@ -1,4 +1,8 @@
-"""GPU-only section (``run.py`` calls it only with a CUDA device):
+"""GPU-only section (``run.py`` calls it only with a CUDA device), and the one-command GPU run:
+
+    python benches/gpu.py [--out DIR] [--budget-s 480]    # tests, bandwidth, models -> RESULTS-gpu.md
+
+(see :mod:`benches.gpu_session`). The section:
 
 * bandwidth: achieved bandwidth of the memory-bound kernels on one large buffer prefix,
   as a fraction of a device-to-device copy and of the nominal peak of the memory;
@@ -12,13 +16,19 @@ Each part is independent: one failing is recorded and the others still run.
 """
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 import traceback
 
 import torch
 
-from benches import cases
-from benches.micro import layer_rows, op_rows
-from benches.models import train_and_infer
+if __name__ == "__main__":  # run as a script: the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benches import cases  # noqa: E402
+from benches.micro import layer_rows, op_rows  # noqa: E402
+from benches.models import train_and_infer  # noqa: E402
 
 
 def section_gpu(ctx):
@@ -111,3 +121,26 @@ def max_depth(ctx):
         out["variants"][variant] = dict(layers_per_block=lo, depth=6 * lo + 4 if lo else None,
                                         capped=hi is None, first_oom=hi, tries=tries)
     return out
+
+
+def main(argv=None) -> int:
+    from benches import gpu_session
+    ap = argparse.ArgumentParser(description="GPU tests, bandwidth and model benchmarks in one run")
+    ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)),
+                    help="where RESULTS-gpu.md and results-gpu.json go (default: benches/)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time budget")
+    ap.add_argument("--device", default="cuda", help="cuda (default), or cpu to try the logic")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (trying the logic)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device (use --device cpu --quick to try the logic)")
+    params = gpu_session.quick_params(args.budget_s) if args.quick else gpu_session.Params(budget_s=args.budget_s)
+    results = gpu_session.run(device, params, args.out)
+    failed = [st["name"] for st in results["steps"] if st["status"].startswith("failed")]
+    print(f"[gpu] wrote {os.path.join(args.out, 'RESULTS-gpu.md')}; failed: {', '.join(failed) or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,9 @@
 A backend that cannot serve a request raises; nothing falls back silently. The only fallback is
 ``auto`` on a CPU when the compiled CPU module is missing: the references compute the same
 results more slowly, and a warning says so once.
+
+``MSDNET_OPS_TRANSFORM_CONV`` (read at every call): how the ``triton`` backend runs a
+transform-conv and its backward (:func:`transform_conv_policy`).
 """
 from __future__ import annotations
 
@@ -87,6 +90,29 @@ def _resolve(device: torch.device, dtype: torch.dtype) -> str:
     if name == "triton" and device.type == "cpu" and not triton_interpreting():
         raise RuntimeError("MSDNET_OPS_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 "
                            "in the environment before Triton is imported")
+    return name
+
+
+TRANSFORM_CONV_POLICIES = ("fused", "unfused", "timed")
+
+
+def transform_conv_policy(device: torch.device) -> str:
+    """How the ``triton`` backend runs ``transform_conv_into_`` and its backward:
+
+    * ``fused``: the fused Triton kernels (prologue transform, implicit GEMM);
+    * ``unfused``: the transform materialised by our kernel, then cuDNN's convolution;
+    * ``timed``: per shape, whichever of the two was faster when that shape was first seen
+      (timed once, then cached: ``msdnet_ops.conv_choice``).
+
+    ``MSDNET_OPS_TRANSFORM_CONV`` selects one; unset: ``timed`` when the backend was chosen
+    automatically on a CUDA device (``MSDNET_OPS_BACKEND=auto``), else ``fused`` (an explicit
+    ``triton`` backend runs Triton's kernels)."""
+    name = os.environ.get("MSDNET_OPS_TRANSFORM_CONV", "").strip().lower()
+    if not name:
+        return "timed" if device.type == "cuda" and requested_backend() == "auto" else "fused"
+    if name not in TRANSFORM_CONV_POLICIES:
+        raise ValueError(f"MSDNET_OPS_TRANSFORM_CONV={name!r}: expected one of "
+                         f"{', '.join(TRANSFORM_CONV_POLICIES)}")
     return name
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends
+from . import backends, conv_choice
 from . import validation as check
 from .kernels import cpu_conv
 from .layout import dense, empty_like_layout
@@ -264,16 +264,25 @@ def _check_transform_conv_backward(grad_out, x, scale, shift, weight, stride, pa
 
 def _run_transform_conv(x, scale, shift, weight, stride, padding, pool, out=None):
     """The transform-conv written into ``out``, or returned as a new dense tensor in ``x``'s
-    layout (the convolution's own output where there is one: no copy)."""
+    layout (the convolution's own output where there is one: no copy). Fused (one kernel,
+    the transform in its prologue) or unfused (the transform into a dense temporary, then
+    oneDNN / cuDNN): :mod:`msdnet_ops.conv_choice` decides per backend and shape."""
     backend, kernels = _kernels(x)
-    if backend in ("triton", "reference"):
-        if out is None:
-            out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
-        kernels.transform_conv_into(x, scale, shift, weight, stride, padding, pool, out)
-        return out
-    zp = _transformed(kernels, x, scale, shift, pool)[1]
-    y = cpu_conv.aten_conv(zp, weight, stride, padding)
-    return _in_layout_of(x, y) if out is None else out.copy_(y)
+
+    def run(path, out):
+        if path == "fused":
+            if out is None:
+                out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding,
+                                                                   pool))
+            kernels.transform_conv_into(x, scale, shift, weight, stride, padding, pool, out)
+            return out
+        y = cpu_conv.aten_conv(_transformed(kernels, x, scale, shift, pool)[1], weight, stride,
+                               padding)
+        return _in_layout_of(x, y) if out is None else out.copy_(y)
+
+    key = lambda: conv_choice.shape_key("transform_conv_into_", x, weight, stride, padding, pool)  # noqa: E731
+    path = "fused" if conv_choice.fused(backend, key, lambda p: run(p, out), x.device) else "unfused"
+    return run(path, out)
 
 
 def _in_layout_of(x: Tensor, y: Tensor) -> Tensor:
@@ -316,15 +325,22 @@ def transform_conv_backward_(grad_out: Tensor, x: Tensor, scale: Tensor, shift: 
     """Backward of :func:`transform_conv`: accumulates into ``grad_x`` (the shared gradient
     buffer prefix), ``grad_scale`` and ``grad_shift``; returns ``grad_weight``."""
     backend, kernels = _kernels(x)
-    if backend in ("triton", "reference"):
-        return _like_weight(kernels.transform_conv_backward_(
-            grad_out, x, scale, shift, weight, stride, padding, pool, grad_x, grad_scale,
-            grad_shift), weight)
-    z, zp = _transformed(kernels, x, scale, shift, pool)
-    grad_zp, grad_weight = cpu_conv.aten_conv_backward(grad_out, zp, weight, stride, padding)
-    kernels.affine_relu_backward_(x, scale, shift, cpu_conv.unpool_grad(grad_zp, z, pool),
-                                  grad_x, grad_scale, grad_shift)
-    return _like_weight(grad_weight, weight)
+    def run(path, grads):
+        if path == "fused":
+            return _like_weight(kernels.transform_conv_backward_(
+                grad_out, x, scale, shift, weight, stride, padding, pool, *grads), weight)
+        z, zp = _transformed(kernels, x, scale, shift, pool)
+        grad_zp, grad_weight = cpu_conv.aten_conv_backward(grad_out, zp, weight, stride, padding)
+        kernels.affine_relu_backward_(x, scale, shift, cpu_conv.unpool_grad(grad_zp, z, pool),
+                                      *grads)
+        return _like_weight(grad_weight, weight)
+
+    def trial(path):  # on scratch gradients: the real ones must be updated exactly once
+        run(path, [g.clone() for g in (grad_x, grad_scale, grad_shift)])
+
+    key = lambda: conv_choice.shape_key("transform_conv_backward_", x, weight, stride, padding, pool)  # noqa: E731
+    path = "fused" if conv_choice.fused(backend, key, trial, x.device) else "unfused"
+    return run(path, (grad_x, grad_scale, grad_shift))
 
 
 @transform_conv_backward_.register_fake
@@ -350,38 +366,6 @@ def _transform_conv_backward(ctx, grad_out):
 transform_conv.register_autograd(_transform_conv_backward, setup_context=_transform_conv_setup)
 
 
-def _identity_transform(kernels, name):
-    """``kernels.<name>``; for a Triton module without the identity-prologue kernels yet, two
-    transform-conv launches: ``conv(x) = conv(relu(x)) - conv(relu(-x))`` (exact, except that
-    the input gradient is dropped where an input is exactly 0). Interim: the Triton
-    identity-prologue kernels are being added."""
-    if hasattr(kernels, name):
-        return getattr(kernels, name)
-
-    def vectors(x, sign):
-        sdt = check.stats_dtype(x.dtype)
-        return (torch.full((x.shape[1],), sign, dtype=sdt, device=x.device),
-                torch.zeros(x.shape[1], dtype=sdt, device=x.device))
-
-    if name == "conv_into":
-        def forward(x, w, s, p, pool, out):
-            negative = torch.empty_like(out)
-            kernels.transform_conv_into(x, *vectors(x, 1.0), w, s, p, pool, out)
-            kernels.transform_conv_into(x, *vectors(x, -1.0), w, s, p, pool, negative)
-            out.sub_(negative)
-        return forward
-
-    def backward(grad_out, x, w, s, p, pool, grad_x):
-        grad_w = 0
-        for sign, g in ((1.0, grad_out), (-1.0, -grad_out)):
-            scale, shift = vectors(x, sign)
-            grad_w = grad_w + kernels.transform_conv_backward_(
-                g, x, scale, shift, w, s, p, pool, grad_x, torch.zeros_like(scale),
-                torch.zeros_like(shift))
-        return grad_w
-    return backward
-
-
 def _run_conv(x, weight, stride, padding, pool, out=None):
     """The convolution of activated channels written into ``out``, or returned as a new dense
     tensor in ``x``'s layout (the convolution's own output where there is one: no copy)."""
@@ -397,7 +381,7 @@ def _run_conv(x, weight, stride, padding, pool, out=None):
     else:
         if out is None:
             out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
-        _identity_transform(kernels, "conv_into")(x, weight, stride, padding, pool, out)
+        kernels.conv_into(x, weight, stride, padding, pool, out)
         return out
     return y if out is not None else _in_layout_of(x, y)
 
@@ -432,8 +416,7 @@ def conv_backward_(grad_out: Tensor, x: Tensor, weight: Tensor, stride: int, pad
     gradient buffer prefix) and returns ``grad_weight``."""
     backend, kernels = _kernels(x)
     if backend in ("triton", "reference"):
-        grad_weight = _identity_transform(kernels, "conv_backward_")(
-            grad_out, x, weight, stride, padding, pool, grad_x)
+        grad_weight = kernels.conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x)
     elif backend == "cpu":
         grad_weight = cpu_conv.conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x)
     else:
@@ -543,7 +526,7 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding
         return cpu_conv.conv_bias_relu(x, weight, bias, stride, padding)
     if backend == "triton":
         out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, 1))
-        _identity_transform(kernels, "conv_into")(x, weight, stride, padding, 1, out)
+        kernels.conv_into(x, weight, stride, padding, 1, out)
         kernels.affine_relu_into(out, torch.ones_like(bias, dtype=check.stats_dtype(x.dtype)),
                                  bias.to(check.stats_dtype(x.dtype)), out)
         return out

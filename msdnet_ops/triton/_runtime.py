@@ -1,14 +1,17 @@
 """Launch plumbing shared by the Triton kernels of this package.
 
-* CUDA tensors run the compiled kernels (autotuned over a small fixed config set).
-* CPU tensors run the same kernels in Triton's interpreter (what CI tests use), whether or not
-  ``TRITON_INTERPRET=1`` was set before Triton was imported: a compiled ``JITFunction`` is
-  re-wrapped as an ``InterpretedFunction``. Kernels therefore call no other ``@triton.jit``
-  function (the interpreter cannot call a compiled helper), and take fixed small block sizes.
+* CUDA tensors run the compiled kernels (autotuned over the config tables of ``_autotune``).
+* CPU tensors run the same kernels in Triton's interpreter (what CI tests use), which needs
+  ``TRITON_INTERPRET=1`` in the environment before Triton is imported (then ``@triton.jit``
+  makes interpretable kernels and device helpers; ``backends.py`` checks it). Interpreted
+  launches take fixed small block sizes.
+* :func:`capturing` records launches instead of running them, deciding everything as on a GPU
+  (blocks, configs, precision): how ``benches/gpu_compile.py`` learns what a model launches.
 * Validation helpers raise clear errors before any kernel runs.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -45,41 +48,68 @@ def acc_tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+# the active launch recorder (see capturing), or None, and the GPU size it plans for
+_capture = None
+_capture_sms = 132
+
+
 def is_interpreted(device: torch.device) -> bool:
-    """CPU tensors always go through the interpreter."""
-    return device.type != "cuda"
+    """CPU tensors always go through the interpreter (except while capturing launches, which
+    are decided as on a GPU)."""
+    return device.type != "cuda" and _capture is None
 
 
-@functools.lru_cache(maxsize=None)
 def _interpreted(kernel):
-    if InterpretedFunction is None:  # pragma: no cover
-        raise RuntimeError("this Triton has no interpreter: CPU tensors cannot run Triton kernels")
-    if isinstance(kernel, InterpretedFunction):
-        return kernel
-    return InterpretedFunction(kernel.fn)
+    if InterpretedFunction is None or not isinstance(kernel, InterpretedFunction):
+        raise RuntimeError("msdnet_ops: Triton kernels on CPU tensors run in Triton's interpreter, "
+                           "which needs TRITON_INTERPRET=1 in the environment before triton is "
+                           "imported")
+    return kernel
 
 
 def interpreting(kernel, device: torch.device) -> bool:
     """Whether ``kernel`` will run in the interpreter for tensors on ``device``."""
     if is_interpreted(device):
         return True
-    return InterpretedFunction is not None and isinstance(kernel, InterpretedFunction)
+    return _capture is None and InterpretedFunction is not None and isinstance(kernel, InterpretedFunction)
 
 
-def launch(kernel, tuned, grid, args, meta, blocks, device: torch.device) -> None:
+def launch(kernel, grid, args, meta, blocks, device: torch.device, tuning=None) -> None:
     """Launch ``kernel[grid](*args, **meta)``.
 
     Interpreted (CPU tensors, or ``TRITON_INTERPRET=1``): with the fixed ``blocks``.
-    Compiled: through ``tuned()`` (a lazily built autotuned wrapper, which picks the blocks) on
-    the tensors' device, or with ``blocks`` when ``tuned`` is None."""
-    if is_interpreted(device):
+    Compiled: autotuned over ``tuning``'s configs (an ``_autotune.Tuning``), or with ``blocks``
+    when ``tuning`` is None. While :func:`capturing`, recorded instead."""
+    if _capture is not None:
+        from . import _autotune
+        named = dict(zip(kernel.arg_names, args))
+        configs = [blocks] if tuning is None else _autotune.candidates(tuning, named)
+        _capture(kernel, args, meta, configs, tuning)
+    elif is_interpreted(device):
         _interpreted(kernel)[grid](*args, **meta, **blocks)
-    elif interpreting(kernel, device) or tuned is None:
+    elif interpreting(kernel, device) or tuning is None:
         with torch.cuda.device(device):
             kernel[grid](*args, **meta, **blocks)
     else:
+        from . import _autotune
         with torch.cuda.device(device):
-            tuned()[grid](*args, **meta)
+            _autotune.autotuned(kernel, tuning)[grid](*args, **meta)
+
+
+@contextlib.contextmanager
+def capturing(record, sms: int = 132):
+    """Within the block, kernel launches (on CPU tensors too) are decided as on a GPU with
+    ``sms`` multiprocessors and, instead of running, passed to ``record(kernel, args, meta,
+    configs, tuning)``: ``configs`` are the block/warp/stage dicts the autotuner would try (or
+    the one fixed choice). Outputs are left unwritten. Not thread-safe; for tools."""
+    global _capture, _capture_sms
+    if _capture is not None:
+        raise RuntimeError("capturing: already capturing")
+    _capture, _capture_sms = record, sms
+    try:
+        yield
+    finally:
+        _capture = None
 
 
 def dot_upcast(kernel, dtype: torch.dtype, device: torch.device) -> bool:
@@ -107,6 +137,8 @@ def _sm_count(index: int) -> int:
 
 
 def sm_count(device: torch.device) -> int:
+    if _capture is not None:
+        return _capture_sms
     if device.type != "cuda":
         return 4
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

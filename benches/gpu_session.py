@@ -1,0 +1,289 @@
+"""One command for the day a GPU comes (``python benches/gpu.py``): within a fixed time budget
+(8 minutes by default) it
+
+1. runs the GPU tests (``pytest`` on the CUDA/Triton tests, a subprocess with a timeout) and an
+   in-process parity check of every op on every GPU backend against the reference, float32
+   and bfloat16;
+2. measures the copy bandwidth achieved by each memory-bound kernel (against a device copy);
+3. times DenseNet-BC-100, DenseNet-121, MSDNet cifar100-anytime and imagenet-step4: training
+   step, inference and peak training memory, ours (``MSDNET_OPS_BACKEND=auto``: per shape the
+   fused Triton kernel or materialise-then-cuDNN, timed once and cached by
+   ``msdnet_ops.conv_choice``) against plain cuDNN, channels_last, memory_efficient and, as
+   time allows, torch.compile;
+4. writes ``RESULTS-gpu.md`` and ``results-gpu.json``.
+
+Every step has an estimate; a step that would overrun the budget is skipped and the report says
+so, a step that fails is recorded and the others still run. The planning, deadlines and report
+writing are tested on the CPU (``python_tests/test_gpu_session.py``) with tiny shapes.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MODELS = (("densenet-bc100", 64, None), ("densenet121", 32, None),
+          ("msdnet-cifar100-anytime", 64, None), ("msdnet-imagenet-step4", 32, None))
+GPU_TESTS = ["python_tests/test_triton_kernels.py", "python_tests/test_triton_conv_activated.py",
+             "python_tests/test_ops.py", "python_tests/test_conv_choice.py"]
+
+
+@dataclass
+class Params:
+    budget_s: float = 480.0          # the whole run
+    reserve_s: float = 15.0          # kept for writing the report
+    tests_timeout_s: float = 150.0
+    models: tuple = MODELS
+    dtypes: tuple = (torch.float32, torch.bfloat16)
+    variants: tuple = ("plain", "channels_last", "memory_efficient", "ours")
+    compile: bool = True             # torch.compile baseline, after everything else, as time allows
+    model_estimate_s: float = 35.0   # one model in the variants above, both dtypes
+    compile_estimate_s: float = 75.0
+    time_budget_s: float = 2.0       # per timed group
+    bandwidth_shape: tuple = (64, 512, 32, 56)   # batch, prefix channels, growth, side
+    run_tests: bool = True
+
+
+def quick_params(budget_s: float = 120.0) -> Params:
+    """Tiny shapes for a CPU run of the whole logic (tests, CI)."""
+    return Params(budget_s=budget_s, reserve_s=2.0, tests_timeout_s=30.0,
+                  models=(("densenet-bc100", 2, None), ("msdnet-cifar100-anytime", 2, None)),
+                  dtypes=(torch.float32,), variants=("plain", "ours"), compile=False, model_estimate_s=5.0,
+                  time_budget_s=0.0, bandwidth_shape=(2, 16, 8, 8), run_tests=False)
+
+
+@dataclass
+class Clock:
+    """Deadline bookkeeping: ``fits(estimate)`` when the step can finish before the reserve."""
+    budget_s: float
+    reserve_s: float
+    start: float = field(default_factory=time.perf_counter)
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.start)
+
+    def fits(self, estimate_s: float) -> bool:
+        return self.left() - self.reserve_s >= estimate_s
+
+
+class Session:
+    """Runs named steps against a :class:`Clock`; records each one's status and result."""
+
+    def __init__(self, clock: Clock, log=print):
+        self.clock, self.log = clock, log
+        self.steps: list = []
+
+    def step(self, name: str, estimate_s: float, fn, *args):
+        if not self.clock.fits(estimate_s):
+            status, result = f"skipped: needs ~{estimate_s:.0f} s, {max(0, self.clock.left()):.0f} s left", None
+            self.log(f"[gpu] {name}: {status}")
+        else:
+            t0 = time.perf_counter()
+            self.log(f"[gpu] {name} ...")
+            try:
+                result, status = fn(*args), "ok"
+            except Exception as e:
+                traceback.print_exc()
+                result, status = None, f"failed: {type(e).__name__}: {e}"
+            self.log(f"[gpu] {name}: {status} ({time.perf_counter() - t0:.1f} s)")
+        self.steps.append(dict(name=name, status=status, result=result))
+        return result
+
+
+# --------------------------------------------------------------------------- steps
+
+def run_tests(timeout_s: float, files=GPU_TESTS) -> dict:
+    """The test files in a subprocess (compiled kernels: TRITON_INTERPRET unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "--no-header", *files]
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"tests did not finish within {timeout_s:.0f} s")
+    tail = (p.stdout + p.stderr).strip().splitlines()[-15:]
+    if p.returncode != 0:
+        raise RuntimeError(f"pytest exit {p.returncode}: " + " | ".join(tail[-3:]))
+    return {"summary": tail[-1] if tail else ""}
+
+
+BACKENDS = {"cuda": ("auto", "triton", "cuda"), "cpu": ("auto", "cpu")}
+
+
+def op_parity(device, dtypes) -> list:
+    """Every op of ``cases.OpBench`` on every backend of the device vs the reference
+    composition (``checks.check_op`` raises beyond the tolerance)."""
+    from benches import cases, checks
+    rows = []
+    saved = os.environ.get("MSDNET_OPS_BACKEND")
+    try:
+        for backend in BACKENDS[device.type]:
+            os.environ["MSDNET_OPS_BACKEND"] = backend
+            for dtype in dtypes:
+                bench = cases.OpBench(cases.OpShape("parity", 3, 37, 11, 13, 24), device, dtype)
+                for op in cases.OP_NAMES:
+                    rows.append(dict(backend=backend, dtype=str(dtype)[6:], op=op,
+                                     max_rel_err=checks.check_op(bench, op, dtype)))
+    finally:
+        if saved is None:
+            os.environ.pop("MSDNET_OPS_BACKEND", None)
+        else:
+            os.environ["MSDNET_OPS_BACKEND"] = saved
+    return rows
+
+
+class _Ctx:
+    """What ``benches.micro.op_rows`` needs of ``run.Ctx``."""
+
+    def __init__(self, device, budget_s):
+        from benches import harness
+        self.device, self.budget_s, self._harness = device, budget_s, harness
+
+    def timer(self, fns, budget, **kw):
+        return self._harness.time_interleaved(fns, self.device, warmup=2, min_reps=3, max_reps=20,
+                                              budget_s=budget, min_sample_s=0.002)
+
+
+def bandwidth(device, shape, budget_s) -> list:
+    """Achieved copy bandwidth of each memory-bound kernel (bytes it must move / time), against
+    ``copy_`` of the same bytes."""
+    from benches import cases
+    from benches.micro import op_rows
+    batch, c, growth, hw = shape
+    bench = cases.OpBench(cases.OpShape("bandwidth", batch, c, growth, hw, 4 * growth), device)
+    return op_rows(_Ctx(device, budget_s), bench, tuple(cases.MEMORY_BOUND_TRAFFIC), budget_s)
+
+
+def peak_train_memory(step, device) -> int | None:
+    """Peak bytes allocated during one training step, above what was allocated before it."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def model_rows(device, name, batch, image, variants, dtype, budget_s) -> dict:
+    """Training step, inference and peak memory of each variant of one model."""
+    from benches import cases, harness
+    from msdnet_ops import conv_choice
+    kind = cases.MODEL_CASES[name].kind
+    variants = [v for v in variants if v != "memory_efficient" or kind == "densenet"]
+    out = {"name": name, "batch": batch, "dtype": str(dtype)[6:], "variants": {}}
+    chosen_before = len(conv_choice.timings)
+    for v in variants:
+        model, fmt = cases.build_model(name, v, device, dtype)
+        x, y = cases.model_input(name, batch, device, dtype, fmt, image=image)
+        step, infer = cases.train_step_fn(model, x, y), cases.infer_fn(model, x)
+        step()  # warm-up: compilation, autotuning, the fused/unfused choice
+        mem = peak_train_memory(step, device)
+        st = harness.time_interleaved({"train": step}, device, warmup=1, min_reps=3, max_reps=15,
+                                      budget_s=budget_s)["train"]
+        si = harness.time_interleaved({"infer": infer}, device, warmup=1, min_reps=3, max_reps=15,
+                                      budget_s=budget_s / 2)["infer"]
+        out["variants"][v] = dict(train_s=st.median, train_iqr=(st.q1, st.q3), infer_s=si.median,
+                                  infer_img_s=batch / si.median, peak_bytes=mem)
+        del model, x, y, step, infer
+        harness.free_memory()
+    plain = out["variants"].get("plain")
+    if plain:
+        for r in out["variants"].values():
+            r["train_vs_plain"] = plain["train_s"] / r["train_s"]
+            r["infer_vs_plain"] = plain["infer_s"] / r["infer_s"]
+            if r["peak_bytes"] and plain["peak_bytes"]:
+                r["memory_vs_plain"] = r["peak_bytes"] / plain["peak_bytes"]
+    new = list(conv_choice.timings.items())[chosen_before:]
+    out["conv_choices"] = {"fused": sum(t["fused"] <= t["unfused"] for _, t in new),
+                           "unfused": sum(t["fused"] > t["unfused"] for _, t in new)}
+    return out
+
+
+# --------------------------------------------------------------------------- plan
+
+def run(device, params: Params, out_dir: str, log=print) -> dict:
+    """Runs the plan; writes the report; returns the results."""
+    from benches import harness
+    clock = Clock(params.budget_s, params.reserve_s)
+    s = Session(clock, log)
+    if params.run_tests:
+        s.step("tests", params.tests_timeout_s, run_tests, min(params.tests_timeout_s, clock.left() - params.reserve_s))
+    s.step("op parity", 20.0 if device.type == "cuda" else 5.0, op_parity, device, params.dtypes)
+    s.step("bandwidth", 10.0, bandwidth, device, params.bandwidth_shape, params.time_budget_s / 4)
+    for name, batch, image in params.models:
+        for dtype in params.dtypes:
+            s.step(f"model {name} {str(dtype)[6:]}", params.model_estimate_s / len(params.dtypes),
+                   model_rows, device, name, batch, image, params.variants, dtype, params.time_budget_s)
+    if params.compile:
+        for name, batch, image in params.models:
+            s.step(f"model {name} float32 compile", params.compile_estimate_s, model_rows, device,
+                   name, batch, image, ("plain", "compile"), torch.float32, params.time_budget_s)
+    results = {"meta": dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                            machine=harness.machine(device), versions=harness.versions(),
+                            budget_s=params.budget_s,
+                            seconds=round(time.perf_counter() - clock.start, 1)),
+               "steps": s.steps}
+    write_report(results, out_dir)
+    return results
+
+
+# --------------------------------------------------------------------------- report
+
+def _fmt(v, spec=".2f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def markdown(results: dict) -> str:
+    m = results["meta"]
+    lines = ["# GPU results (measured)", "",
+             f"{m['date']}; {m['machine'].get('gpu', m['machine'].get('device'))}; torch "
+             f"{m['versions'].get('torch')}, triton {m['versions'].get('triton')}; "
+             f"{m['seconds']} s of a {m['budget_s']:.0f} s budget. `python benches/gpu.py`.", "",
+             "| step | status |", "| --- | --- |"]
+    lines += [f"| {st['name']} | {st['status']} |" for st in results["steps"]]
+    for st in results["steps"]:
+        r = st["result"]
+        if not r:
+            continue
+        if st["name"] == "op parity":
+            worst = {}
+            for row in r:
+                k = (row["backend"], row["dtype"])
+                worst[k] = max(worst.get(k, 0.0), row["max_rel_err"])
+            lines += ["", "## Op parity (worst relative error vs the reference, all ops)", "",
+                      "| backend | dtype | worst rel. err |", "| --- | --- | --- |"]
+            lines += [f"| {b} | {d} | {e:.2e} |" for (b, d), e in sorted(worst.items())]
+        elif st["name"] == "bandwidth":
+            lines += ["", "## Memory-bound kernels: achieved bandwidth", "",
+                      "| op | bytes | ours GB/s | fraction of copy | plain GB/s |", "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {row['op']} | {row['bytes'] / 2**20:.0f} MiB | {row['ours_gbps']:.0f} | "
+                      f"{row['ours_frac_copy']:.2f} | {row['plain_gbps']:.0f} |" for row in r]
+        elif st["name"].startswith("model "):
+            lines += ["", f"## {r['name']}, batch {r['batch']}, {r['dtype']}", "",
+                      f"Fused/unfused transform-conv choices made here: {r['conv_choices']}.", "",
+                      "| variant | train step ms | vs plain | inference img/s | vs plain | peak MiB | vs plain |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            for v, row in r["variants"].items():
+                peak = row["peak_bytes"] / 2**20 if row["peak_bytes"] else None
+                lines.append(f"| {v} | {row['train_s'] * 1e3:.1f} | {_fmt(row.get('train_vs_plain'))}x | "
+                             f"{row['infer_img_s']:.0f} | {_fmt(row.get('infer_vs_plain'))}x | "
+                             f"{_fmt(peak, '.0f')} | {_fmt(row.get('memory_vs_plain'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results-gpu.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    with open(os.path.join(out_dir, "RESULTS-gpu.md"), "w") as f:
+        f.write(markdown(results))

@@ -1,0 +1,100 @@
+"""Autotuning of the GPU GEMM kernels, in one place: the config tables, their pruning by problem
+size, and the autotuned wrappers.
+
+Tables are per kernel, operand width and shape class (1x1, 3x3, pooled 1x1), because the
+register and shared-memory budgets are: a float32 (TF32) operand tile takes twice the registers
+and shared memory of a bfloat16/float16 one, a pooled operand four loads per step. Every entry compiles without spilling
+on sm_80 and sm_90 (``benches/gpu_compile.py`` checks each one the models launch, in CI).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import _runtime as rt
+
+# (kernel, operand class, shape class) -> [(block sizes..., num_warps, num_stages)]
+# block sizes: conv_fwd/conv_dgrad (BLOCK_M, BLOCK_N, BLOCK_K); conv_wgrad (BLOCK_CO, BLOCK_CI, BLOCK_P).
+# Rules found with benches/gpu_compile.py: at most 32 accumulator elements per thread
+# (BM*BN <= 32 * 32 * warps: the dgrad epilogue holds ~5 tiles of that size), at most 16 for a
+# 3x3 dgrad (its phase/tap index math is live too); the pooled forward (4 loads per step)
+# pipelined 2 deep, or with BLOCK_K 16 in float32 (else it spills, and its shared memory
+# passes sm_80's 163 KiB); BLOCK_CO >= 64 in wgrad (a wgmma is 64 rows).
+_GEMM = [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (64, 32, 32, 4, 3)]
+_FWD_3X3 = [(128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (64, 32, 32, 4, 2)]
+_DGRAD_3X3 = [(64, 64, 32, 8, 3), (64, 32, 32, 4, 3), (128, 32, 32, 8, 3)]
+_POOL2 = {"16bit": [(128, 64, 32, 8, 2), (64, 64, 32, 4, 2), (64, 32, 32, 4, 2)],
+          "tf32": [(64, 64, 16, 4, 3), (64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]}
+_WGRAD = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
+CONFIGS = {}
+for _ops in ("16bit", "tf32"):
+    CONFIGS.update({("conv_fwd", _ops, "1x1"): _GEMM, ("conv_fwd", _ops, "3x3"): _FWD_3X3,
+                    ("conv_fwd", _ops, "pool2"): _POOL2[_ops],
+                    ("conv_dgrad", _ops, "1x1"): _GEMM, ("conv_dgrad", _ops, "3x3"): _DGRAD_3X3,
+                    ("conv_dgrad", _ops, "pool2"): _GEMM,
+                    **{("conv_wgrad", _ops, shape): _WGRAD for shape in ("1x1", "3x3", "pool2")}})
+
+BLOCK_NAMES = {"conv_fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+               "conv_dgrad": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+               "conv_wgrad": ("BLOCK_CO", "BLOCK_CI", "BLOCK_P")}
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How one launch of a GEMM kernel is autotuned."""
+    table: str                  # "conv_fwd" | "conv_dgrad" | "conv_wgrad"
+    operands: str               # "16bit" | "tf32" (float32 features): operand_class
+    shape: str                  # "1x1" | "3x3" | "pool2": shape_class
+    width: tuple                # (size argument, block): column tiles much wider than the size are dropped
+    key: tuple                  # arguments the best config depends on
+    restore: tuple = ()         # outputs accumulated into: restored between tuning runs
+    reset: tuple = ()           # outputs atomically accumulated from zero: zeroed between runs
+
+
+def operand_class(dtype: torch.dtype) -> str:
+    return "tf32" if dtype == torch.float32 else "16bit"
+
+
+def shape_class(ksize: int, pool: int) -> str:
+    return "pool2" if pool == 2 else f"{ksize}x{ksize}"
+
+
+def configs(tuning: Tuning) -> list:
+    """The table of ``tuning``: dicts of block sizes, num_warps and num_stages."""
+    names = BLOCK_NAMES[tuning.table]
+    return [dict(zip(names, row[:3]), num_warps=row[3], num_stages=row[4])
+            for row in CONFIGS[(tuning.table, tuning.operands, tuning.shape)]]
+
+
+def candidates(tuning: Tuning, named_args: dict) -> list:
+    """The configs the autotuner tries for a launch with ``named_args``: those whose column
+    tile is at most max(32, next_pow2(size)) (a wider tile would mostly hold masked columns),
+    or the first one when none is."""
+    size_arg, block = tuning.width
+    limit = max(32, rt.next_pow2(named_args[size_arg]))
+    table = configs(tuning)
+    return [c for c in table if c[block] <= limit] or table[:1]
+
+
+def _as_dict(config) -> dict:
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+@functools.lru_cache(maxsize=None)
+def autotuned(kernel, tuning: Tuning):
+    """``triton.autotune`` of ``kernel`` over ``tuning``'s table, built once per (kernel, tuning)."""
+    def as_config(d):
+        blocks = {k: v for k, v in d.items() if k not in ("num_warps", "num_stages")}
+        return triton.Config(blocks, num_warps=d["num_warps"], num_stages=d["num_stages"])
+
+    def prune(configs, named_args, **kwargs):
+        kept = [_as_dict(c) for c in candidates(tuning, named_args)]
+        return [c for c in configs if _as_dict(c) in kept]
+
+    return triton.autotune(configs=[as_config(c) for c in configs(tuning)], key=list(tuning.key),
+                           prune_configs_by={"early_config_prune": prune},
+                           restore_value=list(tuning.restore) or None,
+                           reset_to_zero=list(tuning.reset) or None)(kernel)
