@@ -116,6 +116,16 @@ def transform_conv_policy(device: torch.device) -> str:
     return name
 
 
+def runs_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the backend chosen for ``device`` runs ``dtype`` features (the CPU kernels run
+    float32 and float64 only)."""
+    try:
+        resolve(device, dtype)
+    except TypeError:
+        return False
+    return True
+
+
 def kernels_for(backend: str):
     """The module implementing the memory-bound kernels for ``backend``."""
     if backend == "cpu":

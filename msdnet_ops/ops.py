@@ -521,6 +521,9 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding
       the (small) output.
     * cuda, reference: ``F.conv2d`` of a dense copy, then ReLU.
     """
+    if torch.is_autocast_enabled(x.device.type):  # the buffers' dtype decides, not autocast
+        with torch.autocast(x.device.type, enabled=False):
+            return conv_bias_relu(x, weight, bias, stride, padding)
     backend, kernels = _kernels(x)
     if backend == "cpu":
         return cpu_conv.conv_bias_relu(x, weight, bias, stride, padding)

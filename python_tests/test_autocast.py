@@ -1,9 +1,11 @@
-"""Mixed precision: the fused DenseNet and MSDNet under ``torch.autocast`` keep their feature
-buffers in the autocast dtype (float32 statistics and accumulation, float32 parameters) and err
-against float64 at most ~2x what the plain PyTorch model errs under the same autocast.
+"""Mixed precision: the fused DenseNet and MSDNet under ``torch.autocast`` err against float64
+at most ~2x what the plain PyTorch model errs under the same autocast.
 
-Low-precision features run on the Triton kernels (on GPUs, or here on the CPU through the
-interpreter); the CPU C++ kernels take float32/float64 and refuse bfloat16 with a clear error.
+Where the backend has low-precision kernels (Triton: on GPUs, or here on the CPU through the
+interpreter) the feature buffers hold the autocast dtype (float32 statistics and accumulation,
+float32 parameters). The CPU C++ kernels take float32/float64: under CPU autocast, where
+torchvision's DenseNet runs in bfloat16, ours runs a float32 compute path (as autocast runs
+BatchNorm) and returns the autocast dtype where plain PyTorch does.
 """
 import copy
 
@@ -61,9 +63,29 @@ def test_bfloat16_autocast_errs_like_plain_pytorch(name, use_backend):
         assert 0 < o <= 2 * p + 1e-3, f"{what}: ours errs {o:.3g}, plain PyTorch {p:.3g}"
 
 
-def test_cpu_kernels_refuse_bfloat16_with_a_clear_error(use_backend):
+@pytest.mark.parametrize("name", ["densenet", "densenet-memory-efficient", "msdnet"])
+@pytest.mark.parametrize("train", [True, False])
+def test_cpu_autocast_runs_a_float32_path(name, train, use_backend):
+    """A drop-in model runs wherever torchvision's does: under CPU bfloat16 autocast the CPU
+    kernels compute in float32 and err no more than plain PyTorch's bfloat16 autocast (train:
+    a training step; eval: inference without autograd, MSDNet's folded-BatchNorm path)."""
     use_backend("cpu")
-    _, ours = _pairs()["densenet"]
-    with pytest.raises(TypeError, match="supported on CUDA devices only"):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            ours(torch.randn(2, 3, 32, 32))
+    plain, ours = _pairs()[name]
+    x = torch.randn(4, 3, 32, 32)
+    if train:
+        exact = _step(plain, x, torch.float64, amp=False)
+        plain_err = _relative_errors(_step(plain, x, torch.float32, amp=True), exact)
+        ours_err = _relative_errors(_step(ours, x, torch.float32, amp=True), exact)
+    else:
+        outs = []
+        for model, dtype, amp in ((plain, torch.float64, False), (plain, torch.float32, True),
+                                  (ours, torch.float32, True)):
+            model = copy.deepcopy(model).to(dtype).eval()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                y = model(x.to(dtype))
+            outs.append(torch.stack(y) if isinstance(y, list) else y)
+        assert outs[2].dtype == outs[1].dtype, "ours returns another dtype than plain"
+        exact = outs[0]
+        plain_err, ours_err = (_relative_errors([o.double()], [exact]) for o in outs[1:])
+    for what, p, o in zip(["output", "input gradient", "parameter gradients"], plain_err, ours_err):
+        assert o <= 2 * p, f"{what}: ours errs {o:.3g}, plain PyTorch {p:.3g}"

@@ -59,7 +59,7 @@ class InferenceRun(PlanRun):
 
     def __init__(self, model, plan, x: torch.Tensor, cell_macs, folded: FoldedWeights):
         super().__init__(model, plan, x, cell_macs)
-        self.dtype = feature_dtype(x.dtype, x.device.type)
+        self.dtype = feature_dtype(x.dtype, x.device)
         self.folded = folded
         self.filled: dict = {}
 

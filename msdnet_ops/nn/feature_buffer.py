@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import ops
+from .. import backends, ops
 from ..layout import empty_nhwc
 from ..reference import stats_dtype
 
@@ -119,12 +119,16 @@ class BufferState:
         self.grad = self.grad_mean = self.grad_invstd = None
 
 
-def feature_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+def feature_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype a feature buffer holds. Under autocast, float32 features are stored in the
-    autocast dtype (what an autocast convolution would output); statistics and kernel
-    accumulation stay in float32."""
-    if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    autocast dtype (what an autocast convolution would output; statistics and kernel
+    accumulation stay in float32) where the backend has low-precision kernels (Triton, CUDA);
+    elsewhere (the CPU kernels) they stay float32: a float32 compute path inside the autocast
+    region, as autocast itself runs BatchNorm."""
+    if torch.is_autocast_enabled(device.type):
+        low = torch.get_autocast_dtype(device.type)
+        if dtype in (torch.float32, low):  # float32 inputs, or what an autocast layer made
+            return low if backends.runs_dtype(device, low) else torch.float32
     return dtype
 
 
@@ -142,7 +146,7 @@ class FeatureBuffer:
                              f"capacity={capacity}, height={height}, width={width}")
         device = torch.device(device)
         values = empty_nhwc((batch, capacity, height, width), device=device,
-                            dtype=feature_dtype(dtype, device.type))
+                            dtype=feature_dtype(dtype, device))
         self.state = BufferState(values, track_stats, eps, sync_group)
         self.filled = 0
         self.token = None
