@@ -31,6 +31,7 @@ from torch import Tensor
 
 from . import backends, conv_choice
 from . import validation as check
+from .dtypes import stats_dtype
 from .kernels import cpu_conv
 from .layout import dense, empty_like_layout
 
@@ -530,7 +531,7 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding
     if backend == "triton":
         out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, 1))
         kernels.conv_into(x, weight, stride, padding, 1, out)
-        kernels.affine_relu_into(out, torch.ones_like(bias, dtype=check.stats_dtype(x.dtype)),
-                                 bias.to(check.stats_dtype(x.dtype)), out)
+        kernels.affine_relu_into(out, torch.ones_like(bias, dtype=stats_dtype(x.dtype)),
+                                 bias.to(stats_dtype(x.dtype)), out)
         return out
     return torch.relu_(F.conv2d(dense(x), weight, bias, stride, padding))

@@ -19,10 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of per-channel vectors for feature values of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .dtypes import stats_dtype
 
 
 def _per_channel(v: torch.Tensor) -> torch.Tensor:

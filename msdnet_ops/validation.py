@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import stats_dtype
-
-FEATURE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from .dtypes import FEATURE_DTYPES, stats_dtype
 
 
 def check_features(t, name: str) -> None:

@@ -7,12 +7,10 @@ import threading
 
 import torch
 
+from ..dtypes import stats_dtype  # noqa: F401  (re-exported for the wrappers)
+
 # dtype codes of csrc/include/msdnet_ops/common.h
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def view(t: torch.Tensor) -> tuple:

@@ -18,7 +18,7 @@ from ..nn.dense_layer import (append_conv, append_conv_bn_relu, append_transform
                               recompute_in_backward, write_tensor)
 from ..nn.feature_buffer import FeatureBuffer
 from ..nn.functions import TransformRead
-from ..reference import stats_dtype
+from ..dtypes import stats_dtype
 
 
 def _conv_size(size: int, conv) -> int:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .. import backends, ops
 from ..layout import empty_nhwc
-from ..reference import stats_dtype
+from ..dtypes import stats_dtype
 
 
 class BufferState:

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dtypes import stats_dtype  # noqa: F401  (used by the kernels' launchers)
+
 try:  # Triton >= 3.0
     from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # pragma: no cover
@@ -37,11 +39,6 @@ INT32_MAX = 2**31 - 1
 
 def tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of per-channel vectors and of accumulation for feature values of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def acc_tl_dtype(dtype: torch.dtype):
