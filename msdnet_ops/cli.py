@@ -206,7 +206,7 @@ def _cmd_bench(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .training.errors import UserError
+    from .training import UserError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .errors import UserError
+from . import UserError
 
 IMPLS = ("auto", "plain", "fused")
 
