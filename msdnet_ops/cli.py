@@ -151,6 +151,8 @@ def _add_evaluate_options(e: argparse.ArgumentParser, prefix: str = "") -> None:
     e.add_argument("--no-measure", dest="measure", action="store_false",
                    help="skip the measured (real early-exit) run of the budgeted classifier")
     e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads")
+    e.add_argument("--force", action="store_true",
+                   help="evaluate checkpoint.pt even when its configuration differs from the run's run.json")
     e.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -184,7 +186,7 @@ def _cmd_evaluate(args) -> int:
     result = evaluate_run(EvaluateOptions(
         run_dir=args.run_dir, data=args.data, device=args.device, batch_size=args.batch_size, impl=args.impl,
         q_min=args.q_min, q_max=args.q_max, q_step=args.q_step, measure=args.measure, threads=args.threads,
-        quiet=args.quiet))
+        quiet=args.quiet, force=args.force))
     if not args.quiet:
         print(format_summary(result))
         print(f"wrote {Path(args.run_dir) / 'evaluation.json'}, anytime.png, budgeted.png")

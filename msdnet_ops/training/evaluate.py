@@ -34,7 +34,8 @@ from .data import load_data
 from .distributed import choose_device, threads_per_process
 from .model_factory import build_model, impl_name
 from .precision import autocast
-from .run_files import atomic_write_json, checkpoint_path, load_checkpoint
+from .run_files import (atomic_write_json, check_checkpoint_matches_run, check_run_dir, checkpoint_path,
+                        load_checkpoint, read_run_config)
 
 EVALUATION_NAME = "evaluation.json"
 ANYTIME_PLOT = "anytime.png"
@@ -55,6 +56,7 @@ class EvaluateOptions:
     measure: bool = True  # run BudgetedClassifier when available
     threads: Optional[int] = None
     quiet: bool = False
+    force: bool = False  # evaluate a checkpoint whose configuration differs from run.json
 
 
 @torch.no_grad()
@@ -162,9 +164,10 @@ def evaluate_run(opts: EvaluateOptions) -> dict:
     """Evaluate the run in ``opts.run_dir``; writes the JSON and the plots; returns the dict."""
     t_start = time.perf_counter()
     run_dir = Path(opts.run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist: expected the --out DIR of 'msdnet train'")
+    check_run_dir(run_dir)
     state = load_checkpoint(checkpoint_path(run_dir))
+    if not opts.force:
+        check_checkpoint_matches_run(state, read_run_config(run_dir), run_dir)
     config = state["config"]
     torch.set_num_threads(opts.threads or threads_per_process())
     device = choose_device(opts.device)

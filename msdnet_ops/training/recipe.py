@@ -77,9 +77,11 @@ def milestone_epochs(epochs: int, milestones: Sequence[float]) -> list[int]:
 
 def lr_at_epoch(epoch: int, base_lr: float, epochs: int, milestones: Sequence[float] = CIFAR_MILESTONES,
                 gamma: float = 0.1) -> float:
-    """Learning rate of 0-based ``epoch``: ``base_lr * gamma**(number of milestones passed)``."""
+    """Learning rate of 0-based ``epoch``: ``base_lr * gamma**(number of milestones passed)``,
+    rounded to 12 significant digits (0.1 * 0.1 is 0.010000000000000002 in binary floating
+    point; the run and its log use 0.01)."""
     passed = sum(1 for m in milestone_epochs(epochs, milestones) if epoch >= m)
-    return base_lr * gamma ** passed
+    return float(f"{base_lr * gamma ** passed:.12g}")
 
 
 def parse_milestones(text: str) -> tuple[float, ...]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -128,16 +129,68 @@ def save_checkpoint(path, state: dict) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; a missing or unreadable file is a
-    :class:`UserError` that names it."""
+    """Load a checkpoint with ``weights_only=True``. A missing, empty, damaged or foreign file
+    is a :class:`UserError` that names it and says what was expected."""
     path = Path(path)
+    expected = f"expected the {CHECKPOINT_NAME} that 'msdnet train --out DIR' writes after every epoch"
     if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: expected the {CHECKPOINT_NAME} that 'msdnet train --out DIR' "
-                        "writes after every epoch")
+        raise UserError(f"no checkpoint at {path}: {expected}")
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): {expected}")
+    # torch.save writes a zip archive; anything else (random bytes, a truncated copy: the zip
+    # directory sits at the end) is not worth handing to torch.load, whose message is about
+    # weights_only, not about the file.
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint {path} ({size} bytes) is not a file written by torch.save: it is damaged, "
+                        f"truncated or something else; {expected}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint {path} could not be read with torch.load(weights_only=True): {e}") from e
+        raise UserError(f"checkpoint {path} is a PyTorch file that does not load as tensors and plain "
+                        f"containers ({type(e).__name__}; it holds pickled Python objects or is damaged); "
+                        f"{expected}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{path} is not an msdnet training checkpoint (expected format {FORMAT!r})")
+        what = ("a dict without the 'format' key (a bare state_dict?)" if isinstance(state, dict)
+                else f"a {type(state).__name__}")
+        raise UserError(f"checkpoint {path} holds {what}, not an msdnet training checkpoint (a dict with "
+                        f"format {FORMAT!r}); {expected}")
     return state
+
+
+# --------------------------------------------------------------------------- a run directory
+
+def check_run_dir(run_dir: Path) -> None:
+    """``run_dir`` must be the folder a training run wrote (not its checkpoint file)."""
+    if run_dir.is_file():
+        hint = f" (give the folder that holds it: {run_dir.parent})" if run_dir.name == CHECKPOINT_NAME else ""
+        raise UserError(f"{run_dir} is a file, not a run folder{hint}: expected the --out DIR of 'msdnet train', "
+                        f"which holds {CHECKPOINT_NAME} and {RUN_CONFIG_NAME}")
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist: expected the --out DIR of 'msdnet train'")
+
+
+def read_run_config(run_dir: Path):
+    """The dict in ``run_dir/run.json``, or ``None`` when there is none."""
+    path = run_dir / RUN_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}): expected the {RUN_CONFIG_NAME} that "
+                        "'msdnet train' writes") from None
+
+
+def check_checkpoint_matches_run(state: dict, run_config, run_dir: Path) -> None:
+    """Refuse a checkpoint whose configuration is not the run's (``run.json``), e.g. one copied
+    in from another run: evaluating it would describe another network than the folder's."""
+    if run_config is None or run_config == state["config"]:
+        return
+    ckpt_config = state["config"]
+    keys = sorted(k for k in set(run_config) | set(ckpt_config) if run_config.get(k) != ckpt_config.get(k))
+    shown = ", ".join(f"{k} (checkpoint {ckpt_config.get(k)!r}, {RUN_CONFIG_NAME} {run_config.get(k)!r})"
+                      if k == "config_name" else k for k in keys)
+    raise UserError(f"{checkpoint_path(run_dir)} does not belong to the run in {run_dir}: its configuration "
+                    f"differs from {RUN_CONFIG_NAME} in {shown}. Put the run's own checkpoint back, or pass "
+                    f"--force to evaluate the checkpoint with its own configuration")
