@@ -265,7 +265,33 @@ def format_summary(result: dict) -> str:
                  f"MMACs (q {best['q']})")
     if result["budgeted"]["note"]:
         lines.append(f"note: {result['budgeted']['note']}")
-    c = result["checks"]
-    lines.append(f"budgeted curve at least as accurate as every exit at no more cost: "
-                 f"{c['budgeted_at_least_as_accurate_as_every_exit']} ({c['exits_compared']} exits compared)")
+    lines.append(dominance_sentence(result["checks"]))
+    measured = [p for p in pts if p["measured_macs"] is not None]
+    if measured:
+        saved = [1 - p["measured_macs"] / p["expected_macs"] for p in measured]
+        lines.append(f"Measured with real early exit, the budgeted classifier costs {min(saved) * 100:.0f}-"
+                     f"{max(saved) * 100:.0f} % fewer multiply-adds than expected: it computes only the feature "
+                     "maps each exit needs, while the expected cost counts what a full forward pass computes up "
+                     "to the exit.")
     return "\n".join(lines)
+
+
+def dominance_sentence(checks: dict) -> str:
+    """What :func:`dominance_check` found, as a sentence."""
+    compared = [e for e in checks["per_exit"] if e["budgeted_at_least_as_accurate"] is not None]
+    if not compared:
+        return "No budgeted point is as cheap as any single exit, so none was compared with them."
+    worse = [e for e in compared if not e["budgeted_at_least_as_accurate"]]
+    skipped = [e["exit"] for e in checks["per_exit"] if e["budgeted_at_least_as_accurate"] is None]
+    if worse:
+        return "Early exit loses accuracy here: " + "; ".join(
+            f"at the cost of exit {e['exit']} ({e['macs'] / 1e6:.2f} MMACs) the best budgeted point reaches "
+            f"{e['best_budgeted_accuracy_at_or_below'] * 100:.2f} %, below the exit's "
+            f"{e['exit_accuracy'] * 100:.2f} %" for e in worse) + "."
+    names = ", ".join(str(e["exit"]) for e in compared)
+    sentence = (f"Early exit pays off: for exit{'s' if len(compared) > 1 else ''} {names}, some budgeted point is at "
+                "least as accurate as the exit at no more expected multiply-adds.")
+    if skipped:
+        sentence += (f" (Exit{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))}: every budgeted "
+                     "point costs more, so not compared.)")
+    return sentence
