@@ -6,7 +6,7 @@
     msdnet train --data cifar100:/data/cifar --config cifar100-anytime --out runs/c100
     torchrun --nproc-per-node 4 -m msdnet_ops train --data imagenet:/data/imagenet \\
         --config imagenet-step4 --out runs/in
-    msdnet bench ...                            # runs benches/run.py with the given arguments
+    msdnet bench --quick                        # the benchmarks (benches/run.py) -> ./bench-results
 
 User mistakes (missing data, bad option, existing run without --resume) are reported in one
 line and exit with status 2.
@@ -172,10 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
     # ---- bench ----------------------------------------------------------------------------------
-    b = sub.add_parser("bench", help="run the benchmarks (benches/run.py) with the given arguments",
-                       description="Runs benches/run.py of the source tree, passing every argument through.",
-                       add_help=False)
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benches/run.py")
+    sub.add_parser("bench", add_help=False,
+                   help=f"run the benchmarks; every argument goes to the runner ('{PROG} bench --help' lists them)")
     return parser
 
 
@@ -216,31 +214,47 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+BENCH_OUT = "bench-results"
+
+
 def bench_script() -> Path:
-    """``benches/run.py`` of the source tree this package lives in."""
-    return Path(__file__).resolve().parent.parent / "benches" / "run.py"
+    """The benchmark runner: inside the installed package (setup.py ships benches/ as
+    msdnet_ops/_benchmarks/benches/), else benches/run.py of the source checkout this package
+    is imported from (an editable install, or the repository root)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "_benchmarks" / "benches" / "run.py"
+    return installed if installed.is_file() else package.parent / "benches" / "run.py"
 
 
-def _cmd_bench(args) -> int:
+def _cmd_bench(bench_args: Sequence[str]) -> int:
+    """Run the benchmark runner with ``bench_args`` in this directory; results go to
+    ./bench-results unless --out says otherwise (never into the installed package)."""
     script = bench_script()
     if not script.is_file():
-        print(f"{PROG} bench: the benchmark runner is missing: expected {script} (benches/run.py of the source "
-              "tree; benchmarks are not part of an installed wheel)", file=sys.stderr)
+        print(f"{PROG} bench: error: the benchmark runner {script} is missing: reinstall msdnet_ops",
+              file=sys.stderr)
         return 2
-    return subprocess.call([sys.executable, str(script), *args.bench_args], cwd=str(script.parent.parent))
+    asks_help = any(a in ("-h", "--help") for a in bench_args)
+    gives_out = any(a == "--out" or a.startswith("--out=") for a in bench_args)
+    args = list(bench_args) if asks_help or gives_out else [*bench_args, "--out", BENCH_OUT]
+    status = subprocess.call([sys.executable, str(script), *args])
+    if asks_help:
+        print(f"\n'{PROG} bench' runs {script} with these options; without --out it writes into ./{BENCH_OUT}.")
+    return status
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .training import UserError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after 'bench' belongs to the runner, --help included
+        return _cmd_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return _cmd_train(args)
-        if args.command == "evaluate":
-            return _cmd_evaluate(args)
-        return _cmd_bench(args)
+        return _cmd_evaluate(args)
     except UserError as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2
