@@ -4,7 +4,7 @@
     pip install --no-build-isolation .        # install
     pip install --no-build-isolation -e .     # development (modules built into msdnet_ops/)
 
-Modules (pybind11, no torch headers; see DESIGN.md "Build"):
+Modules (pybind11, no torch headers; see docs/ARCHITECTURE.md §4 "Build"):
 
 * ``msdnet_ops._cpu_kernels``: C++ / OpenMP, always built.
 * ``msdnet_ops._cuda_kernels``: CUDA, built when a CUDA toolkit is found.
