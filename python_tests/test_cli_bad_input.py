@@ -15,15 +15,10 @@ import torch
 import msdnet_ops
 from msdnet_ops import cli
 
+from conftest import run_msdnet as run
+
 TINY = ["--epochs", "1", "--limit-batches", "1", "--threads", "1", "--progress", "off", "--quiet"]
 QUICK_EVAL = ["--q-min", "1", "--q-max", "1", "--no-measure", "--threads", "1", "--quiet"]
-
-
-def run(capsys, *args):
-    """``msdnet ARGS`` in this process: (exit status, stdout, stderr)."""
-    status = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def assert_one_line_error(status: int, err: str, command: str = "evaluate") -> str:

@@ -51,8 +51,12 @@ def _save(plt, fig, path):
     return fig
 
 
-def _legend_below(ax, ncol: int) -> None:
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, frameon=False, fontsize=9)
+def _finish_axes(ax, xlabel: str, ylabel: str, legend_columns: int) -> None:
+    """Axis labels, a light grid and the legend below the axes (never over the data)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=legend_columns, frameon=False, fontsize=9)
 
 
 def plot_anytime(path, exits: list[dict], title: str = "anytime prediction"):
@@ -76,10 +80,7 @@ def plot_anytime(path, exits: list[dict], title: str = "anytime prediction"):
     ax.plot(macs, val, "s--", alpha=0.7, label="validation")
     ax.set_ylim(*accuracy_limits(test + val))
     _label_exits(ax, exits)
-    ax.set_xlabel("multiply-adds per image to reach the exit (millions)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(True, alpha=0.3)
-    _legend_below(ax, ncol=2)
+    _finish_axes(ax, "multiply-adds per image to reach the exit (millions)", "accuracy (%)", legend_columns=2)
     fig.suptitle(title)
     return _save(plt, fig, path)
 
@@ -103,10 +104,7 @@ def plot_budgeted(path, points: list[dict], exits: list[dict], title: str = "bud
             linewidth=2, label="budgeted, expected cost", zorder=4)
     ax.set_ylim(*accuracy_limits(accuracy + [e["test_accuracy"] * 100 for e in exits]))
     _label_exits(ax, exits)
-    ax.set_xlabel("average multiply-adds per image (millions)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(True, alpha=0.3)
-    _legend_below(ax, ncol=3)
+    _finish_axes(ax, "average multiply-adds per image (millions)", "test accuracy (%)", legend_columns=3)
 
     qs = [p["q"] for p in points]
     ax_q.plot(qs, [p["expected_macs"] / 1e6 for p in points], "-", color="C0", linewidth=2, label="expected")
@@ -117,10 +115,8 @@ def plot_budgeted(path, points: list[dict], exits: list[dict], title: str = "bud
         ax_q.axhline(e["macs"] / 1e6, color="C1", linestyle="--", linewidth=0.8, alpha=0.6)
         ax_q.annotate(f"exit {e['exit']}", (1.0, e["macs"] / 1e6), xycoords=("axes fraction", "data"),
                       xytext=(3, 0), textcoords="offset points", va="center", fontsize=8, color="C1")
-    ax_q.set_xlabel("q (share of images leaving at exit k ~ q^k)")
-    ax_q.set_ylabel("multiply-adds per image (millions)")
-    ax_q.grid(True, alpha=0.3)
-    _legend_below(ax_q, ncol=2)
+    _finish_axes(ax_q, "q (share of images leaving at exit k ~ q^k)", "multiply-adds per image (millions)",
+                 legend_columns=2)
 
     fig.suptitle(title)
     if measured:
