@@ -159,9 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"evaluation batch size (default: {d.batch_size})")
     e.add_argument("--impl", choices=("auto", "plain", "fused"),
                    help="model implementation, as for 'msdnet train' (default: auto)")
-    e.add_argument("--q-min", type=_positive_float, metavar="Q", default=d.q_min, help=f"smallest q of the sweep (default: {d.q_min})")
-    e.add_argument("--q-max", type=_positive_float, metavar="Q", default=d.q_max, help=f"largest q of the sweep (default: {d.q_max})")
-    e.add_argument("--q-step", type=_positive_float, metavar="Q", default=d.q_step, help=f"step between the q values (default: {d.q_step})")
+    e.add_argument("--q-min", type=_positive_float, metavar="Q", default=d.q_min,
+                   help=f"smallest q of the sweep (default: {d.q_min})")
+    e.add_argument("--q-max", type=_positive_float, metavar="Q", default=d.q_max,
+                   help=f"largest q of the sweep (default: {d.q_max})")
+    e.add_argument("--q-step", type=_positive_float, metavar="Q", default=d.q_step,
+                   help=f"step between the q values (default: {d.q_step})")
     e.add_argument("--no-measure", dest="measure", action="store_false",
                    help="skip the real early-exit run that measures multiply-adds and wall time (expected "
                         "costs are still reported)")

@@ -53,7 +53,7 @@ class EvaluateOptions:
     q_min: float = 0.05
     q_max: float = 1.95
     q_step: float = 0.05
-    measure: bool = True  # run BudgetedClassifier when available
+    measure: bool = True  # also run the real early exit (BudgetedClassifier) and measure its cost
     threads: Optional[int] = None
     quiet: bool = False
     force: bool = False  # evaluate a checkpoint whose configuration differs from run.json
