@@ -176,9 +176,9 @@ def _train(opts: TrainOptions, out: Path, ctx: D.DistContext) -> dict:
     _announce(run, opts, out, ctx, resuming=state is not None)
     workers = opts.workers if opts.workers is not None else DATA_DEFAULTS[run.data.name]["workers"]
     for epoch in range(run.start_epoch, recipe["epochs"]):
-        record = _train_epoch(run, epoch, opts, ctx, workers)
+        run.history.append(_train_epoch(run, epoch, opts, ctx, workers))
         if ctx.is_main:
-            _save_epoch(run, record, out, opts, ctx)
+            _save_epoch(run, out, opts, ctx)
         D.barrier(ctx)
     final = run.history[-1] if run.history else {}
     return {"run_dir": str(out), "epochs": len(run.history), "elapsed_s": final.get("elapsed_s", 0.0),
@@ -286,9 +286,9 @@ def _train_epoch(run: _Run, epoch: int, opts: TrainOptions, ctx: D.DistContext, 
             "threads": torch.get_num_threads()}
 
 
-def _save_epoch(run: _Run, record: dict, out: Path, opts: TrainOptions, ctx: D.DistContext) -> None:
-    """Checkpoint and log the epoch just trained (rank 0), and print its line."""
-    run.history.append(record)
+def _save_epoch(run: _Run, out: Path, opts: TrainOptions, ctx: D.DistContext) -> None:
+    """Checkpoint and log the epoch just trained (the last of ``run.history``), print its line."""
+    record = run.history[-1]
     save_checkpoint(checkpoint_path(out), {
         "epoch": record["epoch"], "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(), "config": run.config, "history": run.history,
