@@ -1,9 +1,10 @@
-"""Builds msdnet_ops's compiled kernels with CMake (project metadata: pyproject.toml).
+"""Builds msdnet_ops's compiled kernels with CMake and lists the packages, benches/ included
+(project metadata: pyproject.toml).
 
     pip install --no-build-isolation .        # install
     pip install --no-build-isolation -e .     # development (modules built into msdnet_ops/)
 
-Modules (pybind11, no torch headers; see DESIGN.md "Build"):
+Modules (pybind11, no torch headers; see docs/ARCHITECTURE.md §4 "Build"):
 
 * ``msdnet_ops._cpu_kernels``: C++ / OpenMP, always built.
 * ``msdnet_ops._cuda_kernels``: CUDA, built when a CUDA toolkit is found.
@@ -35,13 +36,21 @@ import sysconfig
 import time
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE_DIR = ROOT / "msdnet_ops"
 CPU_MODULE = "msdnet_ops._cpu_kernels"
 CUDA_MODULE = "msdnet_ops._cuda_kernels"
+
+# benches/ ships inside the package, so that 'msdnet bench' runs after a normal install. The
+# runner imports its modules as the top-level package 'benches' and puts the folder above
+# benches/ on sys.path; that folder must hold nothing else (msdnet_ops/ itself holds triton/,
+# which would shadow the real Triton), hence the extra level: msdnet_ops/_benchmarks/benches/.
+BENCH_PACKAGE = "msdnet_ops._benchmarks.benches"
+PACKAGES = find_packages(include=["msdnet_ops", "msdnet_ops.*"]) + [BENCH_PACKAGE]
+PACKAGE_DIRS = {BENCH_PACKAGE: "benches"}
 
 
 def _flag(name: str) -> bool:
@@ -271,4 +280,4 @@ _CUDA_ROOT: Path | None = None
 
 if __name__ == "__main__":  # pip / setuptools run this file as __main__; tests import it
     _EXTS, _CUDA_ROOT = extensions()
-    setup(ext_modules=_EXTS, cmdclass={"build_ext": CMakeBuild})
+    setup(packages=PACKAGES, package_dir=PACKAGE_DIRS, ext_modules=_EXTS, cmdclass={"build_ext": CMakeBuild})

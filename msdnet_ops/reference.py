@@ -40,7 +40,7 @@ def channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x) -> 
     ``grad_x += grad_mean / n - grad_invstd * (x - mean) * invstd**3 / n`` with ``n = N*H*W``.
     This is the "finalize" step: when ``grad_x`` already holds the direct gradient of every
     consumer (``sum_l scale_l * dpre_l``), adding the statistics part once per channel gives
-    the exact BatchNorm input gradient (see DESIGN.md section 3).
+    the exact BatchNorm input gradient (see docs/ARCHITECTURE.md §3).
     """
     n = x.shape[0] * x.shape[2] * x.shape[3]
     xs = x.to(mean.dtype)

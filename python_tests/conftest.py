@@ -44,3 +44,12 @@ def use_backend(monkeypatch):
         monkeypatch.setenv("MSDNET_OPS_BACKEND", name)
         return device_for(name)
     return select
+
+
+def run_msdnet(capsys, *args):
+    """``msdnet ARGS`` in this process: (exit status, stdout, stderr)."""
+    from msdnet_ops import cli
+
+    status = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err

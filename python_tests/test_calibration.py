@@ -1,6 +1,6 @@
 """Budgeted batch classification: threshold calibration, exit assignment, expected cost.
 
-``loop_thresholds`` / ``loop_assign`` re-implement MSDNET.md's procedure with plain Python
+``loop_thresholds`` / ``loop_assign`` re-implement docs/MSDNET.md's procedure with plain Python
 loops, straight from the text: walk the exits in order; at exit k take the samples not yet
 exited, sort them by confidence at k, the threshold is the confidence of the
 floor(n*P_k)-th (1-based); samples with confidence >= T_k exit; the last exit takes all.

@@ -22,6 +22,8 @@ from msdnet_ops import cli
 from msdnet_ops.training import train as train_module
 from msdnet_ops.training.data import load_data
 
+from conftest import run_msdnet as run
+
 TINY = ["--epochs", "2", "--limit-batches", "2", "--threads", "1", "--progress", "off", "--quiet"]
 RUNTIME = ["--limit-batches", "2", "--threads", "1", "--progress", "off", "--quiet"]
 QS = ["--q-min", "0.5", "--q-max", "1.5", "--q-step", "0.5"]
@@ -33,13 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def run(capsys, *args):
-    """``msdnet ARGS`` in this process: (exit status, stdout, stderr)."""
-    status = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def load_ckpt(run_dir) -> dict:

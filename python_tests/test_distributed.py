@@ -18,7 +18,7 @@ from torch import nn
 
 import msdnet_ops
 from msdnet_ops.training import distributed as D
-from msdnet_ops.training.checkpoint import load_checkpoint
+from msdnet_ops.training.run_files import load_checkpoint
 
 HERE = Path(__file__).resolve().parent
 WORLD = 2

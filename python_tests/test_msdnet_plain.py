@@ -1,6 +1,6 @@
 """MSDNetPlain: structure, state-dict layout, forward arithmetic and cost figures.
 
-The expectations come from /work/shared/MSDNET.md (the paper's reference): a flat walker over
+The expectations come from docs/MSDNET.md (the paper's reference): a flat walker over
 the specification text (``spec_walk``) enumerates every parameter with its shape, computes the
 forward functionally from a state dict, and counts multiply-adds analytically.  None of it
 uses the package's modules.
@@ -16,7 +16,7 @@ from msdnet_ops.models import (MSDNET_CONFIG_NAMES, MSDNetLayer, MSDNetPlain, co
                                count_parameters, default_input_size, exit_macs, exit_parameters,
                                msdnet_config)
 
-# Figures of the paper's reference implementation (MSDNET.md).
+# Figures of the paper's reference implementation (docs/MSDNET.md).
 CIFAR100_ANYTIME_PARAMS = 3_067_960
 CIFAR100_ANYTIME_MACS_M = [15.1, 25.5, 37.1, 46.3, 57.3, 67.0, 75.9]
 IMAGENET_STEP7_PARAMS_M = 62.3
@@ -41,7 +41,7 @@ def _factors(v):
 
 
 def spec_walk(cfg):
-    """Yield the network as flat events, from the MSDNET.md text."""
+    """Yield the network as flat events, from the docs/MSDNET.md text."""
     grF, bnF = _factors(cfg["grFactor"]), _factors(cfg["bnFactor"])
     S, k, nB = len(grF), cfg["growthRate"], cfg["nBlocks"]
     steps = [cfg["base"]]
@@ -199,7 +199,7 @@ def spec_forward(sd, cfg, x):
 
 
 def spec_macs(cfg, h, w):
-    """Cumulative per-exit multiply-adds with MSDNET.md's counting rules."""
+    """Cumulative per-exit multiply-adds with docs/MSDNET.md's counting rules."""
     def out(v, ks, st, pd):
         return (v + 2 * pd - ks) // st + 1
 

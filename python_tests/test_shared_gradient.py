@@ -1,4 +1,4 @@
-"""DESIGN.md §3: consumers of a channel accumulate into one shared gradient and the
+"""docs/ARCHITECTURE.md §3: consumers of a channel accumulate into one shared gradient and the
 BatchNorm-statistics part is applied once per channel, by the producer. Exact in float64."""
 import pytest
 import torch

@@ -9,10 +9,14 @@ cifar10-budgeted    7        lin_grow  1     1     16  6   1-2-4     10
 cifar100-budgeted   5        lin_grow  1     1     16  6   1-2-4     100
 imagenet-step4      5        even      4     4     32  16  1-2-4-4   1000
 imagenet-step7      5        even      7     7     32  16  1-2-4-4   1000
+digits-small        4        even      1     2     8   4   1-2-4     10
 ==================  =======  ========  ====  ====  ==  ==  ========  =======
 
 All use prune ``max``, reduction 0.5 and the bottleneck; ``grFactor == bnFactor`` ("factors").
 CIFAR ones use the 3x3 stem (inputs 3x32x32), ImageNet ones the 7x7 stem (3x224x224).
+``digits-small`` is not the paper's: a small CIFAR-stem network for the embedded 32x32 digits
+data set (``msdnet train``'s default), chosen for >= 95 % accuracy at the last exit within a
+few minutes of CPU training.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ _CONFIGS: Dict[str, Dict[str, Any]] = {
                               num_classes=100),
     "imagenet-step4": dict(_IMAGENET, step=4, base=4),
     "imagenet-step7": dict(_IMAGENET, step=7, base=7),
+    "digits-small": dict(_CIFAR, nBlocks=4, nChannels=8, growthRate=4, stepmode="even", step=1, base=2,
+                         num_classes=10),
 }
 
 MSDNET_CONFIG_NAMES: Tuple[str, ...] = tuple(_CONFIGS)

@@ -1,4 +1,4 @@
-"""Autograd for the fused dense connectivity: the shared-gradient algorithm of DESIGN.md §3.
+"""Autograd for the fused dense connectivity: the shared-gradient algorithm of docs/ARCHITECTURE.md §3.
 
 Each function is one autograd node that writes channels into (or reads them out of) a
 :class:`~msdnet_ops.nn.feature_buffer.BufferState`. Nodes pass *tokens* (empty tensors) along

@@ -4,14 +4,23 @@ One concept per module:
 
 * :mod:`.data` -- data sets (embedded digits, CIFAR-10/100, ImageNet) and their splits;
 * :mod:`.model_factory` -- the one place that chooses the model class and the configuration;
-* :mod:`.schedule`, :mod:`.loss`, :mod:`.precision` -- the training recipe pieces;
-* :mod:`.checkpoint` -- atomic, ``weights_only``-loadable checkpoints;
-* :mod:`.distributed` -- torchrun / DistributedDataParallel and synchronized batch statistics;
+* :mod:`.recipe` -- the paper's recipe: defaults, learning-rate schedule, loss;
+  :mod:`.precision` -- mixed precision;
+* :mod:`.run_files` -- a run directory's files (run.json, checkpoint.pt, train_log.jsonl),
+  written atomically;
+* :mod:`.distributed` -- torchrun / DistributedDataParallel, synchronized batch statistics and
+  the CPU threads of each process;
 * :mod:`.train` -- the training loop; :mod:`.evaluate` -- anytime and budgeted evaluation;
-* :mod:`.plots`, :mod:`.progress`, :mod:`.jsonlog` -- reporting.
+* :mod:`.plots`, :mod:`.progress` -- reporting.
 
-Submodules are imported lazily by the command line so ``msdnet --help`` stays fast.
+Submodules are imported lazily by the command line.
 """
-from .errors import DataError, UserError
 
-__all__ = ["DataError", "UserError"]
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad option, missing data set): the message says
+    what was given and what was expected. The command line prints it as one line and exits
+    with status 2; every other exception is a bug and keeps its traceback."""
+
+
+__all__ = ["UserError"]

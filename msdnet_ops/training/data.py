@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from .errors import DataError
+from . import UserError
 
 DATA_KINDS = ("digits", "cifar10", "cifar100", "imagenet")
 DEFAULT_SPEC = "digits"
@@ -42,6 +42,10 @@ CIFAR_MEAN = (0.4914, 0.4824, 0.4467)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(UserError):
+    """A data set is missing or malformed."""
 
 
 @dataclass

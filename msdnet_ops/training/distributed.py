@@ -11,6 +11,7 @@
   here on the CPU (torch's refuses CPU tensors). Both keep the parameter and buffer names, so
   ``state_dict`` keys do not change.
 * Only rank 0 logs and writes checkpoints (:attr:`DistContext.is_main`).
+* :func:`threads_per_process`: each process's share of the cores (the ``--threads`` default).
 
 With the global batch split evenly over the ranks, one step equals a single process on the
 combined batch: DDP averages the per-rank gradients of the per-rank mean losses, and the
@@ -28,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UserError
+from . import UserError
 
 
 @dataclass
@@ -50,6 +51,17 @@ def _env_int(name: str, default: int) -> int:
         return int(os.environ.get(name, default))
     except ValueError:
         return default
+
+
+def threads_per_process(local_world_size: int = 1) -> int:
+    """The default CPU thread count of one process: an equal share of the cores this process
+    may run on (its affinity mask, which containers and ``taskset`` narrow), split between the
+    processes torchrun started on this machine."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size))
 
 
 def choose_device(device: Optional[str], local_rank: int = 0) -> torch.device:

@@ -9,9 +9,9 @@ was trained on, then
 * **budgeted batch classification**: for each ``q`` of a sweep (default 0.05 .. 1.95, step
   0.05, as in the paper), exit proportions ``P_k ~ q^k``, thresholds calibrated on the
   validation split and applied to the test split; accuracy and *expected* multiply-adds
-  (``sum_k fraction_k * cost_k``). When the package provides ``msdnet_ops.BudgetedClassifier``
-  (lazy early exit for real), the same thresholds are also run through it on the test split
-  and its *measured* multiply-adds and wall time are reported beside the expected ones;
+  (``sum_k fraction_k * cost_k``). Unless ``--no-measure``, the same thresholds also run
+  through :class:`msdnet_ops.BudgetedClassifier` (real early exit) on the test split, whose
+  *measured* multiply-adds and wall time are reported beside the expected ones;
 * checks that the budgeted curve is at least as accurate as each single exit at no more cost;
 
 and writes ``DIR/evaluation.json``, ``DIR/anytime.png`` (table and accuracy per exit) and
@@ -29,12 +29,13 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from .atomic import atomic_write_json
-from .checkpoint import checkpoint_path, load_checkpoint
+from . import UserError
 from .data import load_data
-from .errors import UserError
+from .distributed import choose_device, threads_per_process
+from .model_factory import build_model, impl_name
 from .precision import autocast
-from .threads import idle_aware_threads
+from .run_files import (atomic_write_json, check_checkpoint_matches_run, check_run_dir, checkpoint_path,
+                        load_checkpoint, read_run_config)
 
 EVALUATION_NAME = "evaluation.json"
 ANYTIME_PLOT = "anytime.png"
@@ -52,9 +53,10 @@ class EvaluateOptions:
     q_min: float = 0.05
     q_max: float = 1.95
     q_step: float = 0.05
-    measure: bool = True  # run BudgetedClassifier when available
+    measure: bool = True  # also run the real early exit (BudgetedClassifier) and measure its cost
     threads: Optional[int] = None
     quiet: bool = False
+    force: bool = False  # evaluate a checkpoint whose configuration differs from run.json
 
 
 @torch.no_grad()
@@ -136,122 +138,63 @@ def dominance_check(points: list[dict], exit_costs: Sequence[float], exit_accs: 
             "per_exit": per_exit}
 
 
-def _budgeted_classifier():
-    try:
-        from .. import BudgetedClassifier
-    except ImportError:
-        return None
-    return BudgetedClassifier
-
-
-def _as_float(v) -> float:
-    if isinstance(v, torch.Tensor):
-        return float(v.double().sum()) if v.numel() > 1 else float(v)
-    if isinstance(v, (list, tuple)):
-        return float(sum(v))
-    return float(v)
-
-
-def measure_budgeted(model, thresholds, dataset, labels, batch_size: int, device) -> dict:
+def measure_budgeted(model, thresholds, dataset, batch_size: int, device) -> dict:
     """Run ``msdnet_ops.BudgetedClassifier(model, thresholds).predict`` on ``dataset``:
     accuracy, measured multiply-adds per image, wall time per image, exit fractions."""
-    Budgeted = _budgeted_classifier()
-    clf = Budgeted(model, thresholds)
+    from ..inference.budgeted import BudgetedClassifier
+
+    clf = BudgetedClassifier(model, thresholds)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    correct = 0
-    macs = 0.0
-    wall = 0.0
-    n = 0
+    correct, macs, wall, n = 0, 0, 0.0, 0
     exits_all = []
     for x, y in loader:
         result = clf.predict(x.to(device))
-        if hasattr(result, "predictions"):  # msdnet_ops.BudgetedResult
-            preds, measured, seconds = result.predictions, result.macs, result.wall_time
-            exits = result.exits
-        else:
-            preds, exits, measured, seconds = result[0], result[1], result[2], result[3]
-        preds = torch.as_tensor(preds).cpu()
-        correct += int((preds == y).sum())
-        macs += _as_float(measured)
-        wall += _as_float(seconds)
-        exits_all.append(torch.as_tensor(exits).cpu())
+        correct += int((result.predictions == y).sum())
+        macs += result.macs
+        wall += result.wall_time
+        exits_all.append(result.exits)
         n += y.shape[0]
     exits = torch.cat(exits_all)
-    K = len(thresholds)
     return {"measured_accuracy": correct / n, "measured_macs": macs / n, "measured_wall_s_per_image": wall / n,
             "measured_wall_s": wall,
-            "measured_exit_fractions": [float((exits == k).sum()) / n for k in range(K)]}
+            "measured_exit_fractions": [float((exits == k).sum()) / n for k in range(len(thresholds))]}
 
 
 def evaluate_run(opts: EvaluateOptions) -> dict:
     """Evaluate the run in ``opts.run_dir``; writes the JSON and the plots; returns the dict."""
-    from . import distributed as D
-    from .model_factory import build_model, impl_name
-    from ..models.macs import exit_macs
-
     t_start = time.perf_counter()
     run_dir = Path(opts.run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist: expected the --out DIR of 'msdnet train'")
+    check_run_dir(run_dir)
     state = load_checkpoint(checkpoint_path(run_dir))
+    if not opts.force:
+        check_checkpoint_matches_run(state, read_run_config(run_dir), run_dir)
     config = state["config"]
-    torch.set_num_threads(opts.threads or idle_aware_threads(1))
-    device = D.choose_device(opts.device)
-
+    torch.set_num_threads(opts.threads or threads_per_process())
+    device = choose_device(opts.device)
     data = load_data(opts.data or config["data"], val_size=config.get("val_size"), augment=False)
     if data.num_classes != config["num_classes"]:
         raise UserError(f"data set {data.spec} has {data.num_classes} classes but the run was trained with "
                         f"{config['num_classes']}")
-    kwargs = config["model"]
-    impl = opts.impl or "auto"
-    model = build_model(kwargs, impl)
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
+    model = _trained_model(config["model"], opts.impl or "auto", state, device)
     input_size = tuple(config.get("input_size", data.input_size))
-    # Costs are counted on the plain module tree (same structure and multiply-adds as any
-    # implementation; exit_macs hooks its leaf modules).
-    costs = [int(c) for c in exit_macs(build_model(kwargs, "plain"), input_size)]
 
     t0 = time.perf_counter()
     val_probs, val_labels = collect_probabilities(model, data.val, opts.batch_size, device)
     test_probs, test_labels = collect_probabilities(model, data.test, opts.batch_size, device)
     t_infer = time.perf_counter() - t0
-    val_acc = exit_accuracies(val_probs, val_labels)
-    test_acc = exit_accuracies(test_probs, test_labels)
-    K = len(costs)
-    exits = [{"exit": k + 1, "macs": costs[k], "val_accuracy": val_acc[k], "test_accuracy": test_acc[k]}
-             for k in range(K)]
-
-    qs = q_sweep(opts.q_min, opts.q_max, opts.q_step)
-    points = budgeted_curve(val_probs, test_probs, test_labels, costs, qs)
-    Budgeted = _budgeted_classifier() if opts.measure else None
-    measured_note = None
-    if Budgeted is not None:
-        try:
-            # real early exit needs the fused model (it can start a run and drop samples)
-            lazy = model if hasattr(model, "start") else build_model(kwargs, "fused")
-            if lazy is not model:
-                lazy.load_state_dict(state["model"])
-                lazy.to(device).eval()
-            for p in points:
-                p.update(measure_budgeted(lazy, p["_thresholds"], data.test, test_labels, opts.batch_size, device))
-        except Exception as e:  # report, keep the expected curve
-            measured_note = f"BudgetedClassifier failed: {type(e).__name__}: {e}"
-            for p in points:
-                for k in ("measured_accuracy", "measured_macs", "measured_wall_s_per_image", "measured_wall_s",
-                          "measured_exit_fractions"):
-                    p.pop(k, None)
-    else:
-        measured_note = ("measured multiply-adds need msdnet_ops.BudgetedClassifier (lazy early exit), which this "
-                         "installation does not provide" if opts.measure else "measurement turned off (--no-measure)")
+    costs = _exit_costs(config["model"], input_size)
+    exits = [{"exit": k + 1, "macs": cost, "val_accuracy": val, "test_accuracy": test} for k, (cost, val, test)
+             in enumerate(zip(costs, exit_accuracies(val_probs, val_labels), exit_accuracies(test_probs, test_labels)))]
+    points = budgeted_curve(val_probs, test_probs, test_labels, costs, q_sweep(opts.q_min, opts.q_max, opts.q_step))
+    if opts.measure:
+        lazy = model if hasattr(model, "start") else _trained_model(config["model"], "fused", state, device)
+        for p in points:
+            p.update(measure_budgeted(lazy, p["_thresholds"], data.test, opts.batch_size, device))
     for p in points:
-        p.pop("_thresholds")
-        p.setdefault("measured_macs", None)
-        p.setdefault("measured_accuracy", None)
-        p.setdefault("measured_wall_s_per_image", None)
+        del p["_thresholds"]
+        for key in ("measured_macs", "measured_accuracy", "measured_wall_s_per_image"):
+            p.setdefault(key, None)
 
-    checks = dominance_check(points, costs, test_acc)
-    checks["last_exit_test_accuracy"] = test_acc[-1]
     history = state.get("history", [])
     result = {
         "run_dir": str(run_dir),
@@ -260,27 +203,49 @@ def evaluate_run(opts: EvaluateOptions) -> dict:
         "data": data.spec,
         "data_sizes": {"val": int(val_labels.numel()), "test": int(test_labels.numel())},
         "config_name": config.get("config_name"),
-        "model": kwargs,
+        "model": config["model"],
         "impl": impl_name(model),
         "parameters": sum(p.numel() for p in model.parameters()),
         "input_size": list(input_size),
         "exits": exits,
-        "budgeted": {"qs": qs, "calibrated_on": "val", "applied_to": "test", "points": points,
-                     "measured_available": Budgeted is not None and measured_note is None,
-                     "note": measured_note},
-        "checks": checks,
+        "budgeted": {"qs": [p["q"] for p in points], "calibrated_on": "val", "applied_to": "test", "points": points,
+                     "measured_available": opts.measure,
+                     "note": None if opts.measure else "measurement turned off (--no-measure)"},
+        "checks": dict(dominance_check(points, costs, [e["test_accuracy"] for e in exits]),
+                       last_exit_test_accuracy=exits[-1]["test_accuracy"]),
         "timing": {"train_s": history[-1]["elapsed_s"] if history else None, "inference_s": round(t_infer, 3)},
         "device": str(device),
     }
+    _write_outputs(run_dir, result, data.name, t_start)
+    return result
+
+
+def _trained_model(kwargs: dict, impl: str, state: dict, device):
+    """The checkpoint's weights in a fresh model of implementation ``impl``, in eval mode."""
+    model = build_model(kwargs, impl)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def _exit_costs(kwargs: dict, input_size) -> list[int]:
+    """Cumulative multiply-adds per image to reach each exit, counted on the plain module tree
+    (same structure and multiply-adds as any implementation; exit_macs hooks its leaf modules)."""
+    from ..models.macs import exit_macs
+
+    return [int(c) for c in exit_macs(build_model(kwargs, "plain"), input_size)]
+
+
+def _write_outputs(run_dir: Path, result: dict, data_name: str, t_start: float) -> None:
+    """The two plots, then evaluation.json (with the total evaluation time)."""
     from .plots import plot_anytime, plot_budgeted
 
-    plot_anytime(run_dir / ANYTIME_PLOT, exits, title=f"{result['config_name']} on {data.name}: anytime prediction")
-    plot_budgeted(run_dir / BUDGETED_PLOT, points, exits,
-                  title=f"{result['config_name']} on {data.name}: budgeted batch classification")
+    name = result["config_name"]
+    plot_anytime(run_dir / ANYTIME_PLOT, result["exits"], title=f"{name} on {data_name}: anytime prediction")
+    plot_budgeted(run_dir / BUDGETED_PLOT, result["budgeted"]["points"], result["exits"],
+                  title=f"{name} on {data_name}: budgeted batch classification")
     result["timing"]["evaluate_s"] = round(time.perf_counter() - t_start, 3)
     result["files"] = [EVALUATION_NAME, ANYTIME_PLOT, BUDGETED_PLOT]
     atomic_write_json(run_dir / EVALUATION_NAME, result)
-    return result
 
 
 def format_summary(result: dict) -> str:
@@ -300,7 +265,33 @@ def format_summary(result: dict) -> str:
                  f"MMACs (q {best['q']})")
     if result["budgeted"]["note"]:
         lines.append(f"note: {result['budgeted']['note']}")
-    c = result["checks"]
-    lines.append(f"budgeted curve at least as accurate as every exit at no more cost: "
-                 f"{c['budgeted_at_least_as_accurate_as_every_exit']} ({c['exits_compared']} exits compared)")
+    lines.append(dominance_sentence(result["checks"]))
+    measured = [p for p in pts if p["measured_macs"] is not None]
+    if measured:
+        saved = [1 - p["measured_macs"] / p["expected_macs"] for p in measured]
+        lines.append(f"Measured with real early exit, the budgeted classifier costs {min(saved) * 100:.0f}-"
+                     f"{max(saved) * 100:.0f} % fewer multiply-adds than expected: it computes only the feature "
+                     "maps each exit needs, while the expected cost counts what a full forward pass computes up "
+                     "to the exit.")
     return "\n".join(lines)
+
+
+def dominance_sentence(checks: dict) -> str:
+    """What :func:`dominance_check` found, as a sentence."""
+    compared = [e for e in checks["per_exit"] if e["budgeted_at_least_as_accurate"] is not None]
+    if not compared:
+        return "No budgeted point is as cheap as any single exit, so none was compared with them."
+    worse = [e for e in compared if not e["budgeted_at_least_as_accurate"]]
+    skipped = [e["exit"] for e in checks["per_exit"] if e["budgeted_at_least_as_accurate"] is None]
+    if worse:
+        return "Early exit loses accuracy here: " + "; ".join(
+            f"at the cost of exit {e['exit']} ({e['macs'] / 1e6:.2f} MMACs) the best budgeted point reaches "
+            f"{e['best_budgeted_accuracy_at_or_below'] * 100:.2f} %, below the exit's "
+            f"{e['exit_accuracy'] * 100:.2f} %" for e in worse) + "."
+    names = ", ".join(str(e["exit"]) for e in compared)
+    sentence = (f"Early exit pays off: for exit{'s' if len(compared) > 1 else ''} {names}, some budgeted point is at "
+                "least as accurate as the exit at no more expected multiply-adds.")
+    if skipped:
+        sentence += (f" (Exit{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))}: every budgeted "
+                     "point costs more, so not compared.)")
+    return sentence

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .errors import UserError
+from . import UserError
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
