@@ -518,8 +518,8 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding
       scratch (oneDNN would reorder it into a fresh allocation each time), or for 1x1
       convolutions a GEMM reading the prefix in place; chosen per shape
       (:mod:`msdnet_ops.kernels.cpu_conv`).
-    * triton: the convolution reads the prefix in place; bias and ReLU in one more pass over
-      the (small) output.
+    * triton (1x1 and 3x3): the convolution reads the prefix in place; bias and ReLU in one
+      more pass over the (small) output.
     * cuda, reference: ``F.conv2d`` of a dense copy, then ReLU.
     """
     if torch.is_autocast_enabled(x.device.type):  # the buffers' dtype decides, not autocast
@@ -528,7 +528,7 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding
     backend, kernels = _kernels(x)
     if backend == "cpu":
         return cpu_conv.conv_bias_relu(x, weight, bias, stride, padding)
-    if backend == "triton":
+    if backend == "triton" and weight.shape[2] in (1, 3):  # the 7x7 ImageNet stem: cuDNN
         out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, 1))
         kernels.conv_into(x, weight, stride, padding, 1, out)
         kernels.affine_relu_into(out, torch.ones_like(bias, dtype=stats_dtype(x.dtype)),

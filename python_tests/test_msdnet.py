@@ -149,6 +149,21 @@ def test_backward_frees_each_buffer_when_its_last_node_ran(use_backend, monkeypa
 
 
 @pytest.mark.triton
+def test_imagenet_inference_on_triton_kernels(use_backend):
+    """The inference path on the Triton kernels, ImageNet stem included (its 7x7 convolution
+    has no Triton kernel and runs in PyTorch)."""
+    dev = use_backend("triton")
+    cfg, size = CONFIGS["imagenet"]
+    ref, ours = _pair(cfg, dtype=torch.float32, device=dev)
+    ref.eval()
+    ours.eval()
+    x = torch.randn(1, 3, size, size, device=dev)
+    with torch.no_grad():
+        for a, b in zip(ours(x), ref(x)):
+            torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.triton
 def test_msdnet_on_triton_kernels(use_backend):
     dev = use_backend("triton")
     cfg = dict(SMALL, nBlocks=1, base=1, grFactor=(1, 2), bnFactor=(1, 2), growthRate=2)
