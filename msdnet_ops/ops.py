@@ -38,6 +38,7 @@ from .layout import dense, empty_like_layout
 _LIB = "msdnet_ops"
 _UNCHECKED: dict = {}   # op name -> the backend dispatch alone (see :data:`eager`)
 _REGISTERED: dict = {}  # op name -> the registered custom op
+_CHECKS: dict = {}      # op name -> its argument checks
 
 
 def _custom_op(name: str, mutates_args, checks):
@@ -51,9 +52,25 @@ def _custom_op(name: str, mutates_args, checks):
             checks(*args)
             return run(*args)
         _UNCHECKED[name] = run
+        _CHECKS[name] = checks
         op = _REGISTERED[name] = torch.library.custom_op(f"{_LIB}::{name}",
                                                           mutates_args=mutates_args)(checked)
         return op
+    return register
+
+
+def _fake(op, checks=None):
+    """``op.register_fake`` of a fake implementation that runs the op's checks first
+    (``checks``: those that need no tensor data): an argument on the meta device sends the
+    whole call to the fake implementation, and tracing runs it too."""
+    checks = checks or _CHECKS[op._name.split("::")[-1]]
+
+    def register(fn):
+        @functools.wraps(fn)
+        def checked(*args):
+            checks(*args)
+            return fn(*args)
+        return op.register_fake(checked)
     return register
 
 
@@ -79,7 +96,7 @@ def channel_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return _kernels(x)[1].channel_stats(x, eps)
 
 
-@channel_stats.register_fake
+@_fake(channel_stats)
 def _(x, eps):
     c = x.shape[1]
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -101,7 +118,7 @@ def channel_stats_backward_(x: Tensor, mean: Tensor, invstd: Tensor, grad_mean: 
     _kernels(x)[1].channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x)
 
 
-@channel_stats_backward_.register_fake
+@_fake(channel_stats_backward_)
 def _(x, mean, invstd, grad_mean, grad_invstd, grad_x):
     return None
 
@@ -145,7 +162,7 @@ def affine_relu_into_(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> N
     _kernels(x)[1].affine_relu_into(x, scale, shift, out)
 
 
-@affine_relu_into_.register_fake
+@_fake(affine_relu_into_)
 def _(x, scale, shift, out):
     return None
 
@@ -158,7 +175,7 @@ def affine_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return out
 
 
-@affine_relu.register_fake
+@_fake(affine_relu)
 def _(x, scale, shift):
     return empty_like_layout(x)
 
@@ -179,7 +196,7 @@ def affine_relu_backward_(x: Tensor, scale: Tensor, shift: Tensor, grad_z: Tenso
     _kernels(x)[1].affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift)
 
 
-@affine_relu_backward_.register_fake
+@_fake(affine_relu_backward_)
 def _(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift):
     return None
 
@@ -301,7 +318,7 @@ def transform_conv_into_(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor
     _run_transform_conv(x, scale, shift, weight, stride, padding, pool, out)
 
 
-@transform_conv_into_.register_fake
+@_fake(transform_conv_into_)
 def _(x, scale, shift, weight, stride, padding, pool, out):
     return None
 
@@ -313,7 +330,7 @@ def transform_conv(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stri
     return _run_transform_conv(x, scale, shift, weight, stride, padding, pool)
 
 
-@transform_conv.register_fake
+@_fake(transform_conv)
 def _(x, scale, shift, weight, stride, padding, pool):
     return empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
 
@@ -344,7 +361,7 @@ def transform_conv_backward_(grad_out: Tensor, x: Tensor, scale: Tensor, shift: 
     return run(path, (grad_x, grad_scale, grad_shift))
 
 
-@transform_conv_backward_.register_fake
+@_fake(transform_conv_backward_)
 def _(grad_out, x, scale, shift, weight, stride, padding, pool, grad_x, grad_scale, grad_shift):
     return torch.empty_like(weight)
 
@@ -394,7 +411,7 @@ def conv_into_(x: Tensor, weight: Tensor, stride: int, padding: int, pool: int, 
     _run_conv(x, weight, stride, padding, pool, out)
 
 
-@conv_into_.register_fake
+@_fake(conv_into_)
 def _(x, weight, stride, padding, pool, out):
     return None
 
@@ -405,7 +422,7 @@ def conv(x: Tensor, weight: Tensor, stride: int, padding: int, pool: int) -> Ten
     return _run_conv(x, weight, stride, padding, pool)
 
 
-@conv.register_fake
+@_fake(conv)
 def _(x, weight, stride, padding, pool):
     return empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
 
@@ -428,7 +445,7 @@ def conv_backward_(grad_out: Tensor, x: Tensor, weight: Tensor, stride: int, pad
     return _like_weight(grad_weight, weight)
 
 
-@conv_backward_.register_fake
+@_fake(conv_backward_)
 def _(grad_out, x, weight, stride, padding, pool, grad_x):
     return torch.empty_like(weight)
 
@@ -451,11 +468,18 @@ conv.register_autograd(_conv_autograd_backward, setup_context=_conv_setup)
 
 # --------------------------------------------------------------------------- batch compaction
 
-def _check_gather_batch(src, index):
+def _check_gather_batch_structure(src, index):
     check.check_features(src, "src")
-    if index.dim() != 1 or index.dtype != torch.int64 or index.device != src.device:
-        raise ValueError(f"index: expected a 1-D int64 tensor on {src.device}, got "
-                         f"{index.dim()}-D {index.dtype} on {index.device}")
+    if not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
+        raise TypeError(f"index: expected an int64 tensor, got "
+                        f"{getattr(index, 'dtype', type(index).__name__)}")
+    if index.dim() != 1 or index.device != src.device:
+        raise ValueError(f"index: expected a 1-D tensor on {src.device}, got {index.dim()}-D on "
+                         f"{index.device}")
+
+
+def _check_gather_batch(src, index):
+    _check_gather_batch_structure(src, index)
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= src.shape[0]):
         raise ValueError(f"index: expected values in [0, {src.shape[0]}), got "
                          f"[{int(index.min())}, {int(index.max())}]")
@@ -471,7 +495,7 @@ def gather_batch(src: Tensor, index: Tensor) -> Tensor:
     return out
 
 
-@gather_batch.register_fake
+@_fake(gather_batch, _check_gather_batch_structure)
 def _(src, index):
     return empty_like_layout(src, (index.shape[0],) + tuple(src.shape[1:]))
 
@@ -514,8 +538,9 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding
     a convolution with an eval-mode BatchNorm folded into ``weight``/``bias`` (inference of
     post-activation networks; no autograd). ``x`` may be a strided buffer prefix.
 
-    * cpu: oneDNN with bias and ReLU in its epilogue, on the prefix copied into a reused dense
-      scratch (oneDNN would reorder it into a fresh allocation each time), or for 1x1
+    * cpu: oneDNN (with the bias; ReLU apart, which keeps NaN as torch.relu does), on the
+      prefix copied into a reused dense scratch (oneDNN would reorder it into a fresh
+      allocation each time), or for 1x1
       convolutions a GEMM reading the prefix in place; chosen per shape
       (:mod:`msdnet_ops.kernels.cpu_conv`).
     * triton (1x1 and 3x3): the convolution reads the prefix in place; bias and ReLU in one

@@ -5,10 +5,6 @@ Conventions checked (those of ``msdnet_ops.validation``): a wrong dtype or a non
 ``TypeError``; a wrong rank, channel count, size, device or value raises ``ValueError``; an op's
 message starts with ``"<argument>: "``, a module's or helper's names the argument as a word.
 
-Cases where the library gives no clear error today are written as they should be and grouped
-by cause (:data:`KNOWN_UNCLEAR`): one ``xfail(strict=True)`` test per cause runs all of its
-cases and lists what happens instead. Once the library is fixed the test passes, strict xfail
-turns that into a failure, and the cause's cases join the plain tests by dropping their tag.
 """
 from __future__ import annotations
 
@@ -26,43 +22,15 @@ from msdnet_ops import ops
 F32, F64 = torch.float32, torch.float64
 NAN = float("nan")
 
-# cause -> what happens today (the xfail reason)
-KNOWN_UNCLEAR = {
-    "op-meta-argument": "an op argument on the meta device (the others on the CPU) dispatches to "
-                        "the op's fake implementation, which runs no checks: no error, and an "
-                        "uninitialized result or nothing written",
-    "op-geometry": "the checks accept a weight with 0 output channels and pool=2 with padding=1; "
-                   "F.conv2d / avg_pool2d then raise a RuntimeError on reference and cpu, triton "
-                   "its own ValueError ('pool=2 is only supported with ... padding 0')",
-    "op-index-dtype": "gather_batch: a float index raises ValueError, not TypeError as every "
-                      "other dtype error does",
-    "module-input": "module inputs of the wrong dtype or device, an empty batch or None fail "
-                    "late: RuntimeError('expected scalar type Double but found Float'), "
-                    "RuntimeError('unknown device type for autocast ...'), ValueError("
-                    "'FeatureBuffer: expected positive sizes ...'), AttributeError",
-    "one-value-per-channel": "a training-mode forward with one value per channel runs (batch "
-                             "statistics of one value); nn.BatchNorm2d, and so torchvision's "
-                             "layer, raises ValueError",
-    "nan-input-predicts": "NaN pixels give finite logits on the CPU inference path (oneDNN's fused "
-                          "bias+ReLU maps NaN to 0, MSDNetPlain gives NaN), so predict's "
-                          "non-finite-logits check never fires",
-    "constructor-sizes": "Transition checks no size and DenseNet leaves its sizes to the "
-                         "modules it builds: no error, torch's RuntimeError, a late IndexError, "
-                         "or a message naming another argument",
-    "helper-arguments": "convert(5) and anytime_predict(nn.Linear) raise AttributeError; "
-                        "msdnet_config('...') does not name `name`",
-}
-
 
 @dataclasses.dataclass
 class Case:
-    """``call()`` must raise ``exc`` naming ``name``; ``cause`` tags a known unclear error."""
+    """``call()`` must raise ``exc`` naming ``name``."""
     id: str
     call: Callable
     name: str
     exc: type = ValueError
     op: bool = False       # an op: the message starts with "name: "
-    cause: str | None = None
     backend: str = "cpu"
 
     def check(self, use_backend):
@@ -116,7 +84,7 @@ def call_op(op, **changes):
 
 
 def mutations(name):
-    """``(label, change, exception[, cause])`` of what can be wrong with argument ``name``."""
+    """``(label, change, exception)`` of what can be wrong with argument ``name``."""
     if name == "eps":
         return [(f"={v}", lambda _, v=v: v, ValueError) for v in (0.0, -1e-5, NAN)]
     if name in ("stride", "padding", "pool"):
@@ -128,10 +96,10 @@ def mutations(name):
                 ("empty-batch", lambda t: t[:0], ValueError),
                 ("empty-channels", lambda t: t[:, :0], ValueError),
                 ("not-a-tensor", lambda t: None, TypeError)]
-    meta = ("device", lambda t: t.to("meta"), ValueError, "op-meta-argument")
+    meta = ("device", lambda t: t.to("meta"), ValueError)
     if name == "index":
         return [("rank", lambda t: t[None], ValueError),
-                ("dtype", lambda t: t.to(F32), TypeError, "op-index-dtype"), meta,
+                ("dtype", lambda t: t.to(F32), TypeError), meta,
                 ("negative", lambda t: t - 2, ValueError),
                 ("past-the-batch", lambda t: t + N, ValueError)]
     dtype = ("dtype", lambda t: t.to(F64), TypeError)
@@ -154,11 +122,11 @@ def mutations(name):
 def op_argument_cases():
     for op, names in OP_ARGUMENTS.items():
         for name in names:
-            for label, change, exc, *cause in mutations(name):
+            for label, change, exc in mutations(name):
                 value = valid_arguments()[name]
                 yield Case(f"{op}-{name}{'' if label.startswith('=') else '-'}{label}",
                            lambda op=op, name=name, v=change(value): call_op(op, **{name: v}),
-                           name, exc, op=True, cause=cause[0] if cause else None)
+                           name, exc, op=True)
 
 
 def op_geometry_cases():
@@ -171,13 +139,12 @@ def op_geometry_cases():
         yield Case(f"{op}-x-too-small-for-3x3", lambda op=op: call_op(op, x=x[:, :, :2, :2],
                                                                       weight=w3), "x", op=True)
         yield Case(f"{op}-weight-no-output-channels",
-                   lambda op=op: call_op(op, weight=torch.randn(0, C, 1, 1)), "weight", op=True,
-                   cause="op-geometry")
+                   lambda op=op: call_op(op, weight=torch.randn(0, C, 1, 1)), "weight", op=True)
     # pooling is fused only before a 1x1 stride-1 convolution without padding (the Transition)
     for backend in ("reference", "cpu", "triton"):
         yield Case(f"conv-pool2-padding1-{backend}",
                    lambda: call_op("conv", x=torch.randn(N, C, 1, 1), padding=1, pool=2),
-                   "padding", op=True, cause="op-geometry", backend=backend)
+                   "padding", op=True, backend=backend)
     yield Case("channel_stats-one-value-per-channel",
                lambda: ops.channel_stats(torch.randn(1, C, 1, 1), 1e-5), "x", op=True)
 
@@ -215,40 +182,34 @@ FORWARDS = {
     "BudgetedClassifier.predict": (budgeted_predict, (2, 3, 16, 16), "x"),
     "anytime_predict": (anytime, (2, 3, 16, 16), "x"),
 }
-BUFFER_MODULES = ("DenseLayer", "DenseBlock", "Transition", "DenseNet")
 
 
 def forward_cases():
     for entry, (call, shape, name) in FORWARDS.items():
-        def case(label, change, exc, cause=None, entry=entry, call=call, shape=shape, name=name):
-            return Case(f"{entry}-{label}", lambda: call(change(torch.randn(shape))), name, exc,
-                        cause=cause)
+        def case(label, change, exc, entry=entry, call=call, shape=shape, name=name):
+            return Case(f"{entry}-{label}", lambda: call(change(torch.randn(shape))), name, exc)
         yield case("rank", lambda x: x[0], ValueError)
         yield case("channels", lambda x: x[:, 1:], ValueError)
-        yield case("dtype", lambda x: x.to(F64), TypeError, "module-input")
-        yield case("device", lambda x: x.to("meta"), ValueError, "module-input")
-        yield case("empty-batch", lambda x: x[:0], ValueError,
-                   "module-input" if entry in BUFFER_MODULES else None)
-        yield case("not-a-tensor", lambda x: None, TypeError,
-                   "module-input" if entry in ("MSDNet", "BudgetedClassifier.predict") else None)
+        yield case("dtype", lambda x: x.to(F64), TypeError)
+        yield case("device", lambda x: x.to("meta"), ValueError)
+        yield case("empty-batch", lambda x: x[:0], ValueError)
+        yield case("not-a-tensor", lambda x: None, TypeError)
         if entry not in ("DenseLayer", "DenseBlock"):  # padded 3x3 convolutions take 1x1
             yield case("too-small", lambda x: x[:, :, :1, :1], ValueError)
     for entry in ("DenseLayer", "DenseBlock"):  # as nn.BatchNorm2d in training mode
         call, _, name = FORWARDS[entry]
         yield Case(f"{entry}-one-value-per-channel",
-                   lambda call=call: call(torch.randn(1, 4, 1, 1)), name,
-                   cause="one-value-per-channel")
+                   lambda call=call: call(torch.randn(1, 4, 1, 1)), name)
 
     def nan_pixel():
         x = torch.randn(2, 3, 16, 16)
         x[0, 0, 3, 3] = NAN
         return x
-    yield Case("BudgetedClassifier.predict-nan", lambda: budgeted_predict(nan_pixel()), "x",
-               cause="nan-input-predicts")
+    yield Case("BudgetedClassifier.predict-nan", lambda: budgeted_predict(nan_pixel()), "x")
 
 
 CONSTRUCTORS = [
-    # (id, call, argument[, cause])
+    # (id, call, argument)
     ("DenseLayer-num_input_features=0", lambda: M.DenseLayer(0, 3, 2, 0.0), "num_input_features"),
     ("DenseLayer-growth_rate=-1", lambda: M.DenseLayer(4, -1, 2, 0.0), "growth_rate"),
     ("DenseLayer-bn_size=-1", lambda: M.DenseLayer(4, 3, -1, 0.0), "bn_size"),
@@ -259,30 +220,22 @@ CONSTRUCTORS = [
      "num_input_features"),
     ("DenseBlock-growth_rate=0", lambda: M.DenseBlock(2, 4, 2, 0, 0.0), "growth_rate"),
     ("DenseBlock-drop_rate=nan", lambda: M.DenseBlock(2, 4, 2, 3, NAN), "drop_rate"),
-    ("Transition-num_input_features=0", lambda: M.Transition(0, 2), "num_input_features",
-     "constructor-sizes"),
-    ("Transition-num_output_features=0", lambda: M.Transition(4, 0), "num_output_features",
-     "constructor-sizes"),
-    ("Transition-num_output_features=-1", lambda: M.Transition(4, -1), "num_output_features",
-     "constructor-sizes"),
+    ("Transition-num_input_features=0", lambda: M.Transition(0, 2), "num_input_features"),
+    ("Transition-num_output_features=0", lambda: M.Transition(4, 0), "num_output_features"),
+    ("Transition-num_output_features=-1", lambda: M.Transition(4, -1), "num_output_features"),
     ("DenseNet-growth_rate=0", lambda: tiny_densenet(growth_rate=0), "growth_rate"),
-    ("DenseNet-block_config=()", lambda: tiny_densenet(block_config=()), "block_config",
-     "constructor-sizes"),
-    ("DenseNet-block_config=(1,0)", lambda: tiny_densenet(block_config=(1, 0)), "block_config",
-     "constructor-sizes"),
+    ("DenseNet-block_config=()", lambda: tiny_densenet(block_config=()), "block_config"),
+    ("DenseNet-block_config=(1,0)", lambda: tiny_densenet(block_config=(1, 0)), "block_config"),
     ("DenseNet-num_init_features=0", lambda: tiny_densenet(num_init_features=0),
-     "num_init_features", "constructor-sizes"),
+     "num_init_features"),
     ("DenseNet-bn_size=-1", lambda: tiny_densenet(bn_size=-1), "bn_size"),
     ("DenseNet-drop_rate=nan", lambda: tiny_densenet(drop_rate=NAN), "drop_rate"),
-    ("DenseNet-num_classes=-1", lambda: tiny_densenet(num_classes=-1), "num_classes",
-     "constructor-sizes"),
+    ("DenseNet-num_classes=-1", lambda: tiny_densenet(num_classes=-1), "num_classes"),
     ("DenseNet-stem", lambda: tiny_densenet(stem="mnist"), "stem"),
     ("DenseNet-compression=nan", lambda: tiny_densenet(compression=NAN), "compression"),
     ("DenseNet-compression=0", lambda: tiny_densenet(compression=0.0), "compression"),
-    ("DenseNet-compression=0.01", lambda: tiny_densenet(compression=0.01), "compression",
-     "constructor-sizes"),
-    ("DenseNet-in_channels=0", lambda: tiny_densenet(in_channels=0), "in_channels",
-     "constructor-sizes"),
+    ("DenseNet-compression=0.01", lambda: tiny_densenet(compression=0.01), "compression"),
+    ("DenseNet-in_channels=0", lambda: tiny_densenet(in_channels=0), "in_channels"),
     ("densenet-name", lambda: M.densenet("densenet7"), "name"),
     ("MSDNet-nBlocks=0", lambda: tiny_msdnet(nBlocks=0), "nBlocks"),
     ("MSDNet-nBlocks=1.5", lambda: tiny_msdnet(nBlocks=1.5), "nBlocks"),
@@ -306,8 +259,8 @@ CONSTRUCTORS = [
 
 
 def constructor_cases():
-    for case_id, call, name, *cause in CONSTRUCTORS:
-        yield Case(case_id, call, name, cause=cause[0] if cause else None)
+    for case_id, call, name in CONSTRUCTORS:
+        yield Case(case_id, call, name)
 
 
 # ============================================================================= inference helpers
@@ -322,7 +275,7 @@ def one_image():
 
 
 HELPERS = [
-    # (id, call, argument, exception[, cause])
+    # (id, call, argument, exception)
     ("calibrate-probs-rank", lambda: M.calibrate_thresholds(probs()[0], [0.5, 0.5]), "probs",
      ValueError),
     ("calibrate-probs-dtype", lambda: M.calibrate_thresholds(probs().to(torch.int32),
@@ -372,16 +325,15 @@ HELPERS = [
      lambda: M.anytime_predict(tiny_msdnet(), one_image(), deadline_s=-1.0), "deadline_s",
      ValueError),
     ("anytime_predict-model", lambda: M.anytime_predict(torch.nn.Linear(2, 2), one_image()),
-     "model", TypeError, "helper-arguments"),
-    ("convert-model", lambda: M.convert(5), "model", TypeError, "helper-arguments"),
-    ("msdnet_config-name", lambda: M.msdnet_config("cifar7-anytime"), "name", ValueError,
-     "helper-arguments"),
+     "model", TypeError),
+    ("convert-model", lambda: M.convert(5), "model", TypeError),
+    ("msdnet_config-name", lambda: M.msdnet_config("cifar7-anytime"), "name", ValueError),
 ]
 
 
 def helper_cases():
-    for case_id, call, name, exc, *cause in HELPERS:
-        yield Case(case_id, call, name, exc, cause=cause[0] if cause else None)
+    for case_id, call, name, exc in HELPERS:
+        yield Case(case_id, call, name, exc)
 
 
 # ============================================================================= the tests
@@ -390,30 +342,9 @@ ALL_CASES = [*op_argument_cases(), *op_geometry_cases(), *forward_cases(), *cons
              *helper_cases()]
 
 
-@pytest.mark.parametrize("case", [c for c in ALL_CASES if c.cause is None], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.id)
 def test_rejects_bad_input(case, use_backend):
     case.check(use_backend)
-
-
-@pytest.mark.parametrize("cause", [pytest.param(cause, marks=pytest.mark.xfail(strict=True,
-                                                                                reason=reason))
-                                   for cause, reason in KNOWN_UNCLEAR.items()])
-def test_known_unclear_errors(cause, use_backend):
-    """Every case of ``cause`` must raise as it should; the failure lists those that do not."""
-    cases = [c for c in ALL_CASES if c.cause == cause]
-    assert cases, f"no case is tagged {cause!r}"
-    unclear = []
-    for case in cases:
-        try:
-            case.check(use_backend)
-        except (AssertionError, pytest.fail.Exception, Exception) as exc:
-            unclear.append(f"{case.id}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-    assert not unclear, f"{len(unclear)} of {len(cases)} cases:\n" + "\n".join(unclear)
-
-
-def test_every_known_cause_has_cases_and_every_tag_a_cause():
-    tags = {c.cause for c in ALL_CASES} - {None}
-    assert tags == set(KNOWN_UNCLEAR)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

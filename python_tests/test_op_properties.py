@@ -78,17 +78,6 @@ def backends_and_cpu_convolutions():
     return params
 
 
-def xfail_on_triton(params, reason):
-    """``params`` with the triton one marked ``xfail(strict=True, reason=reason)``."""
-    marked = []
-    for p in params:
-        if p.values[0] == "triton":
-            p = pytest.param(*p.values, id=p.id,
-                             marks=list(p.marks) + [pytest.mark.xfail(strict=True, reason=reason)])
-        marked.append(p)
-    return marked
-
-
 @pytest.fixture
 def select(use_backend, monkeypatch):
     """``select(backend, cpu_conv=None)``: runs the rest of the test on ``backend`` (and the
@@ -136,14 +125,10 @@ def layouts():
                      st.sampled_from((1, 2)))
 
 
-def vector_layouts(strided=True):
-    return st.builds(VectorLayout, st.integers(0, 2), st.sampled_from((1, 2) if strided else (1,)))
+def vector_layouts():
+    return st.builds(VectorLayout, st.integers(0, 2), st.sampled_from((1, 2)))
 
 
-# Triton's transform_conv_backward_ adds grad_scale/grad_shift as if they were contiguous
-# (test_transform_conv_backward_into_strided_vectors, xfail): its examples draw contiguous
-# gradient vectors, so that the rest of that op's properties stay tested there.
-STRIDED_GRADIENT_VECTORS = {"triton": False}
 
 
 DENSE_NCHW = Layout(channels_last=False, offset=0, extra=0, step=1)
@@ -316,7 +301,7 @@ def examples(draw, backend, convolution=False, needs_two_values=False):
         w = 2
     return Example(n, c, h, w, draw(st.sampled_from(BACKEND_DTYPES[backend])), draw(layouts()),
                    draw(layouts()), draw(layouts()), draw(vector_layouts()),
-                   draw(vector_layouts(STRIDED_GRADIENT_VECTORS.get(backend, True))), geometry,
+                   draw(vector_layouts()), geometry,
                    draw(st.sampled_from(CHANNELS)), draw(st.booleans()),
                    draw(st.sampled_from((1e-5, 1e-3, 0.5))), draw(st.integers(0, 2**31 - 1)))
 
@@ -608,10 +593,7 @@ def test_transform_conv_backward_(backend, cpu_conv, select):
                  lambda ex: check_transform_conv_backward(Inputs(ex, device)))
 
 
-@pytest.mark.parametrize("backend,cpu_conv", xfail_on_triton(
-    backends_and_cpu_convolutions(), "triton/conv/dgrad.py atomically adds into "
-    "gscale_ptr + offs_c: grad_scale/grad_shift of stride 2 get their sums in the first entries "
-    "of the underlying storage"))
+@pytest.mark.parametrize("backend,cpu_conv", backends_and_cpu_convolutions())
 def test_transform_conv_backward_into_strided_vectors(backend, cpu_conv, select):
     """grad_scale and grad_shift may be strided views (the checks accept any stride)."""
     device = select(backend, cpu_conv)
@@ -762,14 +744,10 @@ def test_gather_batch(backend, select):
 
 def nan_cases():
     """(backend, cpu_conv, op) for every backend and the ops that read x through a ReLU or a
-    convolution; triton's ReLU drops NaN (affine_relu, transform_conv)."""
+    convolution."""
     for p in backends_and_cpu_convolutions():
         for op in ("affine_relu", "transform_conv", "conv"):
-            marks = list(p.marks)
-            if p.values[0] == "triton" and op != "conv":
-                marks.append(pytest.mark.xfail(strict=True, reason="the triton ReLU maps NaN to 0 "
-                                               "(tl.maximum), torch.relu keeps it"))
-            yield pytest.param(*p.values, op, marks=marks, id=f"{p.id}-{op}")
+            yield pytest.param(*p.values, op, marks=list(p.marks), id=f"{p.id}-{op}")
 
 
 @pytest.mark.parametrize("backend,cpu_conv,op", list(nan_cases()))

@@ -12,6 +12,9 @@ def anytime_predict(model, x: torch.Tensor, max_macs: float | None = None,
     ``max_macs`` (multiply-adds per sample really executed; the next exit is started only if
     its cost fits) and/or ``deadline_s`` (wall seconds; checked after each exit). Exit 0 is
     always computed. Deferred feature maps (lazy evaluation) make early exits cheap."""
+    if not (hasattr(model, "start") and hasattr(model, "num_exits")):
+        raise TypeError(f"model: expected an msdnet_ops.MSDNet, got {type(model).__name__}")
+    model.check_input(x)
     if max_macs is not None and not max_macs > 0:
         raise ValueError(f"max_macs: expected a positive number, got {max_macs}")
     if deadline_s is not None and not deadline_s > 0:

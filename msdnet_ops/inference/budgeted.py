@@ -45,6 +45,7 @@ class BudgetedClassifier:
 
     def predict(self, x: torch.Tensor) -> BudgetedResult:
         model = self.model
+        model.check_input(x)
         was_training = model.training
         model.eval()
         try:
@@ -66,8 +67,8 @@ class BudgetedClassifier:
         for k in range(last + 1):
             logits = run.exit_logits(k)
             if not torch.isfinite(logits).all():
-                raise ValueError(f"exit {k} produced non-finite logits (NaN or inf): the model's "
-                                 "weights or the input are broken")
+                raise ValueError(f"exit {k} produced non-finite logits (NaN or inf): x (the "
+                                 "input) or the model's weights hold NaN or inf")
             probs = torch.softmax(logits, dim=1)
             conf, pred = probs.max(dim=1)
             leave = (conf.to("cpu", torch.float64) >= self.thresholds[k]) if k < last else \

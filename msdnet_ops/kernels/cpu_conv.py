@@ -60,6 +60,10 @@ def aten_conv(z, weight, stride: int, padding: int):
     return F.conv2d(z, weight, None, stride, padding)
 
 
+def aten_conv_bias(z, weight, bias, stride: int, padding: int):
+    return F.conv2d(z, weight, bias, stride, padding)
+
+
 def aten_conv_backward(grad_out, z, weight, stride: int, padding: int):
     """(grad_z, grad_weight) of :func:`onednn_conv`."""
     grad_z, grad_weight, _ = torch.ops.aten.convolution_backward(
@@ -121,24 +125,10 @@ def _bwd_gemm(grad_out, x, weight, stride, padding, pool, grad_x):
     return torch.mm(g.t(), rows(x)).view(weight.shape)
 
 
-def _mkldnn_conv_relu():
-    """oneDNN's convolution with a fused bias+ReLU epilogue (what torch.compile's CPU backend
-    calls), or None where this PyTorch build lacks it."""
-    try:
-        return torch.ops.mkldnn._convolution_pointwise.default
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_CONV_RELU = _mkldnn_conv_relu()
-
-
 def _infer_onednn(x, weight, bias, stride, padding):
-    z = dense_input(x, 1)[0]
-    if x.dtype == torch.float32 and _CONV_RELU is not None:
-        return _CONV_RELU(z, weight, bias, [padding] * 2, [stride] * 2, [1, 1], 1, "relu",
-                          [None], "")
-    return torch.relu_(F.conv2d(z, weight, bias, stride, padding))
+    # the ReLU runs apart: oneDNN's fused ReLU turns NaN into 0 (torch.relu keeps it, and a
+    # non-finite input must give non-finite logits, as in the plain model)
+    return torch.relu_(aten_conv_bias(dense_input(x, 1)[0], weight, bias, stride, padding))
 
 
 def _infer_gemm(x, weight, bias, stride, padding):
@@ -205,7 +195,7 @@ def conv(x, weight, stride, padding, pool, out=None) -> torch.Tensor:
 
 def conv_bias_relu(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
     """``relu(conv2d(x, weight, bias, stride, padding))`` (inference with a folded BatchNorm),
-    a new dense NHWC tensor; oneDNN applies bias and ReLU in its epilogue (float32)."""
+    a new dense NHWC tensor."""
     def trial(impl):
         return _best_of(lambda: impl(x, weight, bias, stride, padding))
     name = _chooser.pick(_INFERENCE, _key("infer", x, weight, stride, padding, 1),

@@ -82,6 +82,7 @@ class MSDNet(MSDNetPlain):
         return GridRun(self, self.plan, x, macs, self.sync_group)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        self.check_input(x)
         if x.device.type == "meta":  # shape-only passes (MAC counting) use the plain graph
             return super().forward(x)
         if can_run_activated(self):  # plain tensor code: torch.compile traces it whole

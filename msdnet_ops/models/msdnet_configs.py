@@ -51,7 +51,7 @@ def msdnet_config(name: str) -> Dict[str, Any]:
     """Constructor kwargs of the named configuration (a fresh dict: safe to modify), e.g.
     ``MSDNetPlain(**msdnet_config('cifar100-anytime'))``."""
     if name not in _CONFIGS:
-        raise ValueError(f"unknown MSDNet configuration {name!r}; expected one of "
+        raise ValueError(f"name: unknown MSDNet configuration {name!r}; expected one of "
                          f"{', '.join(MSDNET_CONFIG_NAMES)}")
     return dict(_CONFIGS[name])
 

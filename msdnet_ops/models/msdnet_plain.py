@@ -277,6 +277,14 @@ class MSDNetPlain(nn.Module):
                              f"{x.shape[1]} (shape {tuple(x.shape)})")
         if x.shape[0] < 1:
             raise ValueError(f"x: expected at least one sample, got shape {tuple(x.shape)}")
+        param = next(self.parameters())
+        if x.device != param.device:
+            raise ValueError(f"x: expected a tensor on {param.device} (the model's device), got "
+                             f"{x.device}")
+        if x.dtype != param.dtype and not (x.is_floating_point()
+                                            and torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"x: expected {param.dtype} (the model's parameters' dtype), got "
+                            f"{x.dtype}")
         h, w = int(x.shape[2]), int(x.shape[3])
         if not (self._side_ok(h) and self._side_ok(w)):
             lo, hi = self.input_size_range()

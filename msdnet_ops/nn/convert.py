@@ -46,6 +46,8 @@ def convert(model: nn.Module) -> nn.Module:
     replaced by its fused twin (parameters, running statistics, device, dtype and train/eval
     mode preserved). A torchvision ``DenseNet`` becomes a :class:`DenseNet` whose forward keeps
     one feature buffer per block end to end. Other modules are left as they are."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     fused = _fused_like(model)
     if fused is not None:
         param = next(model.parameters(), None)

@@ -38,7 +38,7 @@ class DenseBlock(nn.ModuleDict):
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
         """Returns the concatenation of the input and every layer's output (as torchvision),
         which is the feature buffer itself: no copy."""
-        check_input_tensor(init_features, "init_features", self.num_input_features)
+        check_input_tensor(init_features, "init_features", self.num_input_features, self)
         buffer = self.new_buffer(init_features)
         write_tensor(buffer, init_features)
         self.append_to(buffer)
@@ -54,6 +54,10 @@ class Transition(nn.Module):
 
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
         super().__init__()
+        for value, name in ((num_input_features, "num_input_features"),
+                            (num_output_features, "num_output_features")):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive number of channels, got {value!r}")
         self.norm = nn.BatchNorm2d(num_input_features)
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(num_input_features, num_output_features, 1, 1, bias=False)
@@ -66,7 +70,7 @@ class Transition(nn.Module):
         transform_conv_write(src, src.filled, self.norm, self.conv, dst, pool=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_tensor(x, "x", self.conv.in_channels)
+        check_input_tensor(x, "x", self.conv.in_channels, self)
         src = new_buffer_for(x, x.shape[1], track_stats=uses_batch_stats(self.norm), eps=self.norm.eps)
         write_tensor(src, x)
         h, w = self.output_size(*x.shape[2:])

@@ -115,13 +115,33 @@ def new_buffer_for(x: torch.Tensor, capacity: int, track_stats: bool, eps: float
                          track_stats=track_stats, eps=eps, sync_group=sync_group)
 
 
-def check_input_tensor(x, name: str, channels: int) -> None:
+def check_input_tensor(x, name: str, channels: int, module: nn.Module | None = None) -> None:
+    """``x`` is a non-empty ``[N, channels, H, W]`` tensor with ``module``'s parameters' dtype
+    (any floating dtype under autocast) and device; in training mode (batch statistics) with
+    more than one value per channel, as ``nn.BatchNorm2d`` requires."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name}: expected a 4-D NCHW tensor, got shape {tuple(x.shape)}")
     if x.shape[1] != channels:
         raise ValueError(f"{name}: expected {channels} channels, got {x.shape[1]}")
+    if x.shape[0] < 1:
+        raise ValueError(f"{name}: expected at least one sample, got shape {tuple(x.shape)}")
+    param = next(module.parameters(), None) if module is not None else None
+    if param is None:
+        return
+    if x.device != param.device:
+        raise ValueError(f"{name}: expected a tensor on {param.device} (the module's device), "
+                         f"got {x.device}")
+    if x.dtype != param.dtype and not (x.is_floating_point()
+                                        and torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(f"{name}: expected {param.dtype} (the module's parameters' dtype), got "
+                        f"{x.dtype}")
+    batch_stats = any(uses_batch_stats(m) for m in module.modules()
+                      if isinstance(m, nn.BatchNorm2d))
+    if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        raise ValueError(f"{name}: expected more than one value per channel in training mode "
+                         f"(batch statistics, as nn.BatchNorm2d), got shape {tuple(x.shape)}")
 
 
 class DenseLayer(nn.Module):
@@ -194,7 +214,7 @@ class DenseLayer(nn.Module):
 
     def forward(self, input) -> torch.Tensor:
         x = torch.cat(list(input), 1) if isinstance(input, (list, tuple)) else input
-        check_input_tensor(x, "input", self.num_input_features)
+        check_input_tensor(x, "input", self.num_input_features, self)
         buffer = new_buffer_for(x, self.num_input_features + self.growth_rate,
                                 track_stats=uses_batch_stats(self.norm1), eps=self.norm1.eps)
         write_tensor(buffer, x)

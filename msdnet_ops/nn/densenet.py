@@ -39,6 +39,14 @@ class DenseNet(nn.Module):
             raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {stem!r}")
         if not 0 < compression <= 1:
             raise ValueError(f"compression: expected a value in (0, 1], got {compression}")
+        for value, name in ((num_init_features, "num_init_features"), (num_classes, "num_classes"),
+                            (in_channels, "in_channels")):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        block_config = tuple(block_config)
+        if not block_config or not all(isinstance(n, int) and n >= 1 for n in block_config):
+            raise ValueError(f"block_config: expected one positive number of layers per block, "
+                             f"got {block_config!r}")
         self.stem = stem
         self.in_channels = in_channels
         if stem == "imagenet":
@@ -60,6 +68,9 @@ class DenseNet(nn.Module):
             num_features = block.num_output_features
             if i != len(block_config) - 1:
                 out = int(num_features * compression)
+                if out < 1:
+                    raise ValueError(f"compression: {compression} leaves no channel after dense "
+                                     f"block {i + 1} ({num_features} channels)")
                 self.features.add_module(f"transition{i + 1}", Transition(num_features, out))
                 num_features = out
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
@@ -87,7 +98,7 @@ class DenseNet(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_tensor(x, "x", self.in_channels)
+        check_input_tensor(x, "x", self.in_channels, self)
         with deferred_running_stats():
             return self._forward(x)
 

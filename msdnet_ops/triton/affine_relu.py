@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime as rt
+from ._math import relu
 
 
 @triton.jit
@@ -40,7 +41,7 @@ def _affine_relu_kernel(
     sc = tl.load(scale_ptr + c * s_scale).to(ACC_DTYPE)
     sh = tl.load(shift_ptr + c * s_shift).to(ACC_DTYPE)
     xv = tl.load(x_ptr + (n.to(tl.int64) * sxn + c * sxc) + (h * sxh + w * sxw), mask=m, other=0.0).to(ACC_DTYPE)
-    z = tl.maximum(xv * sc + sh, 0.0)
+    z = relu(xv * sc + sh)
     o_ptrs = out_ptr + (n.to(tl.int64) * son + c * soc) + (h * soh + w * sow)
     tl.store(o_ptrs, z.to(out_ptr.dtype.element_ty), mask=m)
 

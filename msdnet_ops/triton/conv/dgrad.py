@@ -18,6 +18,7 @@ per-channel sums of ``dpre * x`` and ``dpre`` are atomically added to ``grad_sca
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -124,7 +125,10 @@ def launch_dgrad(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_
         Hq, Wq, phases = g.pool * g.Ho, g.pool * g.Wo, 1
     has_gx = grad_x is not None
     gx = grad_x if has_gx else x  # placeholder pointer, never dereferenced
-    vecs = (scale.contiguous(), shift.contiguous(), grad_scale, grad_shift) if transform else (weight,) * 4
+    if transform:  # the kernel adds into the vector gradients as contiguous vectors
+        gs = grad_scale if grad_scale.is_contiguous() else torch.zeros_like(grad_scale, memory_format=torch.contiguous_format)
+        gh = grad_shift if grad_shift.is_contiguous() else torch.zeros_like(grad_shift, memory_format=torch.contiguous_format)
+    vecs = (scale.contiguous(), shift.contiguous(), gs, gh) if transform else (weight,) * 4
     M = x.shape[0] * Hq * Wq
     args = (grad_out, x, vecs[0], vecs[1], weight, gx, vecs[2], vecs[3],
             M, g.Cin, g.H, g.W, g.Cout, g.Ho, g.Wo, Hq, Wq,
@@ -146,3 +150,7 @@ def launch_dgrad(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_
         return (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(g.Cin, META["BLOCK_N"]), phases)
 
     rt.launch(_conv_dgrad_kernel, grid, args, meta, INTERPRET_BLOCKS, dev, tuning)
+    if transform:
+        for grad, acc in ((grad_scale, gs), (grad_shift, gh)):
+            if acc is not grad:
+                grad.add_(acc)

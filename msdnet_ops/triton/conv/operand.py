@@ -5,6 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._math import relu
+
 
 @triton.jit
 def pixels_of_rows(offs, rows, H, W):
@@ -34,7 +36,7 @@ def load_input_tile(x_ptr, row, valid, offs_k, mask_k, sxc, sxh, sxw, scale_ptr,
     if POOL == 1:
         xv = tl.load(x_ptr + offs, mask=mask, other=0.0)
         if TRANSFORM:
-            z = tl.where(mask, tl.maximum(xv.to(ACC_DTYPE) * sc + sh, 0.0), 0.0)
+            z = tl.where(mask, relu(xv.to(ACC_DTYPE) * sc + sh), 0.0)
         else:
             z = xv
     else:
@@ -44,7 +46,7 @@ def load_input_tile(x_ptr, row, valid, offs_k, mask_k, sxc, sxh, sxw, scale_ptr,
                 xv = tl.load(x_ptr + (offs + (dy * sxh + dx * sxw)), mask=mask, other=0.0)
                 if TRANSFORM:
                     # the reference pools z already rounded to x's dtype
-                    xv = tl.maximum(xv.to(ACC_DTYPE) * sc + sh, 0.0).to(X_DTYPE)
+                    xv = relu(xv.to(ACC_DTYPE) * sc + sh).to(X_DTYPE)
                 z += xv.to(ACC_DTYPE)
         z = tl.where(mask, z * (1.0 / (POOL * POOL)), 0.0)
     return z.to(X_DTYPE)
