@@ -9,8 +9,10 @@ namespace {
 template <typename T>
 struct AffineReluOp {
   static constexpr int kReads = 1, kWrites = 2;  // reads x; writes out
-  const T* s;
+  const T* s;   // per channel
   const T* b;
+  const T* sl;  // per lane (channels-inner)
+  const T* bl;
   // v = {x, out}
   template <bool UNIT>
   void run(int64_t c, T* const* r, int64_t len, const View4 (&v)[2]) const {
@@ -22,13 +24,19 @@ struct AffineReluOp {
     for (int64_t i = 0; i < len; ++i)
       orow[UNIT ? i : i * so] = affine_relu_value(xr[UNIT ? i : i * sx], sc, bc);
   }
-  void pixel(T* const* p, int64_t C) const {
-    const T* __restrict__ px = p[0];
-    T* __restrict__ po = p[1];
-    const T* __restrict__ ps = s;
-    const T* __restrict__ pb = b;
+  template <typename Len>
+  void lanes(T* const* p, const int64_t* step, int64_t nseg, int64_t l0, Len len) const {
+    T rs[block_lanes<T>()], rb[block_lanes<T>()];
+    for (int64_t l = 0; l < len; ++l) {
+      rs[l] = sl[l0 + l];
+      rb[l] = bl[l0 + l];
+    }
+    for (int64_t s = 0; s < nseg; ++s) {
+      const T* __restrict__ px = p[0] + s * step[0];
+      T* __restrict__ po = p[1] + s * step[1];
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) po[c] = affine_relu_value(px[c], ps[c], pb[c]);
+      for (int64_t l = 0; l < len; ++l) po[l] = affine_relu_value(px[l], rs[l], rb[l]);
+    }
   }
 };
 
@@ -41,7 +49,10 @@ void affine_relu_t(View4 x, VecView scale, VecView shift, View4 out, int num_thr
   View4* views[] = {&v[0], &v[1]};
   const Layout layout = prepare(views, 2);
   const int team = team_size(x.N * C * x.H * x.W, num_threads);
-  elementwise<T>(v, layout, team, AffineReluOp<T>{s.data(), b.data()});
+  const LanePlan<T> plan(views, 2);
+  const bool ci = layout == Layout::kChannelsInner;
+  const std::vector<T> sl = tile_lanes(s, plan, ci), bl = tile_lanes(b, plan, ci);
+  elementwise<T>(v, layout, plan, team, AffineReluOp<T>{s.data(), b.data(), sl.data(), bl.data()});
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // affine_relu_backward: dpre = grad_z*(scale*x+shift > 0); grad_x += scale*dpre,
 // grad_scale += sum(dpre*x), grad_shift += sum(dpre). Per-channel sums per work unit or
 // group, added in a fixed order (deterministic).
-#include "traversal.h"
+#include "lanes.h"
 
 namespace msdnet_ops {
 namespace cpu {
@@ -59,70 +59,19 @@ void affine_relu_backward_planes(const View4& x, const View4& gz, const View4& g
   }
 }
 
-// Channels-inner and tiled: per-group, per-channel sums.
-template <typename T>
-void affine_relu_backward_grouped(Layout layout, const View4& x, const View4& gz, const View4& gx,
-                                  const std::vector<T>& s, const std::vector<T>& b,
-                                  VecView grad_scale, VecView grad_shift, int team) {
-  const int64_t C = x.C;
-  const PixelBlocks pb(x.N, x.H, x.W, C);
-  const Tiles tl(x.N, x.H, x.W, C);
-  const bool ci = layout == Layout::kChannelsInner;
-  const Groups gr(ci ? pb.U : tl.U);
+// Channels-inner and tiled: units add their per-channel sums into their group's; groups are
+// added in order at the end. make_unit() gives each thread its unit(u, tds, tdh) (scratch).
+template <typename T, typename MakeUnit>
+void grouped_sums(int64_t U, int64_t C, VecView grad_scale, VecView grad_shift, int team,
+                  const MakeUnit& make_unit) {
+  const Groups gr(U);
   std::vector<T> g_ds(static_cast<size_t>(gr.G * C), T(0)), g_dh(static_cast<size_t>(gr.G * C), T(0));
-  const T* __restrict__ ps = s.data();
-  const T* __restrict__ pbv = b.data();
 #pragma omp parallel num_threads(team) if (team > 1)
   {
-    std::vector<T> cds_v(C), cdh_v(C), tile(ci ? 0 : static_cast<size_t>(3 * kTileC * kTileW));
-    T* __restrict__ cds = cds_v.data();
-    T* __restrict__ cdh = cdh_v.data();
+    auto unit = make_unit();
 #pragma omp for schedule(static)
-    for (int64_t g = 0; g < gr.G; ++g) {
-      T* __restrict__ tds = g_ds.data() + g * C;
-      T* __restrict__ tdh = g_dh.data() + g * C;
-      for (int64_t u = gr.begin(g); u < gr.end(g); ++u) {
-        if (ci) {
-          int64_t n, h, w0, w1;
-          pb.range(u, n, h, w0, w1);
-          std::fill(cds, cds + C, T(0));
-          std::fill(cdh, cdh + C, T(0));
-          for (int64_t w = w0; w < w1; ++w) {
-            const T* __restrict__ px = at<const T>(x, n, 0, h, w);
-            const T* __restrict__ pz = at<const T>(gz, n, 0, h, w);
-            T* __restrict__ pg = at<T>(gx, n, 0, h, w);
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const T xv = px[c];
-              const T d = affine_relu_dpre(xv, ps[c], pbv[c], pz[c]);
-              pg[c] += ps[c] * d;
-              cds[c] += d * xv;
-              cdh[c] += d;
-            }
-          }
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            tds[c] += cds[c];
-            tdh[c] += cdh[c];
-          }
-        } else {
-          int64_t n, h, w0, w1, c0, c1;
-          tl.range(u, n, h, w0, w1, c0, c1);
-          T* bx = tile.data();
-          T* bz = bx + kTileC * kTileW;
-          T* bg = bz + kTileC * kTileW;
-          tile_load<T>(x, n, h, w0, w1, c0, c1, bx);
-          tile_load<T>(gz, n, h, w0, w1, c0, c1, bz);
-          tile_load<T>(gx, n, h, w0, w1, c0, c1, bg);
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t o = (c - c0) * kTileW;
-            affine_relu_backward_run<T, true>(bx + o, bz + o, bg + o, w1 - w0, 1, 1, 1, ps[c],
-                                              pbv[c], tds[c], tdh[c]);
-          }
-          tile_store<T>(gx, n, h, w0, w1, c0, c1, bg);
-        }
-      }
-    }
+    for (int64_t g = 0; g < gr.G; ++g)
+      for (int64_t u = gr.begin(g); u < gr.end(g); ++u) unit(u, g_ds.data() + g * C, g_dh.data() + g * C);
   }
   for (int64_t c = 0; c < C; ++c) {
     T ds = 0, dh = 0;
@@ -133,6 +82,102 @@ void affine_relu_backward_grouped(Layout layout, const View4& x, const View4& gz
     vec_ref<T>(grad_scale, c) += ds;
     vec_ref<T>(grad_shift, c) += dh;
   }
+}
+
+// One channels-inner unit (lanes.h): lane sums over its segments, folded into channels.
+template <typename T>
+struct LanesUnit {
+  const LanePlan<T>& plan;
+  const T* sl;  // scale, shift per lane
+  const T* bl;
+  LaneWalk<T, 3> walk;  // views {x, grad_z, grad_x}
+  std::vector<T> lds, ldh, cds, cdh;
+
+  LanesUnit(const LanePlan<T>& p, const PixelBlocks& pb, const View4 (&v)[3], const T* s, const T* b)
+      : plan(p), sl(s), bl(b), walk(p, pb, v), lds(p.M), ldh(p.M), cds(p.C), cdh(p.C) {}
+
+  void operator()(int64_t u, T* __restrict__ tds, T* __restrict__ tdh) {
+    T* __restrict__ ads = lds.data();
+    T* __restrict__ adh = ldh.data();
+    const T* __restrict__ ps = sl;
+    const T* __restrict__ pb = bl;
+    std::fill(ads, ads + plan.M, T(0));
+    std::fill(adh, adh + plan.M, T(0));
+    walk.load(u, 7);
+    walk.run([&](T* const* p, const int64_t* step, int64_t nseg, int64_t l0, auto len) {
+      T rs[block_lanes<T>()], rb[block_lanes<T>()], rds[block_lanes<T>()], rdh[block_lanes<T>()];
+      for (int64_t l = 0; l < len; ++l) {
+        rs[l] = ps[l0 + l];
+        rb[l] = pb[l0 + l];
+        rds[l] = ads[l0 + l];
+        rdh[l] = adh[l0 + l];
+      }
+      for (int64_t s = 0; s < nseg; ++s) {
+        const T* __restrict__ px = p[0] + s * step[0];
+        const T* __restrict__ pz = p[1] + s * step[1];
+        T* __restrict__ pg = p[2] + s * step[2];
+#pragma omp simd
+        for (int64_t l = 0; l < len; ++l) {
+          const T xv = px[l];
+          const T d = affine_relu_dpre(xv, rs[l], rb[l], pz[l]);
+          pg[l] += rs[l] * d;
+          rds[l] += d * xv;
+          rdh[l] += d;
+        }
+      }
+      for (int64_t l = 0; l < len; ++l) {
+        ads[l0 + l] = rds[l];
+        adh[l0 + l] = rdh[l];
+      }
+    });
+    walk.store(4);
+    fold_lanes(ads, plan, cds.data());
+    fold_lanes(adh, plan, cdh.data());
+    for (int64_t c = 0; c < plan.C; ++c) {
+      tds[c] += cds[c];
+      tdh[c] += cdh[c];
+    }
+  }
+};
+
+template <typename T>
+void affine_relu_backward_lanes(View4 x, View4 gz, View4 gx, const std::vector<T>& s,
+                                const std::vector<T>& b, VecView grad_scale, VecView grad_shift,
+                                int team) {
+  View4 v[3] = {x, gz, gx};
+  View4* views[] = {&v[0], &v[1], &v[2]};
+  const LanePlan<T> plan(views, 3);
+  const PixelBlocks pb(x.N, x.H, x.W, plan.B);
+  const std::vector<T> sl = tile_lanes(s, plan, true), bl = tile_lanes(b, plan, true);
+  grouped_sums<T>(pb.U, x.C, grad_scale, grad_shift, team,
+                  [&] { return LanesUnit<T>(plan, pb, v, sl.data(), bl.data()); });
+}
+
+// Tiled: each tile of kTileC channels x kTileW pixels copied through a buffer (traversal.h).
+template <typename T>
+void affine_relu_backward_tiled(const View4& x, const View4& gz, const View4& gx,
+                                const std::vector<T>& s, const std::vector<T>& b,
+                                VecView grad_scale, VecView grad_shift, int team) {
+  const Tiles tl(x.N, x.H, x.W, x.C);
+  grouped_sums<T>(tl.U, x.C, grad_scale, grad_shift, team, [&] {
+    return [&, tile = std::vector<T>(static_cast<size_t>(3 * kTileC * kTileW))](
+               int64_t u, T* tds, T* tdh) mutable {
+      int64_t n, h, w0, w1, c0, c1;
+      tl.range(u, n, h, w0, w1, c0, c1);
+      T* bx = tile.data();
+      T* bz = bx + kTileC * kTileW;
+      T* bg = bz + kTileC * kTileW;
+      tile_load<T>(x, n, h, w0, w1, c0, c1, bx);
+      tile_load<T>(gz, n, h, w0, w1, c0, c1, bz);
+      tile_load<T>(gx, n, h, w0, w1, c0, c1, bg);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t o = (c - c0) * kTileW;
+        affine_relu_backward_run<T, true>(bx + o, bz + o, bg + o, w1 - w0, 1, 1, 1, s[c], b[c],
+                                          tds[c], tdh[c]);
+      }
+      tile_store<T>(gx, n, h, w0, w1, c0, c1, bg);
+    };
+  });
 }
 
 template <typename T>
@@ -146,8 +191,10 @@ void affine_relu_backward_t(View4 x, VecView scale, VecView shift, View4 gz, Vie
   const int team = team_size(x.N * C * x.H * x.W, num_threads);
   if (layout == Layout::kPlanes)
     affine_relu_backward_planes<T>(x, gz, gx, s, b, grad_scale, grad_shift, team);
+  else if (layout == Layout::kChannelsInner)
+    affine_relu_backward_lanes<T>(x, gz, gx, s, b, grad_scale, grad_shift, team);
   else
-    affine_relu_backward_grouped<T>(layout, x, gz, gx, s, b, grad_scale, grad_shift, team);
+    affine_relu_backward_tiled<T>(x, gz, gx, s, b, grad_scale, grad_shift, team);
 }
 
 }  // namespace

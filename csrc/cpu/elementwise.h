@@ -1,6 +1,7 @@
 // The elementwise runner shared by channel_stats_backward and affine_relu.
 #pragma once
 
+#include "lanes.h"
 #include "traversal.h"
 
 namespace msdnet_ops {
@@ -8,23 +9,24 @@ namespace cpu {
 namespace MSDNET_CPU_ISA {
 
 // Runs an elementwise functor over views that share N, C, H, W, in the traversal the layout
-// calls for. The functor is called as f(c, pointers..., count, strides...) on runs of
-// elements of one channel (planes, tiled) or as f.pixel(pointers...) on the C channels of one
-// pixel (channels-inner).
+// calls for. The functor is called as f.run<UNIT>(c, rows, count, views) on runs of elements
+// of one channel (planes, tiled) or as f.lanes(p, step, nseg, l0, len) on blocks of lanes
+// (channels-inner: LaneWalk::run in lanes.h; its parameters tiled for `plan`). F::kReads / F::kWrites: bit i
+// set when view i is read / written (what the tiled and strided-row copies move).
 template <typename T, int K, typename F>
-void elementwise(View4 (&v)[K], Layout layout, int team, const F& f) {
+void elementwise(View4 (&v)[K], Layout layout, const LanePlan<T>& plan, int team, const F& f) {
   const View4& x = v[0];
   const int64_t C = x.C;
   if (layout == Layout::kChannelsInner) {
-    const PixelBlocks pb(x.N, x.H, x.W, C);
-#pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
-    for (int64_t u = 0; u < pb.U; ++u) {
-      int64_t n, h, w0, w1;
-      pb.range(u, n, h, w0, w1);
-      for (int64_t w = w0; w < w1; ++w) {
-        T* p[K];
-        for (int i = 0; i < K; ++i) p[i] = at<T>(v[i], n, 0, h, w);
-        f.pixel(p, C);
+    const PixelBlocks pb(x.N, x.H, x.W, plan.B);
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+      LaneWalk<T, K> walk(plan, pb, v);
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < pb.U; ++u) {
+        walk.load(u, F::kReads);
+        walk.run([&](auto&&... a) { f.lanes(a...); });
+        walk.store(F::kWrites);
       }
     }
   } else if (layout == Layout::kPlanes) {

@@ -2,7 +2,7 @@
 // L1-sized chunk, merged with Chan's formula in a fixed order (deterministic).
 #include <limits>
 
-#include "traversal.h"
+#include "lanes.h"
 
 namespace msdnet_ops {
 namespace cpu {
@@ -64,16 +64,67 @@ void stats_planes(const View4& x, T eps, VecView mean, VecView invstd, int team)
   }
 }
 
+// acc[l0 + l] += the sum of lane l0 + l over segments (a LaneWalk op, lanes.h).
 template <typename T>
-void stats_channels_inner(const View4& x, T eps, VecView mean, VecView invstd, int team) {
+struct LaneSum {
+  T* acc;
+  template <typename Len>
+  void operator()(T* const* p, const int64_t* step, int64_t nseg, int64_t l0, Len len) const {
+    T r[block_lanes<T>()];
+    for (int64_t l = 0; l < len; ++l) r[l] = acc[l0 + l];
+    for (int64_t s = 0; s < nseg; ++s) {
+      const T* __restrict__ px = p[0] + s * step[0];
+#pragma omp simd
+      for (int64_t l = 0; l < len; ++l) r[l] += px[l];
+    }
+    for (int64_t l = 0; l < len; ++l) acc[l0 + l] = r[l];
+  }
+};
+
+// acc[l0 + l] += the sum of (x - mean[l0 + l])^2 of lane l0 + l over segments.
+template <typename T>
+struct LaneSquares {
+  T* acc;
+  const T* mean;
+  template <typename Len>
+  void operator()(T* const* p, const int64_t* step, int64_t nseg, int64_t l0, Len len) const {
+    T r[block_lanes<T>()], m[block_lanes<T>()];
+    for (int64_t l = 0; l < len; ++l) {
+      r[l] = acc[l0 + l];
+      m[l] = mean[l0 + l];
+    }
+    for (int64_t s = 0; s < nseg; ++s) {
+      const T* __restrict__ px = p[0] + s * step[0];
+#pragma omp simd
+      for (int64_t l = 0; l < len; ++l) {
+        const T d = px[l] - m[l];
+        r[l] += d * d;
+      }
+    }
+    for (int64_t l = 0; l < len; ++l) acc[l0 + l] = r[l];
+  }
+};
+
+// Channels-inner (lanes.h): per unit, exact two-pass statistics of each channel from lane sums
+// (the unit is L1-resident for the second pass), merged into the unit's group with Chan's
+// formula; groups merged in order at the end.
+template <typename T>
+void stats_channels_inner(View4 x, T eps, VecView mean, VecView invstd, int team) {
   const int64_t C = x.C;
-  const PixelBlocks pb(x.N, x.H, x.W, C);
+  View4* views[] = {&x};
+  const LanePlan<T> plan(views, 1);
+  const PixelBlocks pb(x.N, x.H, x.W, plan.B);
   const Groups gr(pb.U);
+  const int64_t M = plan.M;
   std::vector<T> g_mean(static_cast<size_t>(gr.G * C)), g_m2(static_cast<size_t>(gr.G * C));
   std::vector<T> g_n(static_cast<size_t>(gr.G));
 #pragma omp parallel num_threads(team) if (team > 1)
   {
-    std::vector<T> cmean_v(C), cm2_v(C);
+    const View4 v[1] = {x};
+    LaneWalk<T, 1> walk(plan, pb, v);
+    std::vector<T> acc_v(M), lmean_v(M), cmean_v(C), cm2_v(C);
+    T* __restrict__ acc = acc_v.data();
+    T* __restrict__ lmean = lmean_v.data();
     T* __restrict__ cmean = cmean_v.data();
     T* __restrict__ cm2 = cm2_v.data();
 #pragma omp for schedule(static)
@@ -84,27 +135,16 @@ void stats_channels_inner(const View4& x, T eps, VecView mean, VecView invstd, i
       std::fill(tm, tm + C, T(0));
       std::fill(tq, tq + C, T(0));
       for (int64_t u = gr.begin(g); u < gr.end(g); ++u) {
-        int64_t n, h, w0, w1;
-        pb.range(u, n, h, w0, w1);
-        const T* row = at<const T>(x, n, 0, h, 0);
-        std::fill(cmean, cmean + C, T(0));
-        std::fill(cm2, cm2 + C, T(0));
-        for (int64_t w = w0; w < w1; ++w) {
-          const T* __restrict__ px = row + w * x.sW;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) cmean[c] += px[c];
-        }
-        const T cnt = static_cast<T>(w1 - w0);
-#pragma omp simd
+        walk.load(u, 1);
+        std::fill(acc, acc + M, T(0));
+        walk.run(LaneSum<T>{acc});
+        fold_lanes(acc, plan, cmean);
+        const T cnt = static_cast<T>(walk.pixels());
         for (int64_t c = 0; c < C; ++c) cmean[c] /= cnt;
-        for (int64_t w = w0; w < w1; ++w) {
-          const T* __restrict__ px = row + w * x.sW;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T d = px[c] - cmean[c];
-            cm2[c] += d * d;
-          }
-        }
+        tile_lanes(cmean, plan, lmean);
+        std::fill(acc, acc + M, T(0));
+        walk.run(LaneSquares<T>{acc, lmean});
+        fold_lanes(acc, plan, cm2);
         const T f = chan_weight(tn, cnt);
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) chan_update(tm[c], tq[c], cmean[c], cm2[c], tn, f);

@@ -9,9 +9,12 @@ namespace {
 template <typename T>
 struct StatsBackwardOp {
   static constexpr int kReads = 3, kWrites = 2;  // reads x, grad_x; writes grad_x
-  const T* a;
+  const T* a;  // per channel
   const T* b;
   const T* mu;
+  const T* al;  // per lane (channels-inner)
+  const T* bl;
+  const T* mul;
   // v = {x, grad_x}
   template <bool UNIT>
   void run(int64_t c, T* const* r, int64_t len, const View4 (&v)[2]) const {
@@ -23,14 +26,20 @@ struct StatsBackwardOp {
     for (int64_t i = 0; i < len; ++i)
       gr[UNIT ? i : i * sg] += stats_backward_value(xr[UNIT ? i : i * sx], ac, bc, mc);
   }
-  void pixel(T* const* p, int64_t C) const {
-    const T* __restrict__ px = p[0];
-    T* __restrict__ pg = p[1];
-    const T* __restrict__ pa = a;
-    const T* __restrict__ pb = b;
-    const T* __restrict__ pm = mu;
+  template <typename Len>
+  void lanes(T* const* p, const int64_t* step, int64_t nseg, int64_t l0, Len len) const {
+    T ra[block_lanes<T>()], rb[block_lanes<T>()], rm[block_lanes<T>()];
+    for (int64_t l = 0; l < len; ++l) {
+      ra[l] = al[l0 + l];
+      rb[l] = bl[l0 + l];
+      rm[l] = mul[l0 + l];
+    }
+    for (int64_t s = 0; s < nseg; ++s) {
+      const T* __restrict__ px = p[0] + s * step[0];
+      T* __restrict__ pg = p[1] + s * step[1];
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) pg[c] += stats_backward_value(px[c], pa[c], pb[c], pm[c]);
+      for (int64_t l = 0; l < len; ++l) pg[l] += stats_backward_value(px[l], ra[l], rb[l], rm[l]);
+    }
   }
 };
 
@@ -52,7 +61,12 @@ void channel_stats_backward_t(View4 x, VecView mean, VecView invstd, VecView gra
   View4* views[] = {&v[0], &v[1]};
   const Layout layout = prepare(views, 2);
   const int team = team_size(x.N * C * x.H * x.W, num_threads);
-  elementwise<T>(v, layout, team, StatsBackwardOp<T>{a.data(), b.data(), mu.data()});
+  const LanePlan<T> plan(views, 2);
+  const bool ci = layout == Layout::kChannelsInner;
+  const std::vector<T> al = tile_lanes(a, plan, ci), bl = tile_lanes(b, plan, ci),
+                       mul = tile_lanes(mu, plan, ci);
+  elementwise<T>(v, layout, plan, team,
+                 StatsBackwardOp<T>{a.data(), b.data(), mu.data(), al.data(), bl.data(), mul.data()});
 }
 
 }  // namespace

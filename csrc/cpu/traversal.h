@@ -3,9 +3,9 @@
 //   planes          every view has sW == 1 (NCHW buffers and their channel slices): each
 //                   (n, c) plane is walked row by row with a unit-stride, vectorized inner
 //                   loop. Work units: (plane, chunk of ~4096 elements).
-//   channels-inner  every view has sC == 1 (channels_last): the inner loop runs over the
-//                   channels of a pixel; per-channel parameters and accumulators are small
-//                   arrays. Work units: blocks of ~4096/C pixels.
+//   channels-inner  every view has sC == 1 (channels_last, NHWC buffers and their channel
+//                   slices): vector loops over "lanes", runs of pixels with per-channel
+//                   parameters tiled along them (lanes.h). Work units: blocks of ~4096/C pixels.
 //   tiled           anything else (mixed layouts, e.g. a channels_last x with an NCHW
 //                   gradient): tiles of 16 channels x 64 pixels, so both layouts stay in cache.
 // Reductions are deterministic and independent of the thread count: partial results belong to
@@ -23,7 +23,24 @@ constexpr int64_t kTileW = 64, kTileC = 16;
 
 enum class Layout { kPlanes, kChannelsInner, kTiled };
 
-// Merges H and W of every view when all allow it, then picks the traversal.
+// Puts N into the pixel rows where every view allows it (sN == H * sH), then H into W again.
+inline void merge_batch(View4* const* views, int k) {
+  for (int i = 0; i < k; ++i)
+    if (views[i]->N != 1 && views[i]->sN != views[i]->H * views[i]->sH) return;
+  bool mergeable = true;
+  for (int i = 0; i < k; ++i) {
+    View4& v = *views[i];  // row n*H + h starts at (n*H + h) * sH
+    v.H *= v.N;
+    v.N = 1;
+    v.sN = v.H * v.sH;
+    mergeable = mergeable && hw_mergeable(v);
+  }
+  if (mergeable)
+    for (int i = 0; i < k; ++i) *views[i] = merge_hw(*views[i]);
+}
+
+// Merges H and W of every view when all allow it, then picks the traversal (channels-inner:
+// with N merged into the rows too where possible).
 inline Layout prepare(View4* const* views, int k) {
   bool mergeable = true;
   for (int i = 0; i < k; ++i) mergeable = mergeable && hw_mergeable(*views[i]);
@@ -35,7 +52,10 @@ inline Layout prepare(View4* const* views, int k) {
   if (unit_w) return Layout::kPlanes;
   bool unit_c = v0.C > 1;
   for (int i = 0; i < k; ++i) unit_c = unit_c && views[i]->sC == 1;
-  if (unit_c) return Layout::kChannelsInner;
+  if (unit_c) {
+    merge_batch(views, k);
+    return Layout::kChannelsInner;
+  }
   bool trivial_w = v0.W == 1;  // one pixel per row (after merging): planes of single elements
   return trivial_w && k == 1 ? Layout::kPlanes : Layout::kTiled;
 }
@@ -68,23 +88,6 @@ struct Chunking {
     h1 = std::min(H, h0 + rows_per);
     w0 = (k % w_blocks) * w_per;
     w1 = std::min(W, w0 + w_per);
-  }
-};
-
-// Channels-inner traversal: unit u = (n, h, block of P pixels along W).
-struct PixelBlocks {
-  int64_t N, H, W, P, WB, U;
-  PixelBlocks(int64_t N_, int64_t H_, int64_t W_, int64_t C) : N(N_), H(H_), W(W_) {
-    P = std::max<int64_t>(1, kChunk / std::max<int64_t>(C, 1));
-    WB = ceil_div(W, P);
-    U = N * H * WB;
-  }
-  void range(int64_t u, int64_t& n, int64_t& h, int64_t& w0, int64_t& w1) const {
-    n = u / (H * WB);
-    const int64_t r = u % (H * WB);
-    h = r / WB;
-    w0 = (r % WB) * P;
-    w1 = std::min(W, w0 + P);
   }
 };
 
