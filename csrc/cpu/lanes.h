@@ -9,11 +9,12 @@
 // and accumulators held in registers.
 // A strided view (a channel slice of a wider NHWC buffer, row stride > C) has no such streams:
 // its rows are copied into a dense L1-sized scratch first, one masked vector per row
-// (row_copy.h), and copied back when written, unless C is a whole number of vectors: then,
-// and when lcm(C, kBlock) > kMaxLanes, M = C ("row mode", k = 1): a segment is one pixel and
-// nothing is copied.
+// (row_copy.h), and copied back when written, unless C is a whole number of vectors or at
+// least two (the copies cost more than a partial vector per row): then, and when
+// lcm(C, kBlock) > kMaxLanes, M = C ("row mode", k = 1): a segment is one pixel, nothing is
+// copied, and a block that is not a whole number of vectors runs as whole vectors plus the rest.
 //
-// Work units are blocks of B pixels (a multiple of k, ~kChunk elements) along rows of pixels;
+// Work units are blocks of B pixels (a multiple of k, ~kLaneChunkBytes) along rows of pixels;
 // N joins the rows when the strides allow it (dense NHWC tensors and channel slices of one),
 // so small images still give full units. Units do not depend on the thread count.
 #pragma once
@@ -29,6 +30,9 @@ namespace cpu {
 namespace MSDNET_CPU_ISA {
 
 constexpr int64_t kMaxLanes = 1024;
+// Bytes per work unit: the two passes of a statistic over 32 KB (8192 floats, twice the planes'
+// kChunk: the per-unit folds and merges cost less; measured faster than 16 KB and 64 KB).
+constexpr int64_t kLaneChunkBytes = 32 * 1024;
 
 // Lanes per register block (4 vectors). Ops see a block's length as a compile-time constant
 // when it is a whole number of vectors (Lanes<n>), so their loops unroll into whole vectors
@@ -61,9 +65,9 @@ struct LanePlan {
   // strided: some view's pixels are not C elements apart.
   LanePlan(int64_t C_, bool strided) : C(C_) {
     M = std::lcm(C, block_lanes<T>());
-    if (M > kMaxLanes || (strided && C % vec_width<T>() == 0)) M = C;
+    if (M > kMaxLanes || (strided && (C % vec_width<T>() == 0 || C >= 2 * vec_width<T>()))) M = C;
     k = M / C;
-    B = k * std::max<int64_t>(1, kChunk / M);
+    B = k * std::max<int64_t>(1, kLaneChunkBytes / static_cast<int64_t>(sizeof(T)) / M);
   }
   bool row_mode() const { return k == 1; }
 
@@ -155,7 +159,13 @@ class LaneWalk {
     for (int64_t l0 = 0; l0 < plan_.M; l0 += L) {
       T* p[K];
       for (int i = 0; i < K; ++i) p[i] = ptr_[i] + l0;
-      with_lanes<T>(std::min(L, plan_.M - l0), [&](auto len) { op(p, step_, full, l0, len); });
+      const int64_t len = std::min(L, plan_.M - l0), whole = len - len % vec_width<T>();
+      if (whole > 0) with_lanes<T>(whole, [&](auto n) { op(p, step_, full, l0, n); });
+      if (whole < len) {
+        T* q[K];
+        for (int i = 0; i < K; ++i) q[i] = p[i] + whole;
+        op(q, step_, full, l0 + whole, len - whole);
+      }
       if (tail > l0) {
         for (int i = 0; i < K; ++i) p[i] += full * step_[i];
         op(p, step_, int64_t(1), l0, std::min(L, tail - l0));
