@@ -25,18 +25,13 @@ struct AffineReluOp {
       orow[UNIT ? i : i * so] = affine_relu_value(xr[UNIT ? i : i * sx], sc, bc);
   }
   template <typename Len>
-  void lanes(T* const* p, const int64_t* step, int64_t nseg, int64_t l0, Len len) const {
-    T rs[block_lanes<T>()], rb[block_lanes<T>()];
-    for (int64_t l = 0; l < len; ++l) {
-      rs[l] = sl[l0 + l];
-      rb[l] = bl[l0 + l];
-    }
-    for (int64_t s = 0; s < nseg; ++s) {
-      const T* __restrict__ px = p[0] + s * step[0];
-      T* __restrict__ po = p[1] + s * step[1];
+  void lanes(T* const* p, Len len) const {
+    const T* __restrict__ px = p[0];
+    T* __restrict__ po = p[1];
+    const T* __restrict__ ps = sl;
+    const T* __restrict__ pb = bl;
 #pragma omp simd
-      for (int64_t l = 0; l < len; ++l) po[l] = affine_relu_value(px[l], rs[l], rb[l]);
-    }
+    for (int64_t i = 0; i < len; ++i) po[i] = affine_relu_value(px[i], ps[i], pb[i]);
   }
 };
 

@@ -10,8 +10,8 @@ namespace MSDNET_CPU_ISA {
 
 // Runs an elementwise functor over views that share N, C, H, W, in the traversal the layout
 // calls for. The functor is called as f.run<UNIT>(c, rows, count, views) on runs of elements
-// of one channel (planes, tiled) or as f.lanes(p, step, nseg, l0, len) on blocks of lanes
-// (channels-inner: LaneWalk::run in lanes.h; its parameters tiled for `plan`). F::kReads / F::kWrites: bit i
+// of one channel (planes, tiled) or as f.lanes(p, len) on segments of lanes (channels-inner:
+// LaneWalk::each_segment in lanes.h; its parameters tiled for `plan`). F::kReads / F::kWrites: bit i
 // set when view i is read / written (what the tiled and strided-row copies move).
 template <typename T, int K, typename F>
 void elementwise(View4 (&v)[K], Layout layout, const LanePlan<T>& plan, int team, const F& f) {
@@ -25,7 +25,7 @@ void elementwise(View4 (&v)[K], Layout layout, const LanePlan<T>& plan, int team
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < pb.U; ++u) {
         walk.load(u, F::kReads);
-        walk.run([&](auto&&... a) { f.lanes(a...); });
+        walk.each_segment([&](T* const* p, int64_t len) { f.lanes(p, len); });
         walk.store(F::kWrites);
       }
     }

@@ -4,14 +4,15 @@
 // channels of one pixel would be mostly scalar remainder, and per-channel accumulators would
 // live in memory. Instead, k consecutive pixels of a dense view (row stride C) form one stream
 // of M = k*C elements, a "segment", and per-channel parameters are tiled to M lanes (lane i is
-// channel i % C). M = lcm(C, kBlock) is a multiple of the register block (4 vectors): ops walk
-// one block of lanes at a time through all segments of a unit, with that block's parameters
-// and accumulators held in registers.
+// channel i % C). M = lcm(C, block_lanes) is a multiple of the register block (4 vectors):
+// reductions walk one block of lanes at a time through all segments of a unit, that block's
+// parameters and accumulators held in registers (run); elementwise ops stream the segments in
+// memory order, parameters read from L1 (each_segment: faster on large tensors).
 // A strided view (a channel slice of a wider NHWC buffer, row stride > C) has no such streams:
 // its rows are copied into a dense L1-sized scratch first, one masked vector per row
 // (row_copy.h), and copied back when written, unless C is a whole number of vectors or at
-// least two (the copies cost more than a partial vector per row): then, and when
-// lcm(C, kBlock) > kMaxLanes, M = C ("row mode", k = 1): a segment is one pixel, nothing is
+// least two (the copies cost more than a partial vector per row): then M = C ("row mode",
+// k = 1, also when lcm(C, block_lanes) > kMaxLanes): a segment is one pixel, nothing is
 // copied, and a block that is not a whole number of vectors runs as whole vectors plus the rest.
 //
 // Work units are blocks of B pixels (a multiple of k, ~kLaneChunkBytes) along rows of pixels;
@@ -42,11 +43,11 @@ constexpr int64_t block_lanes() { return 4 * vec_width<T>(); }
 template <int64_t N>
 using Lanes = std::integral_constant<int64_t, N>;
 
-// Calls f(Lanes<len>{}) for len a whole number (1 to 4) of vectors, else f(len).
+// Calls f(Lanes<len>{}) for len = 1 to 4 whole vectors (else f(len)).
 template <typename T, typename F>
 void with_lanes(int64_t len, F&& f) {
   constexpr int64_t V = vec_width<T>();
-  switch (len / V * (len % V == 0)) {
+  switch (len % V == 0 ? len / V : 0) {
     case 4: return f(Lanes<4 * V>{});
     case 3: return f(Lanes<3 * V>{});
     case 2: return f(Lanes<2 * V>{});
@@ -71,9 +72,11 @@ struct LanePlan {
   }
   bool row_mode() const { return k == 1; }
 
+  // Its pixels are not C elements apart (a single pixel per row never is).
+  static bool strided(const View4& v) { return v.W > 1 && v.sW != v.C; }
   static bool any_strided(View4* const* views, int n) {
     for (int i = 0; i < n; ++i)
-      if (views[i]->W > 1 && views[i]->sW != views[i]->C) return true;
+      if (strided(*views[i])) return true;
     return false;
   }
 };
@@ -121,15 +124,15 @@ void fold_lanes(const T* __restrict__ lanes, const LanePlan<T>& plan, T* __restr
 }
 
 // One thread's walk over units of K views: load(u) points at unit u (copying the rows of
-// strided views it reads into scratch), run() hands out its blocks of lanes, store() copies
-// the scratch rows of strided views it writes back.
+// strided views it reads into scratch), each_segment() or run() hand out its segments or its
+// blocks of lanes, store() copies the scratch rows of strided views it writes back.
 template <typename T, int K>
 class LaneWalk {
  public:
   LaneWalk(const LanePlan<T>& plan, const PixelBlocks& pb, const View4 (&v)[K]) : plan_(plan), pb_(pb) {
     for (int i = 0; i < K; ++i) {
       v_[i] = v[i];
-      packed_[i] = !plan.row_mode() && v[i].sW != plan.C;
+      packed_[i] = !plan.row_mode() && LanePlan<T>::strided(v[i]);
       if (packed_[i]) scratch_[i].assign(static_cast<size_t>(plan.B * plan.C + vec_width<T>()), T(0));
     }
   }
@@ -145,6 +148,31 @@ class LaneWalk {
       if (packed_[i] && (reads & (1u << i)))
         for (int64_t j = 0; j < npix_; ++j)
           row_to_scratch(ptr_[i] + j * plan_.C, view_[i] + j * v_[i].sW, plan_.C);
+    }
+  }
+
+  // Calls f(p, len) for each segment of the unit in memory order: p[i] the segment in view i,
+  // len its lanes (M, as Lanes<M> when M is at most one block of whole vectors; fewer for the
+  // last, partial one). For elementwise ops: on large tensors streaming in memory order beats
+  // register-resident parameters.
+  template <typename F>
+  void each_segment(F&& f) const {
+    const int64_t full = npix_ / plan_.k, tail = (npix_ - full * plan_.k) * plan_.C;
+    auto segments = [&](auto len) {
+      T* p[K];
+      for (int64_t s = 0; s < full; ++s) {
+        for (int i = 0; i < K; ++i) p[i] = ptr_[i] + s * step_[i];
+        f(p, len);
+      }
+    };
+    if (plan_.M <= block_lanes<T>() && plan_.M % vec_width<T>() == 0)
+      with_lanes<T>(plan_.M, segments);
+    else
+      segments(plan_.M);
+    if (tail > 0) {
+      T* p[K];
+      for (int i = 0; i < K; ++i) p[i] = ptr_[i] + full * step_[i];
+      f(p, tail);
     }
   }
 

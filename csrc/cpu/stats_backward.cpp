@@ -27,19 +27,14 @@ struct StatsBackwardOp {
       gr[UNIT ? i : i * sg] += stats_backward_value(xr[UNIT ? i : i * sx], ac, bc, mc);
   }
   template <typename Len>
-  void lanes(T* const* p, const int64_t* step, int64_t nseg, int64_t l0, Len len) const {
-    T ra[block_lanes<T>()], rb[block_lanes<T>()], rm[block_lanes<T>()];
-    for (int64_t l = 0; l < len; ++l) {
-      ra[l] = al[l0 + l];
-      rb[l] = bl[l0 + l];
-      rm[l] = mul[l0 + l];
-    }
-    for (int64_t s = 0; s < nseg; ++s) {
-      const T* __restrict__ px = p[0] + s * step[0];
-      T* __restrict__ pg = p[1] + s * step[1];
+  void lanes(T* const* p, Len len) const {
+    const T* __restrict__ px = p[0];
+    T* __restrict__ pg = p[1];
+    const T* __restrict__ pa = al;
+    const T* __restrict__ pb = bl;
+    const T* __restrict__ pm = mul;
 #pragma omp simd
-      for (int64_t l = 0; l < len; ++l) pg[l] += stats_backward_value(px[l], ra[l], rb[l], rm[l]);
-    }
+    for (int64_t i = 0; i < len; ++i) pg[i] += stats_backward_value(px[i], pa[i], pb[i], pm[i]);
   }
 };
 
