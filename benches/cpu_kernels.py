@@ -1,17 +1,28 @@
 """Times the CPU kernels against the equivalent PyTorch ops.
 
-    python benches/cpu_kernels.py [--threads N] [--isa avx2] [--out table.md]
+    python benches/cpu_kernels.py [--threads N] [--isa avx2] [--cases planes|nhwc|all]
+                                  [--against OTHER_BUILD.so] [--out table.md]
 
+Cases: ``planes``, NCHW buffers and their prefixes, a channels_last prefix with channels_last
+and with NCHW outputs (mixed), float64; ``nhwc``, the feature buffers of training: dense NHWC
+tensors with few channels, and the first C channels of NHWC buffers of 2C channels (every view
+of the call such a prefix), at the MSDNet shapes [32, C, S, S], S in 32, 16, 8 and C in 6, 16,
+48, 128.
 Baselines: ``reference`` is :mod:`msdnet_ops.reference` (what the ``reference`` backend
 runs); ``torch best`` is the fastest plain-PyTorch formulation we know for the op
 (``torch.var_mean``; ``batch_norm`` in eval mode + ``relu_``; ``index_select(out=)``).
-Each cell is the median over repeats, with the interquartile spread in brackets.
+``--against``: another build of ``msdnet_ops._cpu_kernels`` (e.g. the previous commit's,
+copied aside before rebuilding) in a ``before`` column, through the same wrappers.
+Each cell is the minimum per-call time over repeats, the columns of a row interleaved (in a
+rotating order) so that load from other processes hits them alike; thread CPU time with one
+thread, wall time otherwise.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import timeit
+import contextlib
+import importlib.util
+import time
 
 import torch
 import torch.nn.functional as F
@@ -19,68 +30,162 @@ import torch.nn.functional as F
 from msdnet_ops import reference as ref
 from msdnet_ops.kernels import cpu
 
-
-def _time_ms(fn, min_time=0.05, repeats=9):
-    fn()
-    once = max(timeit.timeit(fn, number=1), 1e-7)
-    number = max(1, int(min_time / once))
-    runs = sorted(t / number * 1e3 for t in timeit.repeat(fn, number=number, repeat=repeats))
-    q = statistics.quantiles(runs, n=4)
-    return statistics.median(runs), q[2] - q[0]
+MSDNET_CHANNELS = (6, 16, 48, 128)
+MSDNET_SIZES = (32, 16, 8)
 
 
-def _cases():
+def _min_ms(fns, min_time=0.02, repeats=16):
+    """Minimum per-call milliseconds of each callable. Each round runs them all in turn,
+    starting with a different one each time: whichever runs right after another on the same
+    data finds it in cache, so a fixed order would favour the later columns."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    numbers = []
+    for f in fns:
+        f()
+        start = time.perf_counter()
+        f()
+        numbers.append(max(1, int(min_time / max(time.perf_counter() - start, 1e-7))))
+    best = [float("inf")] * len(fns)
+    for r in range(repeats):
+        for i in [(r + j) % len(fns) for j in range(len(fns))]:
+            f, number = fns[i], numbers[i]
+            start = clock()
+            for _ in range(number):
+                f()
+            best[i] = min(best[i], (clock() - start) / number)
+    return [b * 1e3 for b in best]
+
+
+class _Fixed:
+    """Stands in for the wrappers' LazyModule: always the given compiled module."""
+
+    def __init__(self, module):
+        self.module, self.error = module, None
+
+    def get(self):
+        return self.module
+
+    def require(self):
+        return self.module
+
+
+@contextlib.contextmanager
+def _module(module):
+    """The wrappers in msdnet_ops.kernels.cpu call `module` inside the block."""
+    saved = cpu._MODULE
+    cpu._MODULE = _Fixed(module)
+    try:
+        yield
+    finally:
+        cpu._MODULE = saved
+
+
+def _load_build(path):
+    spec = importlib.util.spec_from_file_location("_cpu_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _nhwc(n, c, h, w, width=None, dtype=torch.float32):
+    """[n, c, h, w] with channels_last strides: the first c channels of a `width`-channel buffer."""
+    return torch.randn(n, h, w, width or c, dtype=dtype).permute(0, 3, 1, 2)[:, :c]
+
+
+def _planes_cases():
     buf = torch.randn(16, 256, 28, 28)
     cl = torch.randn(16, 28, 28, 256).permute(0, 3, 1, 2)
+    empty = lambda fmt: (lambda x: torch.empty(x.shape, dtype=x.dtype).contiguous(memory_format=fmt))  # noqa: E731
+    nchw, cl_out = empty(torch.contiguous_format), empty(torch.channels_last)
     return [
-        ("NCHW prefix [:, :160] of a 256-channel buffer", buf[:, :160], None),
-        ("NCHW contiguous", torch.randn(32, 64, 56, 56), None),
-        ("channels_last prefix, channels_last outputs", cl[:, :160], torch.channels_last),
-        ("channels_last prefix, NCHW outputs (mixed)", cl[:, :160], torch.contiguous_format),
-        ("NCHW prefix, float64", buf[:, :160].double(), None),
+        ("NCHW prefix [:, :160] of a 256-channel buffer", buf[:, :160], nchw),
+        ("NCHW contiguous", torch.randn(32, 64, 56, 56), nchw),
+        ("channels_last prefix, channels_last outputs", cl[:, :160], cl_out),
+        ("channels_last prefix, NCHW outputs (mixed)", cl[:, :160], nchw),
+        ("NCHW prefix, float64", buf[:, :160].double(), nchw),
     ]
 
 
-def run(out_path=None):
-    lines = [f"threads={torch.get_num_threads()} isa={cpu.isa()} torch={torch.__version__}", ""]
-    for name, x, fmt in _cases():
-        c, dt = x.shape[1], x.dtype
-        mf = fmt if fmt is not None else torch.contiguous_format
-        s, b = torch.randn(c, dtype=dt), torch.randn(c, dtype=dt)
-        zeros, ones = torch.zeros(c, dtype=dt), torch.ones(c, dtype=dt)
-        out = torch.empty(x.shape, dtype=dt).contiguous(memory_format=mf)
-        gz = torch.randn(x.shape, dtype=dt).contiguous(memory_format=mf)
-        gx = torch.zeros(x.shape, dtype=dt).contiguous(memory_format=mf)
-        gs, gh = torch.zeros(c, dtype=dt), torch.zeros(c, dtype=dt)
-        mean, invstd = ref.channel_stats(x, 1e-5)
-        idx = torch.arange(0, x.shape[0], 2)
-        g = torch.empty((idx.numel(),) + tuple(x.shape[1:]), dtype=dt)
-        rows = [
-            ("channel_stats", lambda: cpu.channel_stats(x, 1e-5),
-             lambda: ref.channel_stats(x, 1e-5),
-             lambda: torch.var_mean(x, dim=(0, 2, 3), correction=0)),
-            ("affine_relu", lambda: cpu.affine_relu_into(x, s, b, out),
-             lambda: ref.affine_relu(x, s, b),
-             lambda: torch.relu_(F.batch_norm(x, zeros, ones, s, b, False, 0.0, 0.0))),
-            ("affine_relu_backward_", lambda: cpu.affine_relu_backward_(x, s, b, gz, gx, gs, gh),
-             lambda: ref.affine_relu_backward_(x, s, b, gz, gx, gs, gh), None),
-            ("channel_stats_backward_",
-             lambda: cpu.channel_stats_backward_(x, mean, invstd, gs, gh, gx),
-             lambda: ref.channel_stats_backward_(x, mean, invstd, gs, gh, gx), None),
-            ("gather_batch", lambda: cpu.gather_batch_into(x, idx, g),
-             lambda: ref.gather_batch(x, idx), lambda: torch.index_select(x, 0, idx, out=g)),
-        ]
-        lines += [f"### {name}: {tuple(x.shape)} strides {x.stride()} {dt}", "",
-                  "| op | ours ms | reference ms | torch best ms | speedup vs best torch |",
-                  "|---|---|---|---|---|"]
-        for op, ours, reference, best in rows:
-            o, os_ = _time_ms(ours)
-            r, rs = _time_ms(reference)
-            t, ts = _time_ms(best) if best is not None else (float("nan"), float("nan"))
+def _nhwc_cases():
+    cases = []
+    for s in MSDNET_SIZES:
+        for c in MSDNET_CHANNELS:
+            cases.append((f"NHWC dense [32, {c}, {s}, {s}]", _nhwc(32, c, s, s),
+                          lambda x: _nhwc(*x.shape, dtype=x.dtype)))
+            cases.append((f"NHWC prefix {c} of {2 * c} [32, {c}, {s}, {s}]",
+                          _nhwc(32, c, s, s, 2 * c),
+                          lambda x: _nhwc(*x.shape, width=2 * x.shape[1], dtype=x.dtype)))
+    return cases
+
+
+def _rows(x, like):
+    """(op, ours, reference, torch best or None) for input x; `like(x)` makes the other views."""
+    c, dt = x.shape[1], x.dtype
+    s, b = torch.randn(c, dtype=dt), torch.randn(c, dtype=dt)
+    zeros, ones = torch.zeros(c, dtype=dt), torch.ones(c, dtype=dt)
+    out, gz, gx = like(x), like(x), like(x)
+    gz.copy_(torch.randn(x.shape, dtype=dt))
+    gx.zero_()
+    gs, gh = torch.zeros(c, dtype=dt), torch.zeros(c, dtype=dt)
+    mean, invstd = ref.channel_stats(x, 1e-5)
+    idx = torch.arange(0, x.shape[0], 2)
+    g = torch.empty((idx.numel(),) + tuple(x.shape[1:]), dtype=dt)
+    return [
+        ("channel_stats", lambda: cpu.channel_stats(x, 1e-5),
+         lambda: ref.channel_stats(x, 1e-5),
+         lambda: torch.var_mean(x, dim=(0, 2, 3), correction=0)),
+        ("affine_relu", lambda: cpu.affine_relu_into(x, s, b, out),
+         lambda: ref.affine_relu(x, s, b),
+         lambda: torch.relu_(F.batch_norm(x, zeros, ones, s, b, False, 0.0, 0.0))),
+        ("affine_relu_backward_", lambda: cpu.affine_relu_backward_(x, s, b, gz, gx, gs, gh),
+         lambda: ref.affine_relu_backward_(x, s, b, gz, gx, gs, gh), None),
+        ("channel_stats_backward_",
+         lambda: cpu.channel_stats_backward_(x, mean, invstd, gs, gh, gx),
+         lambda: ref.channel_stats_backward_(x, mean, invstd, gs, gh, gx), None),
+        ("gather_batch", lambda: cpu.gather_batch_into(x, idx, g),
+         lambda: ref.gather_batch(x, idx), lambda: torch.index_select(x, 0, idx, out=g)),
+    ]
+
+
+def _table(title, cases, current, before):
+    head = "| case | op | ours ms |" + (" before ms | before/ours |" if before else "") + \
+           " reference ms | torch best ms | speedup vs best torch |"
+    lines = [f"### {title}", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for name, x, like in cases:
+        for op, ours, reference, best in _rows(x, like):
+            fns = [lambda f=ours: _call(current, f)]
+            if before:
+                fns.append(lambda f=ours: _call(before, f))
+            fns.append(reference)
+            if best is not None:
+                fns.append(best)
+            times = _min_ms(fns)
+            o, r = times[0], times[1 + bool(before)]
+            t = times[-1] if best is not None else float("nan")
             fastest = min(r, t) if best is not None else r
-            lines.append(f"| {op} | {o:.3f} [{os_:.3f}] | {r:.3f} [{rs:.3f}] | "
-                         f"{t:.3f} [{ts:.3f}] | {fastest / o:.1f}x |")
-        lines.append("")
+            cells = [name, op, f"{o:.3f}"]
+            if before:
+                cells += [f"{times[1]:.3f}", f"{times[1] / o:.2f}x"]
+            cells += [f"{r:.3f}", f"{t:.3f}", f"{fastest / o:.1f}x"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _call(module, f):
+    with _module(module):
+        return f()
+
+
+def run(out_path=None, cases="all", before=None, before_name=""):
+    """The tables; `before`: another build's module (a column), named `before_name`."""
+    import msdnet_ops._cpu_kernels as current
+
+    lines = [f"threads={torch.get_num_threads()} isa={cpu.isa()} torch={torch.__version__}"
+             + (f" before={before_name}" if before else ""), ""]
+    if cases in ("planes", "all"):
+        lines += _table("planes (NCHW), mixed layouts, float64", _planes_cases(), current, before)
+    if cases in ("nhwc", "all"):
+        lines += _table("NHWC feature buffers (float32)", _nhwc_cases(), current, before)
     text = "\n".join(lines)
     print(text)
     if out_path:
@@ -93,17 +198,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--isa", default=None, help="baseline, avx2 or avx512")
+    parser.add_argument("--cases", choices=("planes", "nhwc", "all"), default="all")
+    parser.add_argument("--against", default=None, metavar="SO",
+                        help="another build of msdnet_ops._cpu_kernels to time alongside")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     if not cpu.available():
         raise SystemExit(f"CPU kernels not built: {cpu.load_error()}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    before = _load_build(args.against) if args.against else None
     if args.isa:
         import msdnet_ops._cpu_kernels as module
-        module.set_isa(args.isa)
-    torch.manual_seed(0)
-    run(args.out)
+        for m in (module, before):
+            if m is not None:
+                m.set_isa(args.isa)
+    run(args.out, args.cases, before, args.against)
 
 
 if __name__ == "__main__":

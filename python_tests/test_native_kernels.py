@@ -314,6 +314,134 @@ def test_cpu_every_instruction_set(cpu):
         module.set_isa(current)
 
 
+# ---------------------------------------------------------------------------- NHWC feature buffers
+# What the kernels see in training: NCHW-shaped views with channels_last strides, dense with few
+# channels or a channel slice of a wider NHWC buffer. Channel counts cover whole vectors (16,
+# 48, 128), partial ones (6, 12, 24), a prime (37) and one past a register block (80); sizes
+# give the CPU lane traversal full and partial segments and several work units.
+
+NHWC_CHANNELS = [6, 12, 16, 24, 37, 48, 80, 128]
+NHWC_KINDS = ["dense", "prefix", "slice", "batch_step", "crop"]
+
+
+def make_nhwc(shape, kind, dtype, gen, offset=0.0):
+    n, c, h, w = shape
+
+    def rnd(*size):
+        return (torch.randn(*size, dtype=torch.float64, generator=gen) * 2 + offset).to(dtype)
+
+    if kind == "dense":
+        return rnd(n, h, w, c).permute(0, 3, 1, 2)
+    if kind == "prefix":  # the first c channels of a wider buffer
+        return rnd(n, h, w, c + 8).permute(0, 3, 1, 2)[:, :c]
+    if kind == "slice":  # channels in the middle of a buffer, odd row stride
+        return rnd(n, h, w, c + 7)[..., 3:3 + c].permute(0, 3, 1, 2)
+    if kind == "batch_step":  # every other sample: N cannot join the pixel rows
+        return rnd(2 * n, h, w, c).permute(0, 3, 1, 2)[::2]
+    if kind == "crop":  # a spatial crop: H cannot join W
+        return rnd(n, h + 2, w + 3, c).permute(0, 3, 1, 2)[:, :, 1:1 + h, 2:2 + w]
+    raise ValueError(kind)
+
+
+def _nhwc_shape(c):
+    # two or more work units of the lane traversal at every channel count, odd spatial sizes
+    return (3, c, 15, 17) if c < 48 else (2, c, 9, 11)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("kind", NHWC_KINDS)
+@pytest.mark.parametrize("c", NHWC_CHANNELS)
+def test_cpu_nhwc_channel_stats(cpu, c, kind, dtype):
+    gen = torch.Generator().manual_seed(_seed(c, kind, "nstats"))
+    x = make_nhwc(_nhwc_shape(c), kind, dtype, gen, offset=3.0)
+    mean, invstd = cpu.channel_stats(x, 1e-5)
+    rmean, rinvstd = ref.channel_stats(x.double(), 1e-5)
+    _close(mean, rmean, dtype, what="mean")
+    _close(invstd, rinvstd, dtype, scale=float(rinvstd.abs().max()), what="invstd")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("kind", NHWC_KINDS)
+@pytest.mark.parametrize("c", NHWC_CHANNELS)
+def test_cpu_nhwc_elementwise(cpu, c, kind, dtype):
+    """affine_relu, its backward and channel_stats_backward with x of `kind` and the written
+    view a channel slice of another NHWC buffer (neighbours untouched), then dense."""
+    gen = torch.Generator().manual_seed(_seed(c, kind, "nelem"))
+    shape = _nhwc_shape(c)
+    n = shape[0] * shape[2] * shape[3]
+    x = make_nhwc(shape, kind, dtype, gen, offset=0.5)
+    xd = x.double()
+    s, b = _vec(c, dtype, gen=gen), _vec(c, dtype, gen=gen)
+    for sliced in (True, False):
+        out = SlicedOutput(shape, dtype, channels_last=True) if sliced else None
+        z = out.view if sliced else make_nhwc(shape, "dense", dtype, gen)
+        cpu.affine_relu_into(x, s, b, z)
+        _close(z, ref.affine_relu(xd, s.double(), b.double()), dtype, scale=4.0, what="z")
+
+        gz = make_nhwc(shape, "slice" if sliced else "dense", dtype, gen)
+        init = torch.randn(shape, dtype=torch.float64, generator=gen).to(dtype)
+        gx = SlicedOutput(shape, dtype, channels_last=True, init=init)
+        gs, gh = _vec(c, dtype, gen=gen), _vec(c, dtype, gen=gen)
+        e = (init.double(), gs.double().clone(), gh.double().clone())
+        ref.affine_relu_backward_(xd, s.double(), b.double(), gz.double(), *e)
+        cpu.affine_relu_backward_(x, s, b, gz, gx.view, gs, gh)
+        _close(gx.view, e[0], dtype, scale=4.0, what="grad_x")
+        _close(gs, e[1], dtype, scale=4.0 * n ** 0.5, what="grad_scale")
+        _close(gh, e[2], dtype, scale=2.0 * n ** 0.5, what="grad_shift")
+
+        m, i = _vec(c, dtype, gen=gen), _vec(c, dtype, gen=gen, lo=0.5)
+        gm, gi = _vec(c, dtype, gen=gen), _vec(c, dtype, gen=gen)
+        g = torch.randn(shape, dtype=torch.float64, generator=gen).to(dtype)
+        g = g.contiguous(memory_format=torch.channels_last) if not sliced else \
+            SlicedOutput(shape, dtype, channels_last=True, init=g)
+        gv = g.view if sliced else g
+        expected = gv.double().clone()
+        ref.channel_stats_backward_(xd, m.double(), i.double(), gm.double(), gi.double(), expected)
+        cpu.channel_stats_backward_(x, m, i, gm, gi, gv)
+        _close(gv, expected, dtype, scale=4.0, what="stats grad_x")
+        for written in ((out, gx, g) if sliced else (gx,)):
+            written.check_neighbours()
+
+
+@pytest.mark.parametrize("c", [6, 16, 24])
+def test_cpu_nhwc_every_instruction_set_and_thread_count(cpu, c):
+    """The lane traversal of every compiled variant gives the reference results, and the same
+    bits with 1, 2 and 3 threads (the shape is above the serial threshold)."""
+    import msdnet_ops._cpu_kernels as module
+
+    gen = torch.Generator().manual_seed(_seed(c, "nisa"))
+    shape = (4, c, 41, 37)
+    x = make_nhwc(shape, "dense", torch.float32, gen, offset=1.0)
+    gz = make_nhwc(shape, "slice", torch.float32, gen)
+    s, b = _vec(c, torch.float32, gen=gen), _vec(c, torch.float32, gen=gen)
+    e = (torch.zeros(shape, dtype=torch.float64), torch.zeros(c, dtype=torch.float64),
+         torch.zeros(c, dtype=torch.float64))
+    ref.affine_relu_backward_(x.double(), s.double(), b.double(), gz.double(), *e)
+    rmean, rinvstd = ref.channel_stats(x.double(), 1e-5)
+    current, threads = module.current_isa(), torch.get_num_threads()
+    try:
+        for isa in module.supported_isas():
+            module.set_isa(isa)
+            results = []
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                gx = torch.zeros(shape).contiguous(memory_format=torch.channels_last)
+                gs, gh = torch.zeros(c), torch.zeros(c)
+                cpu.affine_relu_backward_(x, s, b, gz, gx, gs, gh)
+                results.append(cpu.channel_stats(x, 1e-5) + (gx, gs, gh))
+            mean, invstd, gx, gs, gh = results[0]
+            _close(mean, rmean, torch.float32, what=f"{isa} mean")
+            _close(invstd, rinvstd, torch.float32, scale=float(rinvstd.max()), what=f"{isa} invstd")
+            for got, exp in zip((gx, gs, gh), e):
+                _close(got, exp, torch.float32, scale=40.0, what=f"{isa} backward")
+            for other in results[1:]:
+                for a, b_ in zip(results[0], other):
+                    assert torch.equal(a, b_), f"{isa}: results depend on the thread count"
+    finally:
+        module.set_isa(current)
+        torch.set_num_threads(threads)
+
+
 def test_cpu_rejects_half_precision(cpu):
     with pytest.raises(TypeError, match="float32 and float64"):
         cpu.channel_stats(torch.randn(2, 3, 4, 4).half(), 1e-5)

@@ -1,4 +1,4 @@
-// Runtime choice of the instruction-set variant of the CPU kernels (kernels.cpp is compiled
+// Runtime choice of the instruction-set variant of the CPU kernels (csrc/cpu/*.cpp are compiled
 // once per variant). MSDNET_OPS_CPU_ISA=baseline|avx2|avx512 overrides the automatic choice.
 #include <cstdlib>
 #include <stdexcept>
