@@ -7,5 +7,6 @@ import triton.language as tl
 
 @triton.jit
 def relu(v):
-    """``max(v, 0)`` that keeps NaN, as ``torch.relu`` does (``tl.maximum`` turns it into 0)."""
-    return tl.where(v < 0.0, 0.0, v)
+    """``max(v, 0)`` that keeps NaN, as ``torch.relu`` does (``tl.maximum``'s default turns it
+    into 0)."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
