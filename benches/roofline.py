@@ -20,7 +20,11 @@ ours (fused: BN+ReLU+pool in the convolution's prologue, no concatenation)
                 out-grad and ``x`` (ReLU mask) and read-modify-writes the shared gradient;
                 wgrad re-reads out-grad and ``x``: ``5 in + 3 out``
   statistics    of each produced channel once: ``1 out``; finalize ``3 out``
-  (BN, ReLU, cat and pooling traffic: none)
+  activation    MSDNet (post-activation) only: each unit stores ``relu(bn(y))`` once (fwd reads
+                ``y``, writes it: ``2 out``) and applies its ReLU mask and BN backward once
+                (``3 out``); its consumers read activated channels, so their dgrad needs no
+                ReLU mask: the convolution is ``4 in + 3 out`` there
+  (BN, ReLU, cat and pooling traffic otherwise: none)
 
 FLOPs are the convolutions' (``2 N Ho Wo Cout Cin k^2`` forward, twice that backward) for both;
 ours pools before a transition's 1x1 (4x fewer forward FLOPs there). Each op's time is
@@ -51,7 +55,8 @@ ASSUMED = dict(
     launch_s=3e-6,        # per kernel launch (no CUDA graphs)
 )
 # kernels per op in a training step (forward + backward)
-KERNELS = {"conv": 3, "bn": 4, "relu": 2, "cat": 2, "pool": 2, "tconv": 3, "stats": 2}
+KERNELS = {"conv": 3, "bn": 4, "relu": 2, "cat": 2, "pool": 2, "tconv": 3, "stats": 2,
+           "activation": 2}
 MODELS = (("densenet-bc100", 64), ("densenet121", 32), ("msdnet-cifar100-anytime", 64),
           ("msdnet-imagenet-step4", 32))
 
@@ -99,8 +104,9 @@ def plain_ops(name: str) -> list:
     return ops
 
 
-def traffic(ops: list, batch: int, bytes_per: int) -> dict:
-    """Per variant and op kind: [bytes, flops, kernels] of a training step."""
+def traffic(ops: list, batch: int, bytes_per: int, activated: bool = False) -> dict:
+    """Per variant and op kind: [bytes, flops, kernels] of a training step (``activated``:
+    MSDNet's units store their outputs activated)."""
     out = {"plain": defaultdict(lambda: [0, 0, 0]), "ours": defaultdict(lambda: [0, 0, 0])}
     for kind, i, o, flops in ops:
         i, o, flops = i * batch, o * batch, flops * batch
@@ -111,13 +117,17 @@ def traffic(ops: list, batch: int, bytes_per: int) -> dict:
         p[1] += 3 * flops
         p[2] += KERNELS[kind]
         if kind == "conv":
-            q = out["ours"]["transform-conv"]
-            q[0] += (5 * i + 3 * o) * bytes_per
+            q = out["ours"]["conv" if activated else "transform-conv"]
+            q[0] += ((4 if activated else 5) * i + 3 * o) * bytes_per
             q[1] += 3 * flops
             q[2] += KERNELS["tconv"]
             s = out["ours"]["statistics"]
             s[0] += (1 + 3) * o * bytes_per
             s[2] += KERNELS["stats"]
+            if activated:
+                a = out["ours"]["activation"]
+                a[0] += (2 + 3) * o * bytes_per
+                a[2] += KERNELS["activation"]
     return out
 
 
@@ -147,7 +157,7 @@ def markdown(models=MODELS, dtypes=("bfloat16", "float32")) -> str:
     for name, batch in models:
         ops = plain_ops(name)
         for dtype in dtypes:
-            t = traffic(ops, batch, 2 if dtype == "bfloat16" else 4)
+            t = traffic(ops, batch, 2 if dtype == "bfloat16" else 4, name.startswith("msdnet"))
             gb = {v: sum(r[0] for r in t[v].values()) / 1e9 for v in t}
             tflop = sum(r[1] for r in t["plain"].values()) / 1e12
             pred = {(g, v): predict(t[v], GPUS[g], v, dtype) for g in GPUS for v in t}

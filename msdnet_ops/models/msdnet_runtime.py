@@ -52,9 +52,8 @@ class PlanRun:
         """Runs what exit ``exit_index`` still needs, and its classifier."""
         target = self.plan.exit_cells[exit_index]
         out = None
-        with deferred_running_stats():
-            for index in self.plan.closure(target, self.done):
-                out = self.run_cell(index)
+        for index in self.plan.closure(target, self.done):
+            out = self.run_cell(index)
         self._drop_dead_buffers()
         return out
 
@@ -80,6 +79,10 @@ class GridRun(PlanRun):
         self.dtype = x.dtype
         self.training = model.training
         self.sync_group = sync_group
+
+    def exit_logits(self, exit_index: int) -> torch.Tensor:
+        with deferred_running_stats():  # the exit's running-statistics updates, batched
+            return super().exit_logits(exit_index)
 
     # ------------------------------------------------------------------ buffers
     def _new_buffer(self, channels: int, height: int, width: int,
