@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..nn.dense_layer import check_like_parameters
 from .msdnet_modules import (
     MSDNetBlock,
     MSDNetClassifier,
@@ -277,14 +278,7 @@ class MSDNetPlain(nn.Module):
                              f"{x.shape[1]} (shape {tuple(x.shape)})")
         if x.shape[0] < 1:
             raise ValueError(f"x: expected at least one sample, got shape {tuple(x.shape)}")
-        param = next(self.parameters())
-        if x.device != param.device:
-            raise ValueError(f"x: expected a tensor on {param.device} (the model's device), got "
-                             f"{x.device}")
-        if x.dtype != param.dtype and not (x.is_floating_point()
-                                            and torch.is_autocast_enabled(x.device.type)):
-            raise TypeError(f"x: expected {param.dtype} (the model's parameters' dtype), got "
-                            f"{x.dtype}")
+        check_like_parameters(x, "x", self)
         h, w = int(x.shape[2]), int(x.shape[3])
         if not (self._side_ok(h) and self._side_ok(w)):
             lo, hi = self.input_size_range()

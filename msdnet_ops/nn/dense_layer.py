@@ -115,6 +115,19 @@ def new_buffer_for(x: torch.Tensor, capacity: int, track_stats: bool, eps: float
                          track_stats=track_stats, eps=eps, sync_group=sync_group)
 
 
+def check_like_parameters(x: torch.Tensor, name: str, module: nn.Module) -> None:
+    """``x`` is on ``module``'s device with its parameters' dtype (any floating dtype under
+    autocast)."""
+    param = next(module.parameters())
+    if x.device != param.device:
+        raise ValueError(f"{name}: expected a tensor on {param.device} (the module's device), "
+                         f"got {x.device}")
+    if x.dtype != param.dtype and not (x.is_floating_point()
+                                        and torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(f"{name}: expected {param.dtype} (the module's parameters' dtype), got "
+                        f"{x.dtype}")
+
+
 def check_input_tensor(x, name: str, channels: int, module: nn.Module | None = None) -> None:
     """``x`` is a non-empty ``[N, channels, H, W]`` tensor with ``module``'s parameters' dtype
     (any floating dtype under autocast) and device; in training mode (batch statistics) with
@@ -127,16 +140,9 @@ def check_input_tensor(x, name: str, channels: int, module: nn.Module | None = N
         raise ValueError(f"{name}: expected {channels} channels, got {x.shape[1]}")
     if x.shape[0] < 1:
         raise ValueError(f"{name}: expected at least one sample, got shape {tuple(x.shape)}")
-    param = next(module.parameters(), None) if module is not None else None
-    if param is None:
+    if module is None or next(module.parameters(), None) is None:
         return
-    if x.device != param.device:
-        raise ValueError(f"{name}: expected a tensor on {param.device} (the module's device), "
-                         f"got {x.device}")
-    if x.dtype != param.dtype and not (x.is_floating_point()
-                                        and torch.is_autocast_enabled(x.device.type)):
-        raise TypeError(f"{name}: expected {param.dtype} (the module's parameters' dtype), got "
-                        f"{x.dtype}")
+    check_like_parameters(x, name, module)
     batch_stats = any(uses_batch_stats(m) for m in module.modules()
                       if isinstance(m, nn.BatchNorm2d))
     if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] < 2:
