@@ -17,11 +17,12 @@ class MSDNet(MSDNetPlain):
 
     Same constructor, module tree and ``state_dict`` keys as :class:`MSDNetPlain` (the public
     reference's structure). Each scale of the grid is a feature buffer that dense layers append
-    to; the strided path writes the coarser scale's slice. For training (and whenever autograd
-    is on) each channel is stored before its BatchNorm and every consumer applies the
-    producer's BN+ReLU as it reads (backward needs the pre-ReLU values); in eval mode without
-    autograd the BatchNorms are folded into the convolutions and each channel is stored once,
-    activated (:mod:`~msdnet_ops.models.msdnet_inference`).
+    to; the strided path writes the coarser scale's slice. Each channel is stored once,
+    activated (after its conv -> BN -> ReLU), and consumers convolve buffer prefixes as they
+    are. For training (and whenever autograd is on) each unit also keeps its convolution's
+    output for backward (:mod:`~msdnet_ops.models.msdnet_runtime`); in eval mode without
+    autograd the BatchNorms are folded into the convolutions and nothing is kept
+    (:mod:`~msdnet_ops.models.msdnet_inference`).
 
     ``memory_efficient=True`` frees every bottleneck output after the forward pass and
     recomputes it in backward (one more 1x1 convolution per path; exact).
@@ -44,6 +45,9 @@ class MSDNet(MSDNetPlain):
         self.sync_group = None
         self._macs_cache: dict = {}
         self._folded = FoldedWeights()
+        # checked at every forward (eval mode without autograd runs the inference path):
+        # listed once, as the plan fixes the module tree at construction
+        self._batchnorms = [m for m in self.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
     # ---------------------------------------------------------------- cost accounting
     def exit_macs(self, input_size=(3, 32, 32)) -> List[int]:
@@ -76,8 +80,11 @@ class MSDNet(MSDNetPlain):
         activated buffers with folded BatchNorms in eval mode without autograd
         (:class:`InferenceRun`), else on the autograd path (:class:`GridRun`)."""
         self.check_input(x)
+        return self._start(x, can_run_activated(self, self._batchnorms))
+
+    def _start(self, x: torch.Tensor, inference: bool):
         macs = self.cell_macs(tuple(x.shape[1:]))
-        if can_run_activated(self):
+        if inference:
             return InferenceRun(self, self.plan, x, macs, self._folded)
         return GridRun(self, self.plan, x, macs, self.sync_group)
 
@@ -85,12 +92,12 @@ class MSDNet(MSDNetPlain):
         self.check_input(x)
         if x.device.type == "meta":  # shape-only passes (MAC counting) use the plain graph
             return super().forward(x)
-        if can_run_activated(self):  # plain tensor code: torch.compile traces it whole
-            return self._all_exits(x)
-        return self._all_exits_autograd(x)
+        if can_run_activated(self, self._batchnorms):  # plain tensor code: compiles whole
+            return self._all_exits(x, True)
+        return self._all_exits_autograd(x, False)
 
-    def _all_exits(self, x: torch.Tensor) -> List[torch.Tensor]:
-        run = self.start(x)
+    def _all_exits(self, x: torch.Tensor, inference: bool) -> List[torch.Tensor]:
+        run = self._start(x, inference)
         return [run.exit_logits(k) for k in range(self.num_exits)]
 
     # The autograd path's nodes share Python-side buffer state, which torch.compile cannot

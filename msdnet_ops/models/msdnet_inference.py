@@ -3,9 +3,10 @@
 In eval mode without autograd every BatchNorm uses fixed running statistics, so each
 conv -> BN -> ReLU unit is one convolution with the BN folded into its weights and bias, and
 its output is stored once, activated (``relu(bn(conv(.)))``): every consumer of a channel
-convolves the stored values as they are, with no per-consumer transform. Training keeps the
-pre-BN storage of :class:`~msdnet_ops.models.msdnet_runtime.GridRun`, whose backward needs
-the values before the ReLU (see docs/ARCHITECTURE.md).
+convolves the stored values as they are, with no per-consumer transform. The training path
+(:class:`~msdnet_ops.models.msdnet_runtime.GridRun`) stores activated channels too, but through
+autograd nodes that also keep each convolution's output before its BatchNorm (backward needs
+it, see docs/ARCHITECTURE.md); here nothing is kept for backward.
 """
 from __future__ import annotations
 
@@ -47,11 +48,11 @@ class FoldedWeights:
         return entry[1]
 
 
-def can_run_activated(model) -> bool:
-    """Eval mode, no autograd, and every BatchNorm normalizes with running statistics."""
+def can_run_activated(model, batchnorms) -> bool:
+    """Eval mode, no autograd, and every BatchNorm of ``batchnorms`` (the model's) normalizes
+    with running statistics."""
     return (not model.training and not torch.is_grad_enabled()
-            and not any(uses_batch_stats(m) for m in model.modules()
-                        if isinstance(m, torch.nn.BatchNorm2d)))
+            and not any(uses_batch_stats(m) for m in batchnorms))
 
 
 class InferenceRun(PlanRun):
