@@ -13,47 +13,41 @@ runs); ``torch best`` is the fastest plain-PyTorch formulation we know for the o
 (``torch.var_mean``; ``batch_norm`` in eval mode + ``relu_``; ``index_select(out=)``).
 ``--against``: another build of ``msdnet_ops._cpu_kernels`` (e.g. the previous commit's,
 copied aside before rebuilding) in a ``before`` column, through the same wrappers.
-Each cell is the minimum per-call time over repeats, the columns of a row interleaved (in a
-rotating order) so that load from other processes hits them alike; thread CPU time with one
-thread, wall time otherwise.
+Each cell is the minimum per-call wall time over 16 samples, the columns of a row interleaved
+(in a rotating order) so that load from other processes hits them alike
+(:func:`benches.harness.time_interleaved`, the timer of every benchmark).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import importlib.util
-import time
+import os
+import sys
 
-import torch
-import torch.nn.functional as F
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: python benches/cpu_kernels.py
+    sys.path.insert(0, ROOT)
 
-from msdnet_ops import reference as ref
-from msdnet_ops.kernels import cpu
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benches import harness  # noqa: E402
+from msdnet_ops import reference as ref  # noqa: E402
+from msdnet_ops.kernels import cpu  # noqa: E402
 
 MSDNET_CHANNELS = (6, 16, 48, 128)
 MSDNET_SIZES = (32, 16, 8)
 
 
-def _min_ms(fns, min_time=0.02, repeats=16):
-    """Minimum per-call milliseconds of each callable. Each round runs them all in turn,
-    starting with a different one each time: whichever runs right after another on the same
-    data finds it in cache, so a fixed order would favour the later columns."""
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-    numbers = []
-    for f in fns:
-        f()
-        start = time.perf_counter()
-        f()
-        numbers.append(max(1, int(min_time / max(time.perf_counter() - start, 1e-7))))
-    best = [float("inf")] * len(fns)
-    for r in range(repeats):
-        for i in [(r + j) % len(fns) for j in range(len(fns))]:
-            f, number = fns[i], numbers[i]
-            start = clock()
-            for _ in range(number):
-                f()
-            best[i] = min(best[i], (clock() - start) / number)
-    return [b * 1e3 for b in best]
+def _min_ms(fns):
+    """Minimum per-call milliseconds of each callable, timed by the benches' one timer
+    (:func:`benches.harness.time_interleaved`): rounds of all of them in a rotating order (a
+    callable that runs right after another on the same data finds it in cache, so a fixed
+    order would favour the later columns), each sample at least 20 ms of back-to-back calls."""
+    stats = harness.time_interleaved(dict(enumerate(fns)), warmup=1, min_reps=16, max_reps=16,
+                                     min_sample_s=0.02, max_inner=100_000)
+    return [stats[i].min * 1e3 for i in range(len(fns))]
 
 
 class _Fixed:
