@@ -24,6 +24,10 @@ class MSDNet(MSDNetPlain):
     autograd the BatchNorms are folded into the convolutions and nothing is kept
     (:mod:`~msdnet_ops.models.msdnet_inference`).
 
+    Cells no exit reads (possible in small custom configurations; the paper's have none) are
+    never run, so their BatchNorms' running statistics stay as they are where the reference
+    would update them; no output depends on them.
+
     ``memory_efficient=True`` frees every bottleneck output after the forward pass and
     recomputes it in backward (one more 1x1 convolution per path; exact).
 
