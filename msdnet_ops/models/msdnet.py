@@ -5,6 +5,7 @@ from typing import Iterator, List
 
 import torch
 
+from ..layout import conv_weights_channels_last_
 from .macs import count_macs
 from .msdnet_inference import FoldedWeights, InferenceRun, can_run_activated
 from .msdnet_plain import MSDNetPlain
@@ -45,6 +46,7 @@ class MSDNet(MSDNetPlain):
     def __init__(self, *args, memory_efficient: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.memory_efficient = bool(memory_efficient)
+        conv_weights_channels_last_(self)  # the buffers are NHWC (msdnet_ops.layout)
         self.plan = build_plan(self)
         self.sync_group = None
         self._macs_cache: dict = {}
