@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layout import conv_weights_channels_last_
 from .bn_affine import uses_batch_stats
 from .dense_layer import (DenseLayer, check_input_tensor, new_buffer_for, read_channels,
                           transform_conv_write, write_tensor)
@@ -61,6 +62,7 @@ class Transition(nn.Module):
         self.norm = nn.BatchNorm2d(num_input_features)
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(num_input_features, num_output_features, 1, 1, bias=False)
+        conv_weights_channels_last_(self)  # the buffers are NHWC (msdnet_ops.layout)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..layout import conv_weights_channels_last_
 from .bn_affine import AffineParams, bn_vectors, update_running_stats, uses_batch_stats
 from .feature_buffer import FeatureBuffer
 from .functions import ConvBNReLUWrite, ReadFeatures, TransformConvWrite, WriteFeatures
@@ -183,6 +184,7 @@ class DenseLayer(nn.Module):
             self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, 1, 1, bias=False)
         else:
             self.conv1 = nn.Conv2d(num_input_features, growth_rate, 3, 1, 1, bias=False)
+        conv_weights_channels_last_(self)  # the buffers are NHWC (msdnet_ops.layout)
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
