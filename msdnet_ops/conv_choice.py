@@ -68,16 +68,11 @@ def choose(key: tuple, trial, device: torch.device) -> str:
     return _chosen[key]
 
 
-def fused(backend: str, key, trial, device: torch.device) -> bool:
-    """Whether this call runs the fused kernel (``key()``: its :func:`shape_key`, computed only
-    when needed). ``backend`` as resolved by ``ops._kernels``:
-    ``reference`` composes its own; ``cpu``/``cuda`` have no fused kernel; ``triton`` follows
-    ``backends.transform_conv_policy`` (timing only outside CUDA-graph capture, where it
-    cannot synchronise: there the fused kernel runs)."""
-    if backend == "reference":
-        return True
-    if backend != "triton":
-        return False
+def fused(key, trial, device: torch.device) -> bool:
+    """Whether this call of the ``triton`` backend runs the fused kernel (``key()``: its
+    :func:`shape_key`, computed only when needed), as ``backends.transform_conv_policy``
+    says (timing only outside CUDA-graph capture, where it cannot synchronise: there the fused
+    kernel runs)."""
     policy = backends.transform_conv_policy(device)
     if policy != "timed":
         return policy == "fused"

@@ -29,10 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends, conv_choice
+from . import backends
 from . import validation as check
-from .dtypes import stats_dtype
-from .kernels import cpu_conv
 from .layout import dense, empty_like_layout
 
 _LIB = "msdnet_ops"
@@ -75,8 +73,8 @@ def _fake(op, checks=None):
 
 
 def _kernels(t: Tensor):
-    backend = backends.resolve(t.device, t.dtype)
-    return backend, backends.kernels_for(backend)
+    """The backend module (:mod:`msdnet_ops.backends`) that runs ops on tensors like ``t``."""
+    return backends.kernels_for(backends.resolve(t.device, t.dtype))
 
 
 # --------------------------------------------------------------------------- channel statistics
@@ -93,7 +91,7 @@ def _check_channel_stats(x, eps):
 @_custom_op("channel_stats", mutates_args=(), checks=_check_channel_stats)
 def channel_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Per-channel batch ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance) of ``x``."""
-    return _kernels(x)[1].channel_stats(x, eps)
+    return _kernels(x).channel_stats(x, eps)
 
 
 @_fake(channel_stats)
@@ -115,7 +113,7 @@ def _check_channel_stats_backward(x, mean, invstd, grad_mean, grad_invstd, grad_
 def channel_stats_backward_(x: Tensor, mean: Tensor, invstd: Tensor, grad_mean: Tensor,
                             grad_invstd: Tensor, grad_x: Tensor) -> None:
     """``grad_x += grad_mean/n - grad_invstd*(x-mean)*invstd^3/n`` (n = N*H*W)."""
-    _kernels(x)[1].channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x)
+    _kernels(x).channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x)
 
 
 @_fake(channel_stats_backward_)
@@ -159,7 +157,7 @@ def _check_affine_relu_into(x, scale, shift, out):
 def affine_relu_into_(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> None:
     """Writes ``relu(scale[c] * x + shift[c])`` into ``out`` (e.g. a channel slice of a feature
     buffer: a post-activation unit storing its output activated)."""
-    _kernels(x)[1].affine_relu_into(x, scale, shift, out)
+    _kernels(x).affine_relu_into(x, scale, shift, out)
 
 
 @_fake(affine_relu_into_)
@@ -171,7 +169,7 @@ def _(x, scale, shift, out):
 def affine_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``relu(scale[c] * x + shift[c])``, a dense output in ``x``'s dtype and layout."""
     out = empty_like_layout(x)
-    _kernels(x)[1].affine_relu_into(x, scale, shift, out)
+    _kernels(x).affine_relu_into(x, scale, shift, out)
     return out
 
 
@@ -193,7 +191,7 @@ def _check_affine_relu_backward(x, scale, shift, grad_z, grad_x, grad_scale, gra
 def affine_relu_backward_(x: Tensor, scale: Tensor, shift: Tensor, grad_z: Tensor, grad_x: Tensor,
                           grad_scale: Tensor, grad_shift: Tensor) -> None:
     """Accumulates the backward of :func:`affine_relu` into the ``grad_*`` buffers."""
-    _kernels(x)[1].affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift)
+    _kernels(x).affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift)
 
 
 @_fake(affine_relu_backward_)
@@ -217,25 +215,6 @@ affine_relu.register_autograd(_affine_relu_backward, setup_context=_affine_relu_
 
 
 # --------------------------------------------------------------------------- convolutions
-# Backends with fused kernels (triton, reference) run the transform in the convolution's
-# prologue; the others (cpu, cuda) transform into a reused dense scratch and hand it to
-# oneDNN / cuDNN, which take dense inputs only.
-
-def _scratch_like(x: Tensor, slot: str = "z") -> Tensor:
-    """A dense tensor shaped and laid out like ``x`` for a temporary: reused on the CPU
-    (:data:`cpu_conv.scratch`), fresh on CUDA (its caching allocator makes that free, and a
-    reused tensor there would need stream care)."""
-    if x.device.type == "cpu":
-        return cpu_conv.scratch.get(slot, x.shape, x)
-    return empty_like_layout(x)
-
-
-def _transformed(kernels, x, scale, shift, pool):
-    """``relu(scale*x+shift)`` in a dense temporary, and its ``pool``-pooled values."""
-    z = _scratch_like(x)
-    kernels.affine_relu_into(x, scale, shift, z)
-    return z, (F.avg_pool2d(z, pool) if pool != 1 else z)
-
 
 def _like_weight(grad_weight: Tensor, weight: Tensor) -> Tensor:
     """``grad_weight`` in ``weight``'s dtype and strides (what the fake implementations
@@ -280,42 +259,12 @@ def _check_transform_conv_backward(grad_out, x, scale, shift, weight, stride, pa
     check.check_channel_vector(grad_shift, "grad_shift", x)
 
 
-def _run_transform_conv(x, scale, shift, weight, stride, padding, pool, out=None):
-    """The transform-conv written into ``out``, or returned as a new dense tensor in ``x``'s
-    layout (the convolution's own output where there is one: no copy). Fused (one kernel,
-    the transform in its prologue) or unfused (the transform into a dense temporary, then
-    oneDNN / cuDNN): :mod:`msdnet_ops.conv_choice` decides per backend and shape."""
-    backend, kernels = _kernels(x)
-
-    def run(path, out):
-        if path == "fused":
-            if out is None:
-                out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding,
-                                                                   pool))
-            kernels.transform_conv_into(x, scale, shift, weight, stride, padding, pool, out)
-            return out
-        y = cpu_conv.aten_conv(_transformed(kernels, x, scale, shift, pool)[1], weight, stride,
-                               padding)
-        return _in_layout_of(x, y) if out is None else out.copy_(y)
-
-    key = lambda: conv_choice.shape_key("transform_conv_into_", x, weight, stride, padding, pool)  # noqa: E731
-    path = "fused" if conv_choice.fused(backend, key, lambda p: run(p, out), x.device) else "unfused"
-    return run(path, out)
-
-
-def _in_layout_of(x: Tensor, y: Tensor) -> Tensor:
-    """``y`` with exactly the strides a new tensor in ``x``'s layout gets (what the fake
-    implementations promise), copied only where they differ."""
-    want = empty_like_layout(x, y.shape)
-    return y if y.stride() == want.stride() else want.copy_(y)
-
-
 @_custom_op("transform_conv_into_", mutates_args=("out",), checks=_check_transform_conv_into)
 def transform_conv_into_(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: int,
                          padding: int, pool: int, out: Tensor) -> None:
     """Writes ``conv2d(avg_pool(relu(scale*x+shift), pool), weight, stride, padding)`` into
     ``out`` (typically a channel slice of a feature buffer)."""
-    _run_transform_conv(x, scale, shift, weight, stride, padding, pool, out)
+    _kernels(x).transform_conv_into(x, scale, shift, weight, stride, padding, pool, out)
 
 
 @_fake(transform_conv_into_)
@@ -327,7 +276,7 @@ def _(x, scale, shift, weight, stride, padding, pool, out):
 def transform_conv(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: int,
                    padding: int, pool: int) -> Tensor:
     """Functional :func:`transform_conv_into_`: a new dense tensor in ``x``'s layout."""
-    return _run_transform_conv(x, scale, shift, weight, stride, padding, pool)
+    return _kernels(x).transform_conv(x, scale, shift, weight, stride, padding, pool)
 
 
 @_fake(transform_conv)
@@ -342,23 +291,9 @@ def transform_conv_backward_(grad_out: Tensor, x: Tensor, scale: Tensor, shift: 
                              grad_scale: Tensor, grad_shift: Tensor) -> Tensor:
     """Backward of :func:`transform_conv`: accumulates into ``grad_x`` (the shared gradient
     buffer prefix), ``grad_scale`` and ``grad_shift``; returns ``grad_weight``."""
-    backend, kernels = _kernels(x)
-    def run(path, grads):
-        if path == "fused":
-            return _like_weight(kernels.transform_conv_backward_(
-                grad_out, x, scale, shift, weight, stride, padding, pool, *grads), weight)
-        z, zp = _transformed(kernels, x, scale, shift, pool)
-        grad_zp, grad_weight = cpu_conv.aten_conv_backward(grad_out, zp, weight, stride, padding)
-        kernels.affine_relu_backward_(x, scale, shift, cpu_conv.unpool_grad(grad_zp, z, pool),
-                                      *grads)
-        return _like_weight(grad_weight, weight)
-
-    def trial(path):  # on scratch gradients: the real ones must be updated exactly once
-        run(path, [g.clone() for g in (grad_x, grad_scale, grad_shift)])
-
-    key = lambda: conv_choice.shape_key("transform_conv_backward_", x, weight, stride, padding, pool)  # noqa: E731
-    path = "fused" if conv_choice.fused(backend, key, trial, x.device) else "unfused"
-    return run(path, (grad_x, grad_scale, grad_shift))
+    return _like_weight(_kernels(x).transform_conv_backward_(
+        grad_out, x, scale, shift, weight, stride, padding, pool, grad_x, grad_scale,
+        grad_shift), weight)
 
 
 @_fake(transform_conv_backward_)
@@ -384,31 +319,11 @@ def _transform_conv_backward(ctx, grad_out):
 transform_conv.register_autograd(_transform_conv_backward, setup_context=_transform_conv_setup)
 
 
-def _run_conv(x, weight, stride, padding, pool, out=None):
-    """The convolution of activated channels written into ``out``, or returned as a new dense
-    tensor in ``x``'s layout (the convolution's own output where there is one: no copy)."""
-    backend, kernels = _kernels(x)
-    if backend == "cpu":
-        y = cpu_conv.conv(x, weight, stride, padding, pool, out)
-    elif backend == "cuda":  # cuDNN takes dense inputs
-        z = dense(x)
-        y = cpu_conv.aten_conv(F.avg_pool2d(z, pool) if pool != 1 else z, weight, stride,
-                               padding)
-        if out is not None:
-            return out.copy_(y)
-    else:
-        if out is None:
-            out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
-        kernels.conv_into(x, weight, stride, padding, pool, out)
-        return out
-    return y if out is not None else _in_layout_of(x, y)
-
-
 @_custom_op("conv_into_", mutates_args=("out",), checks=_check_conv_into)
 def conv_into_(x: Tensor, weight: Tensor, stride: int, padding: int, pool: int, out: Tensor) -> None:
     """Writes ``conv2d(avg_pool(x, pool), weight, stride, padding)`` into ``out``: the consumer
     of *activated* buffer channels, which reads them as they are (no transform)."""
-    _run_conv(x, weight, stride, padding, pool, out)
+    _kernels(x).conv_into(x, weight, stride, padding, pool, out)
 
 
 @_fake(conv_into_)
@@ -419,7 +334,7 @@ def _(x, weight, stride, padding, pool, out):
 @_custom_op("conv", mutates_args=(), checks=_check_conv)
 def conv(x: Tensor, weight: Tensor, stride: int, padding: int, pool: int) -> Tensor:
     """Functional :func:`conv_into_`: a new dense tensor in ``x``'s layout."""
-    return _run_conv(x, weight, stride, padding, pool)
+    return _kernels(x).conv(x, weight, stride, padding, pool)
 
 
 @_fake(conv)
@@ -432,17 +347,8 @@ def conv_backward_(grad_out: Tensor, x: Tensor, weight: Tensor, stride: int, pad
                    pool: int, grad_x: Tensor) -> Tensor:
     """Backward of :func:`conv`: accumulates the input gradient into ``grad_x`` (the shared
     gradient buffer prefix) and returns ``grad_weight``."""
-    backend, kernels = _kernels(x)
-    if backend in ("triton", "reference"):
-        grad_weight = kernels.conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x)
-    elif backend == "cpu":
-        grad_weight = cpu_conv.conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x)
-    else:
-        z = dense(x)  # cuDNN
-        zp = F.avg_pool2d(z, pool) if pool != 1 else z
-        grad_zp, grad_weight = cpu_conv.aten_conv_backward(grad_out, zp, weight, stride, padding)
-        grad_x.add_(cpu_conv.unpool_grad(grad_zp, z, pool))
-    return _like_weight(grad_weight, weight)
+    return _like_weight(_kernels(x).conv_backward_(grad_out, x, weight, stride, padding, pool,
+                                                   grad_x), weight)
 
 
 @_fake(conv_backward_)
@@ -491,7 +397,7 @@ def gather_batch(src: Tensor, index: Tensor) -> Tensor:
     after an exit."""
     out = empty_like_layout(src, (index.numel(),) + tuple(src.shape[1:]))
     if index.numel():
-        _kernels(src)[1].gather_batch_into(src, index, out)
+        _kernels(src).gather_batch_into(src, index, out)
     return out
 
 
@@ -552,13 +458,4 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding
     if torch.is_autocast_enabled(x.device.type):  # the buffers' dtype decides, not autocast
         with torch.autocast(x.device.type, enabled=False):
             return conv_bias_relu(x, weight, bias, stride, padding)
-    backend, kernels = _kernels(x)
-    if backend == "cpu":
-        return cpu_conv.conv_bias_relu(x, weight, bias, stride, padding)
-    if backend == "triton" and weight.shape[2] in (1, 3):  # the 7x7 ImageNet stem: cuDNN
-        out = empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, 1))
-        kernels.conv_into(x, weight, stride, padding, 1, out)
-        kernels.affine_relu_into(out, torch.ones_like(bias, dtype=stats_dtype(x.dtype)),
-                                 bias.to(stats_dtype(x.dtype)), out)
-        return out
-    return torch.relu_(F.conv2d(dense(x), weight, bias, stride, padding))
+    return _kernels(x).conv_bias_relu(x, weight, bias, stride, padding)

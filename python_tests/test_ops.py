@@ -141,6 +141,26 @@ def test_bad_input_is_rejected_before_any_kernel(use_backend):
         ops.gather_batch(x, torch.tensor([0, 2]))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda", pytest.param(
+    "triton", marks=pytest.mark.triton)])
+def test_every_backend_implements_every_op_function(backend):
+    """The registry's contract: each backend module has all of OP_FUNCTIONS, with the
+    reference's parameter names (the cuda one imports without a GPU)."""
+    import inspect
+
+    from msdnet_ops import backends
+
+    module = backends.kernels_for(backend)
+    reference_module = backends.kernels_for("reference")
+    for name in backends.OP_FUNCTIONS:
+        fn = getattr(module, name, None)
+        assert callable(fn), f"backend {backend!r} lacks {name}"
+        expected = list(inspect.signature(getattr(reference_module, name)).parameters)
+        assert list(inspect.signature(fn).parameters) == expected, (backend, name)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        backends.kernels_for("auto")
+
+
 def test_backend_selection_errors(monkeypatch):
     x = torch.randn(2, 3, 4, 4)
     monkeypatch.setenv("MSDNET_OPS_BACKEND", "nonsense")

@@ -3,7 +3,7 @@
 * CUDA tensors run the compiled kernels (autotuned over the config tables of ``_autotune``).
 * CPU tensors run the same kernels in Triton's interpreter (what CI tests use), which needs
   ``TRITON_INTERPRET=1`` in the environment before Triton is imported (then ``@triton.jit``
-  makes interpretable kernels and device helpers; ``backends.py`` checks it). Interpreted
+  makes interpretable kernels and device helpers; ``msdnet_ops.backends`` checks it). Interpreted
   launches take fixed small block sizes.
 * :func:`capturing` records launches instead of running them, deciding everything as on a GPU
   (blocks, configs, precision): how ``benches/gpu_compile.py`` learns what a model launches.

@@ -1,5 +1,22 @@
 """Which kernels run an op: the backend registry and its selection.
 
+Every backend is a module of this package implementing the same functions with the same
+signatures (:data:`OP_FUNCTIONS`; semantics: :mod:`msdnet_ops.reference`), so the ops layer
+(:mod:`msdnet_ops.ops`) validates once and calls ``kernels_for(backend).<function>`` without
+knowing which backend it is:
+
+* :mod:`.reference`: the pure-PyTorch references, any device;
+* :mod:`.cpu`: the C++ CPU kernels; convolutions by oneDNN (or MKL GEMMs on the strided
+  buffer rows where faster, :mod:`msdnet_ops.kernels.cpu_conv`);
+* :mod:`.cuda`: the CUDA C++ kernels; convolutions by cuDNN;
+* :mod:`.triton`: the Triton kernels (fused transform-convolutions), or per shape the
+  transform materialised and cuDNN's convolution (:func:`transform_conv_policy`).
+
+Convolutions of engines that take dense inputs only (oneDNN, cuDNN) are composed from the
+backend's own memory-bound kernels in :mod:`.composed`. Adding an op: its schema, checks, fake
+and autograd in ``ops.py``, its reference in ``reference.py``, one function per backend
+module here (a kernel file where the backend has its own kernel), and its tests.
+
 ``MSDNET_OPS_BACKEND`` (read at every call, so tests and users may change it at run time):
 
 * ``auto`` (default): CPU tensors -> the C++ CPU kernels; CUDA tensors -> the Triton fused
@@ -20,6 +37,7 @@ transform-conv and its backward (:func:`transform_conv_policy`).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -69,7 +87,7 @@ def _resolve(device: torch.device, dtype: torch.dtype) -> str:
     if name == "auto":
         if device.type == "cuda":
             return "cuda" if dtype == torch.float64 else "triton"
-        from .kernels import cpu as cpu_kernels
+        from ..kernels import cpu as cpu_kernels
         if cpu_kernels.available():
             return "cpu"
         global _warned_fallback
@@ -126,14 +144,20 @@ def runs_dtype(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+OP_FUNCTIONS = (
+    "channel_stats", "channel_stats_backward_", "affine_relu_into", "affine_relu_backward_",
+    "gather_batch_into", "transform_conv", "transform_conv_into", "transform_conv_backward_",
+    "conv", "conv_into", "conv_backward_", "conv_bias_relu",
+)
+_modules: dict = {}
+
+
 def kernels_for(backend: str):
-    """The module implementing the memory-bound kernels for ``backend``."""
-    if backend == "cpu":
-        from .kernels import cpu as module
-    elif backend == "cuda":
-        from .kernels import cuda as module
-    elif backend == "triton":
-        from . import triton as module
-    else:
-        from . import reference as module
+    """The module implementing every op (:data:`OP_FUNCTIONS`) for ``backend``, imported on
+    first use (the Triton one imports Triton)."""
+    module = _modules.get(backend)
+    if module is None:
+        if backend not in BACKENDS[1:]:
+            raise ValueError(f"backend: expected one of {', '.join(BACKENDS[1:])}, got {backend!r}")
+        module = _modules[backend] = importlib.import_module(f"{__name__}.{backend}")
     return module

@@ -1,0 +1,29 @@
+"""The ``cpu`` backend: the C++ CPU kernels (:mod:`msdnet_ops.kernels.cpu`); convolutions by
+oneDNN, or for 1x1 convolutions MKL GEMMs on the strided buffer rows where the per-shape timing
+finds them faster (:mod:`msdnet_ops.kernels.cpu_conv`); the transform-convolutions compose the
+transform kernel with them (:mod:`.composed`)."""
+from __future__ import annotations
+
+from ..kernels import cpu as _kernels
+from ..kernels import cpu_conv
+from . import composed
+
+channel_stats = _kernels.channel_stats
+channel_stats_backward_ = _kernels.channel_stats_backward_
+affine_relu_into = _kernels.affine_relu_into
+affine_relu_backward_ = _kernels.affine_relu_backward_
+gather_batch_into = _kernels.gather_batch_into
+conv_backward_ = cpu_conv.conv_backward_
+conv_bias_relu = cpu_conv.conv_bias_relu
+
+
+def conv(x, weight, stride, padding, pool):
+    return composed.in_layout_of(x, cpu_conv.conv(x, weight, stride, padding, pool))
+
+
+def conv_into(x, weight, stride, padding, pool, out) -> None:
+    cpu_conv.conv(x, weight, stride, padding, pool, out)
+
+
+transform_conv, transform_conv_into, transform_conv_backward_ = \
+    composed.transform_convs(_kernels)

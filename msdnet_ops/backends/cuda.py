@@ -1,0 +1,27 @@
+"""The ``cuda`` backend: the CUDA C++ kernels (:mod:`msdnet_ops.kernels.cuda`); convolutions by
+cuDNN on dense inputs, the transform-convolutions composed with the transform kernel
+(:mod:`.composed`)."""
+from __future__ import annotations
+
+from ..kernels import cuda as _kernels
+from . import composed
+
+channel_stats = _kernels.channel_stats
+channel_stats_backward_ = _kernels.channel_stats_backward_
+affine_relu_into = _kernels.affine_relu_into
+affine_relu_backward_ = _kernels.affine_relu_backward_
+gather_batch_into = _kernels.gather_batch_into
+conv_backward_ = composed.conv_backward_
+conv_bias_relu = composed.conv_bias_relu
+
+
+def conv(x, weight, stride, padding, pool):
+    return composed.conv(x, weight, stride, padding, pool)
+
+
+def conv_into(x, weight, stride, padding, pool, out) -> None:
+    composed.conv(x, weight, stride, padding, pool, out)
+
+
+transform_conv, transform_conv_into, transform_conv_backward_ = \
+    composed.transform_convs(_kernels)
