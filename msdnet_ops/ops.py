@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
+from .backends.composed import new_output
 from . import validation as check
 from .layout import dense, empty_like_layout
 
@@ -281,7 +282,7 @@ def transform_conv(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stri
 
 @_fake(transform_conv)
 def _(x, scale, shift, weight, stride, padding, pool):
-    return empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
+    return new_output(x, weight, stride, padding, pool)
 
 
 @_custom_op("transform_conv_backward_", mutates_args=("grad_x", "grad_scale", "grad_shift"),
@@ -339,7 +340,7 @@ def conv(x: Tensor, weight: Tensor, stride: int, padding: int, pool: int) -> Ten
 
 @_fake(conv)
 def _(x, weight, stride, padding, pool):
-    return empty_like_layout(x, check.conv_output_shape(x, weight, stride, padding, pool))
+    return new_output(x, weight, stride, padding, pool)
 
 
 @_custom_op("conv_backward_", mutates_args=("grad_x",), checks=_check_conv_backward)
