@@ -6,6 +6,8 @@ variant median: above 1 is faster); memory ratios are variant / plain (below 1 i
 """
 from __future__ import annotations
 
+import os
+
 MIB = 2**20
 VARIANT_ORDER = ("plain", "channels_last", "memory_efficient", "compile", "ours")
 
@@ -386,7 +388,17 @@ def markdown(results) -> str:
         if "seconds" in sec:
             lines += [f"<sub>{sec['seconds']} s, load average after: {sec.get('load_after')}"
                       "</sub>", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _before_after())
+
+
+def _before_after() -> list:
+    """The before/after comparisons of ``before_after.py`` (separate runs, their own dates)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS-before-after.md")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return ["## Before/after of changes (separate runs of benches/before_after.py)", "",
+                f.read().rstrip(), ""]
 
 
 # --------------------------------------------------------------------------- plot

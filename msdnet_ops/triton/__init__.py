@@ -8,6 +8,13 @@ One module per op, forward and backward together; GPU autotuning in ``_autotune`
 Every function reads ``x`` through its strides (a buffer prefix is never copied) and writes
 its outputs in place through theirs.
 """
+import os as _os
+
+if _os.environ.get("TRITON_INTERPRET", "0") == "1":  # bfloat16 rounds as on a GPU (see module)
+    from ._interpreter import round_bfloat16_to_nearest_even
+
+    round_bfloat16_to_nearest_even()
+
 from .affine_relu import affine_relu, affine_relu_backward_, affine_relu_into
 from .channel_stats import channel_stats, channel_stats_backward_
 from .conv import conv_backward_, conv_into, transform_conv, transform_conv_backward_, transform_conv_into
