@@ -5,7 +5,7 @@ float16 autocast), on every backend.
 The truth is the plain model (torchvision's DenseNet, MSDNetPlain) run in float64. One step is:
 a training-mode forward, a backward of a loss that weighs every output, then an eval-mode
 forward with the running statistics that step updated. Compared, each as one relative error
-(norm of the difference over the norm of the truth, pooled over several inputs): the output,
+(norm of the difference over the norm of the truth, over several inputs): the output,
 the input gradient, every parameter gradient (together), the running statistics (together)
 and the eval output.
 
@@ -17,8 +17,8 @@ interpreter is made to round bfloat16 as a GPU does (``msdnet_ops.triton._interp
 with its own truncating conversion, the interpreted kernels erred up to 6.6x plain's.
 """
 import contextlib
-import statistics
 import copy
+import statistics
 
 import pytest
 import torch
@@ -104,7 +104,7 @@ def test_training_step_errs_at_most_twice_plain(precision, name, backend, use_ba
         torch.manual_seed(seed)
         x = torch.randn(batch, 3, 20, 20)
         w = torch.randn((1, batch, 5) if name == "msdnet" else (batch, 5))  # weighs each logit
-        exact = _one_step(plain, x, w, torch.float64, "cpu")
+        exact = _one_step(plain, x, w, torch.float64, torch.device("cpu"))
         for variant, model in (("plain", plain), ("ours", ours)):
             errors[variant].append(_squared_errors(
                 _one_step(model, x, w, torch.float32, device, autocast), exact))

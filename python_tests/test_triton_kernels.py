@@ -295,8 +295,10 @@ def test_float32_to_bfloat16_rounds_to_nearest_even_like_pytorch():
     x = torch.cat([torch.randn(500, generator=torch.Generator().manual_seed(0)) * 100,
                    bits.view(torch.float32)])
     n = x.numel()
-    outs = [torch.empty(n, dtype=torch.bfloat16) for _ in range(3)]
-    _to_bfloat16_kernel[(1,)](x, *outs, n, BLOCK=triton.next_power_of_2(n))
+    device = torch.device("cuda") if torch.cuda.is_available() else CPU
+    outs = [torch.empty(n, dtype=torch.bfloat16, device=device) for _ in range(3)]
+    _to_bfloat16_kernel[(1,)](x.to(device), *outs, n, BLOCK=triton.next_power_of_2(n))
+    outs = [o.cpu() for o in outs]
     expected = x.to(torch.bfloat16)
     for got in outs[:2]:
         nan = torch.isnan(expected)
