@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -49,15 +50,44 @@ def _anytime(ctx, ours, plain, x):
                 harness.sync(ctx.device)
                 if r:
                     per_exit[k].append(time.perf_counter() - t0)
+    plain_per_exit = _plain_cumulative(ctx, plain, x)
     full_s = st["ours full forward"].median
     exits = [dict(exit=k + 1, macs=macs[k], macs_frac=macs[k] / macs[-1],
                   time=harness.Stat.of(per_exit[k]).to_json(),
-                  time_frac=harness.Stat.of(per_exit[k]).median / full_s) for k in range(K)]
+                  time_frac=harness.Stat.of(per_exit[k]).median / full_s,
+                  plain_time_frac=(statistics.median(plain_per_exit[k])
+                                   / statistics.median(plain_per_exit[-1])))
+             for k in range(K)]
     e1 = st["ours exit 1 (anytime)"].median
     return dict(batch=x.shape[0], times={k: v.to_json() for k, v in st.items()},
                 exit1_over_full=e1 / full_s,
                 exit1_over_plain_full=e1 / st["plain full forward"].median,
                 macs_exit1_over_full=macs[0] / macs[-1], exits=exits)
+
+
+def _plain_cumulative(ctx, plain, x):
+    """Per exit, the times from the start of plain's full forward to its classifier's output
+    (forward hooks; plain computes the exits in order in one pass): how a network's time is
+    spread over its exits when nothing is skipped, beside ours through ``anytime``."""
+    stamps = []
+    hooks = [cls.register_forward_hook(lambda *_: (harness.sync(ctx.device),
+                                                   stamps.append(time.perf_counter())))
+             for cls in plain.classifier]
+    per_exit = [[] for _ in hooks]
+    try:
+        for r in range(max(ctx.p["model_min_reps"], 3) + 1):
+            stamps.clear()
+            harness.sync(ctx.device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                plain(x)
+            if r:  # the first pass is a warm-up
+                for k, t in enumerate(stamps):
+                    per_exit[k].append(t - t0)
+    finally:
+        for h in hooks:
+            h.remove()
+    return per_exit
 
 
 def budgets(K):

@@ -35,7 +35,12 @@ def test_quick_run_writes_results_here_and_names_them(tmp_path):
     results = tmp_path / "bench-results" / "RESULTS.md"
     assert results.is_file()
     assert f"wrote {results}" in proc.stdout
-    assert "MSDNet" in results.read_text()
+    text = results.read_text()
+    assert "MSDNet" in text
+    # the anytime table has plain's time at each of its exits beside ours: 7 exit rows
+    exit_rows = [line for line in text.splitlines() if line.startswith("| ") and " M | " in line]
+    assert "plain time / full" in text and len(exit_rows) == 7
+    assert all(cell.strip() not in ("-", "") for row in exit_rows for cell in row.split("|")[1:-1])
 
 
 def test_unknown_runner_option_is_the_runners_error(tmp_path):
