@@ -70,9 +70,11 @@ def _plain_cumulative(ctx, plain, x):
     (forward hooks; plain computes the exits in order in one pass): how a network's time is
     spread over its exits when nothing is skipped, beside ours through ``anytime``."""
     stamps = []
-    hooks = [cls.register_forward_hook(lambda *_: (harness.sync(ctx.device),
-                                                   stamps.append(time.perf_counter())))
-             for cls in plain.classifier]
+
+    def stamp(*_):  # returns None: the classifier's output stays as it is
+        harness.sync(ctx.device)
+        stamps.append(time.perf_counter())
+    hooks = [cls.register_forward_hook(stamp) for cls in plain.classifier]
     per_exit = [[] for _ in hooks]
     try:
         for r in range(max(ctx.p["model_min_reps"], 3) + 1):
