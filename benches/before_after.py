@@ -27,7 +27,7 @@ import sys
 CASES = ("densenet-bc100", "msdnet-cifar100-anytime")
 
 
-def _child(root: str, batch: int) -> None:
+def _child(root: str, batch: int, names) -> None:
     """Runs in a fresh process: times the cases of the checkout at ``root``; prints JSON."""
     sys.path.insert(0, root)
     import torch
@@ -37,11 +37,13 @@ def _child(root: str, batch: int) -> None:
     if not os.path.abspath(msdnet_ops.__file__).startswith(os.path.abspath(root)):
         raise SystemExit(f"msdnet_ops imported from {msdnet_ops.__file__}, not from {root}")
     fns = {}
-    for name in CASES:
+    for case in names:
+        name, _, image = case.partition("@")
         for what in ("train", "infer"):
             model, fmt = cases.build_model(name, "ours", "cpu")
-            x, y = cases.model_input(name, batch, "cpu", torch.float32, fmt)
-            fns[f"{name} {what}"] = (cases.train_step_fn(model, x, y) if what == "train"
+            x, y = cases.model_input(name, batch, "cpu", torch.float32, fmt,
+                                     image=int(image) if image else None)
+            fns[f"{case} {what}"] = (cases.train_step_fn(model, x, y) if what == "train"
                                      else cases.infer_fn(model, x))
     stats = harness.time_interleaved(fns, "cpu", warmup=2, min_reps=7, max_reps=7)
     x = torch.randn(2, 4, 3, 3)
@@ -54,8 +56,9 @@ def _child(root: str, batch: int) -> None:
     print(json.dumps({k: s.median for k, s in stats.items()}))
 
 
-def _run(root: str, batch: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", root, "--batch", str(batch)]
+def _run(root: str, batch: int, names) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", root, "--batch", str(batch),
+           "--cases", ",".join(names)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -73,21 +76,24 @@ def main(argv=None) -> None:
                    help="checkout of the later revision (default: this one)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--cases", default=",".join(CASES),
+                   help="comma-separated model cases, NAME or NAME@IMAGE_SIDE "
+                        f"(default: {','.join(CASES)})")
     p.add_argument("--out", help="append the table, titled, to this markdown file "
                                   "(benches/RESULTS-before-after.md: RESULTS.md includes it)")
     p.add_argument("--title", default="", help="what changed between the two revisions")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        return _child(args.child, args.batch)
+        return _child(args.child, args.batch, args.cases.split(","))
     if not args.before:
         p.error("--before: give the checkout of the earlier revision")
     runs = {"before": [], "after": []}
     for _ in range(args.rounds):
         for which in ("before", "after"):
-            runs[which].append(_run(getattr(args, which), args.batch))
+            runs[which].append(_run(getattr(args, which), args.batch, args.cases.split(",")))
     lines = [f"Before/after: `python benches/before_after.py --before <checkout of "
-             f"{_revision(args.before)}> --rounds {args.rounds}` (after: "
+             f"{_revision(args.before)}> --rounds {args.rounds} --cases {args.cases}` (after: "
              f"{_revision(args.after)}), batch {args.batch}, float32, CPU, "
              f"{os.cpu_count()} cores. Median over rounds of each process's median (min-max "
              "over rounds).", "",

@@ -253,6 +253,31 @@ def test_cpu_conv_choices_match_the_reference(use_backend, monkeypatch, choice, 
     assert (grad_buf[:, 11:] == 1).all()
 
 
+@pytest.mark.parametrize("wgrad", ["onednn", "gemm"])
+@pytest.mark.parametrize("dgrad", ["onednn", "gemm"])
+def test_cpu_1x1_conv_backward_halves_match_the_reference(use_backend, dgrad, wgrad):
+    """A 1x1 convolution's backward is two choices made apart (input gradient, weight gradient):
+    every pairing accumulates the reference's input gradient into the strided gradient slice
+    (the channels around it untouched) and returns the reference's weight gradient. The oneDNN
+    input gradient is given an uninitialised stand-in for the input: filled with NaN here, any
+    read of it would show."""
+    use_backend("cpu")
+    from msdnet_ops.kernels import cpu_conv
+    torch.manual_seed(11)
+    _, x = _nhwc_prefix(3, 11, 9, 7, cap_extra=5)
+    w = torch.randn(5, 11, 1, 1, dtype=F64)
+    cpu_conv.scratch.get("shape", x.shape, x).fill_(float("nan"))
+    grad_out = torch.randn(3, 5, 9, 7, dtype=F64).contiguous(memory_format=torch.channels_last)
+    grad_buf = torch.ones(3, 9, 7, 16, dtype=F64).permute(0, 3, 1, 2)
+    cpu_conv._DGRAD[dgrad](grad_out, x, w, grad_buf[:, :11])
+    got_w = cpu_conv._WGRAD[wgrad](grad_out, x, w, grad_buf[:, :11])
+    want_gx = torch.ones_like(x)
+    want_w = reference.conv_backward_(grad_out, x, w, 1, 0, 1, want_gx)
+    torch.testing.assert_close(grad_buf[:, :11], want_gx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-12, atol=1e-12)
+    assert (grad_buf[:, 11:] == 1).all()
+
+
 def test_cpu_conv_choice_rejects_unknown_values(use_backend, monkeypatch):
     use_backend("cpu")
     monkeypatch.setenv("MSDNET_OPS_CPU_CONV", "fastest")
