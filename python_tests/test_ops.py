@@ -270,7 +270,7 @@ def test_cpu_1x1_conv_backward_halves_match_the_reference(use_backend, dgrad, wg
     grad_out = torch.randn(3, 5, 9, 7, dtype=F64).contiguous(memory_format=torch.channels_last)
     grad_buf = torch.ones(3, 9, 7, 16, dtype=F64).permute(0, 3, 1, 2)
     cpu_conv._DGRAD[dgrad](grad_out, x, w, grad_buf[:, :11])
-    got_w = cpu_conv._WGRAD[wgrad](grad_out, x, w, grad_buf[:, :11])
+    got_w = cpu_conv._WGRAD[wgrad](grad_out, x, w)
     want_gx = torch.ones_like(x)
     want_w = reference.conv_backward_(grad_out, x, w, 1, 0, 1, want_gx)
     torch.testing.assert_close(grad_buf[:, :11], want_gx, rtol=1e-12, atol=1e-12)

@@ -140,14 +140,14 @@ def _dgrad_gemm(grad_out, x, weight, grad_x) -> None:
     rows(grad_x).addmm_(rows(grad_out), weight.view(weight.shape[0], -1))
 
 
-def _wgrad_onednn(grad_out, x, weight, grad_x) -> torch.Tensor:
+def _wgrad_onednn(grad_out, x, weight) -> torch.Tensor:
     _, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad_out, dense_input(x, 1)[0], weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
         [False, True, False])
     return grad_weight
 
 
-def _wgrad_gemm(grad_out, x, weight, grad_x) -> torch.Tensor:
+def _wgrad_gemm(grad_out, x, weight) -> torch.Tensor:
     return torch.mm(rows(grad_out).t(), rows(x)).view(weight.shape)
 
 
@@ -170,6 +170,14 @@ _DGRAD = {"onednn": _dgrad_onednn, "gemm": _dgrad_gemm}
 _WGRAD = {"onednn": _wgrad_onednn, "gemm": _wgrad_gemm}
 
 
+def forced_choice() -> str:
+    """``MSDNET_OPS_CPU_CONV``, validated: ``auto``, ``onednn`` or ``gemm``."""
+    forced = os.environ.get("MSDNET_OPS_CPU_CONV", "auto").strip().lower() or "auto"
+    if forced not in ("auto", "onednn", "gemm"):
+        raise ValueError(f"MSDNET_OPS_CPU_CONV={forced!r}: expected auto, onednn or gemm")
+    return forced
+
+
 class _Chooser:
     """Per-shape choice between the implementations, timed once on the first call."""
 
@@ -178,9 +186,7 @@ class _Chooser:
         self.lock = threading.Lock()
 
     def pick(self, table: dict, key, gemm_applies: bool, trial) -> str:
-        forced = os.environ.get("MSDNET_OPS_CPU_CONV", "auto").strip().lower() or "auto"
-        if forced not in ("auto", "onednn", "gemm"):
-            raise ValueError(f"MSDNET_OPS_CPU_CONV={forced!r}: expected auto, onednn or gemm")
+        forced = forced_choice()
         if not gemm_applies:
             return "onednn"
         if forced != "auto":
@@ -234,8 +240,7 @@ def conv_bias_relu(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
 def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.Tensor:
     """Accumulates the input gradient into ``grad_x`` (``+=``); returns ``grad_weight``."""
     if not _gemm_applies(x, weight, stride, padding, pool, grad_out, grad_x):
-        # the forced choice is validated even where only oneDNN applies
-        _chooser.pick(_DGRAD, None, False, None)
+        forced_choice()  # a bad setting is refused even where only oneDNN applies
         return _bwd_onednn(grad_out, x, weight, stride, padding, pool, grad_x)
 
     def dgrad_trial(impl):
@@ -243,8 +248,8 @@ def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.
         return _best_of(lambda: impl(grad_out, x, weight, scratch_grad))
 
     def wgrad_trial(impl):
-        return _best_of(lambda: impl(grad_out, x, weight, grad_x))
+        return _best_of(lambda: impl(grad_out, x, weight))
     dgrad = _chooser.pick(_DGRAD, _key("dgrad", x, weight, 1, 0, 1), True, dgrad_trial)
     wgrad = _chooser.pick(_WGRAD, _key("wgrad", x, weight, 1, 0, 1), True, wgrad_trial)
     _DGRAD[dgrad](grad_out, x, weight, grad_x)
-    return _WGRAD[wgrad](grad_out, x, weight, grad_x)
+    return _WGRAD[wgrad](grad_out, x, weight)
