@@ -116,7 +116,7 @@ class GridRun(PlanRun):
     def _record_stats(self, bn, buffer: FeatureBuffer) -> None:
         """``bn``'s running statistics, from the batch statistics of what it normalizes."""
         if self.training:
-            update_running_stats(bn, buffer.state.mean, buffer.state.unbiased_var(0, bn.num_features))
+            update_running_stats(bn, buffer.state, 0, bn.num_features)
 
     def _conv_bn_path(self, unit, src: FeatureBuffer, width: int, dst: FeatureBuffer) -> None:
         """One ConvBN path (optional bottleneck, then 3x3). With the model's

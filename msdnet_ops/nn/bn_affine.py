@@ -26,6 +26,11 @@ class AffineParams:
         self.scale = (self.weight * invstd).contiguous()
         self.shift = torch.addcmul(bias, mean, self.scale, value=-1).contiguous()
 
+    def zero_grads(self):
+        """Zeroed ``(grad_scale, grad_shift)`` for the kernels to accumulate into (one
+        allocation for the two)."""
+        return self.scale.new_zeros((2,) + self.scale.shape)
+
     def backward(self, grad_scale, grad_shift, state, channels: int):
         """Returns (grad_weight, grad_bias); in training adds the statistics gradients to the
         buffer's ``grad_mean``/``grad_invstd`` (applied once per channel at finalize)."""
@@ -62,8 +67,13 @@ def deferred_running_stats():
 
 def _apply_running_stats(updates) -> None:
     with torch.no_grad():
+        # the unbiased batch variances from the shared statistics, all at once:
+        # (invstd^-2 - eps) * n / (n - 1), the arithmetic of one update at a time
+        variances = torch._foreach_pow([u[2] for u in updates], -2)
+        torch._foreach_sub_(variances, [u[3] for u in updates])
+        torch._foreach_mul_(variances, [u[4] for u in updates])
         groups: dict = {}
-        for bn, mean, var in updates:
+        for (bn, mean, *_), var in zip(updates, variances):
             bn.num_batches_tracked.add_(1)
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
             group = groups.setdefault(factor, ([], [], [], []))
@@ -76,15 +86,17 @@ def _apply_running_stats(updates) -> None:
                                 alpha=factor)
 
 
-def update_running_stats(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-    """Exactly what ``nn.BatchNorm2d`` does to its buffers in a training-mode forward
-    (recorded and applied later inside :func:`deferred_running_stats`)."""
+def update_running_stats(bn: torch.nn.BatchNorm2d, state, start: int, stop: int) -> None:
+    """Exactly what ``nn.BatchNorm2d`` does to its buffers in a training-mode forward, from the
+    batch statistics of channels [start, stop) of the buffer ``state`` (recorded and applied
+    later inside :func:`deferred_running_stats`)."""
     if not (bn.training and bn.track_running_stats):
         return
-    update = (bn, mean.detach(), unbiased_var.detach())
+    n = getattr(state, "global_count", state.count)  # SyncBatchNorm: the all-reduced count
+    update = (bn, state.mean[start:stop], state.invstd[start:stop], state.eps, n / max(n - 1, 1))
     if not _deferred.depth:
         return _apply_running_stats([update])
-    if any(pending is bn for pending, _, _ in _deferred.pending):  # a second use: in order
+    if any(pending is bn for pending, *_ in _deferred.pending):  # a second use: in order
         pending, _deferred.pending = _deferred.pending, []
         _apply_running_stats(pending)
     _deferred.pending.append(update)

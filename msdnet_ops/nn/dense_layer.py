@@ -24,7 +24,7 @@ def transform_conv_write(src: FeatureBuffer, in_channels: int, bn: nn.BatchNorm2
         raise ValueError(f"{conv}: expected a bias-free, ungrouped, undilated convolution")
     batch_stats, mean, invstd = bn_vectors(bn, src.state, 0, in_channels)
     if batch_stats:
-        update_running_stats(bn, mean, src.state.unbiased_var(0, in_channels))
+        update_running_stats(bn, src.state, 0, in_channels)
     return append_transform_conv(src, in_channels, dst, conv, batch_stats, bn.weight, bn.bias,
                                  mean, invstd, dropout_p, pool)
 

@@ -123,7 +123,7 @@ class DenseNet(nn.Module):
         norm5 = self.features.norm5
         batch_stats, mean, invstd = bn_vectors(norm5, buffer.state, 0, buffer.filled)
         if batch_stats:
-            update_running_stats(norm5, mean, buffer.state.unbiased_var(0, buffer.filled))
+            update_running_stats(norm5, buffer.state, 0, buffer.filled)
         z = TransformRead.apply(buffer.state, buffer.filled, batch_stats, norm5.weight,
                                 norm5.bias, mean, invstd, buffer.token)
         out = F.adaptive_avg_pool2d(z, (1, 1))

@@ -31,10 +31,8 @@ class BufferState:
         self.eps = eps
         self.track_stats = track_stats
         self.sync_group = sync_group
-        channels = values.shape[1]
-        sdt = stats_dtype(values.dtype)
-        self.mean = values.new_zeros(channels, dtype=sdt) if track_stats else None
-        self.invstd = values.new_ones(channels, dtype=sdt) if track_stats else None
+        self.mean = None    # (channels,) once a first write computed statistics
+        self.invstd = None
         self.count = values.shape[0] * values.shape[2] * values.shape[3]
         self.grad = None
         self.grad_mean = None
@@ -49,6 +47,13 @@ class BufferState:
         mean, invstd = ops.eager.channel_stats(x, self.eps)
         if self.sync_group is not None:
             mean, invstd = self._all_reduce_stats(mean, invstd)
+        channels = self.values.shape[1]
+        if start == 0 and stop == channels:  # the only write (a unit's or a bottleneck's output)
+            self.mean, self.invstd = mean, invstd
+            return
+        if self.mean is None:
+            self.mean = mean.new_zeros(channels)
+            self.invstd = invstd.new_ones(channels)
         self.mean[start:stop] = mean
         self.invstd[start:stop] = invstd
 
@@ -64,12 +69,6 @@ class BufferState:
         g_var = (packed[1] / total - g_mean * g_mean).clamp_min(0)
         self.global_count = int(total[0].item()) if total.numel() else self.count
         return g_mean, torch.rsqrt(g_var + self.eps)
-
-    def unbiased_var(self, start: int, stop: int) -> torch.Tensor:
-        """Unbiased variance of channels [start, stop) (what BatchNorm's running_var tracks)."""
-        n = getattr(self, "global_count", self.count)
-        var = self.invstd[start:stop].pow(-2) - self.eps
-        return var * (n / max(n - 1, 1))
 
     # ---- recomputation (memory_efficient bottlenecks)
     def forget_values(self, recompute) -> None:
@@ -90,9 +89,9 @@ class BufferState:
     def ensure_grads(self) -> None:
         if self.grad is None:
             self.grad = torch.zeros_like(self.values)
-            if self.track_stats:
-                self.grad_mean = torch.zeros_like(self.mean)
-                self.grad_invstd = torch.zeros_like(self.invstd)
+            if self.track_stats:  # one allocation for the two vectors
+                self.grad_mean, self.grad_invstd = self.values.new_zeros(
+                    (2, self.values.shape[1]), dtype=stats_dtype(self.values.dtype))
 
     def finalize(self, start: int, stop: int, with_stats: bool = True) -> torch.Tensor:
         """The complete gradient w.r.t. the values of channels [start, stop): their consumers

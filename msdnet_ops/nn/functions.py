@@ -95,7 +95,7 @@ class TransformRead(torch.autograd.Function):
     def backward(ctx, grad_z):
         src, c, affine = ctx.src, ctx.channels, ctx.affine
         src.ensure_grads()
-        grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
+        grad_scale, grad_shift = affine.zero_grads()
         ops.eager.affine_relu_backward_(src.values[:, :c], affine.scale, affine.shift,
                                         dense(grad_z), src.grad[:, :c], grad_scale,
                                         grad_shift)
@@ -133,7 +133,7 @@ def _read_conv_backward(grad_out, src, channels: int, affine, weight, conv):
     x, grad_x = src.values[:, :channels], src.grad[:, :channels]
     if affine is None:
         return ops.eager.conv_backward_(grad_out, x, weight, *conv, grad_x), None, None
-    grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
+    grad_scale, grad_shift = affine.zero_grads()
     grad_weight = ops.eager.transform_conv_backward_(grad_out, x, affine.scale, affine.shift,
                                                      weight, *conv, grad_x, grad_scale,
                                                      grad_shift)
@@ -212,10 +212,10 @@ class ConvBNReLUWrite(torch.autograd.Function):
         y = BufferState(_read_conv(src, in_channels, read, weight, conv),
                         uses_batch_stats(bn), bn.eps, dst.sync_group)
         channels = y.values.shape[1]
+        y.compute_stats(0, channels)  # when it normalizes with batch statistics
         batch_stats, mean, invstd = bn_vectors(bn, y, 0, channels)
         if batch_stats:
-            y.compute_stats(0, channels)
-            update_running_stats(bn, mean, y.unbiased_var(0, channels))
+            update_running_stats(bn, y, 0, channels)
         affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
         ops.eager.affine_relu_into_(y.values, affine.scale, affine.shift,
                                     dst.values[:, start:start + channels])
@@ -235,7 +235,7 @@ class ConvBNReLUWrite(torch.autograd.Function):
         if start == 0:
             dst.release_grads()  # the first writer of a buffer runs backward last
         y.ensure_grads()
-        grad_scale, grad_shift = torch.zeros_like(affine.scale), torch.zeros_like(affine.shift)
+        grad_scale, grad_shift = affine.zero_grads()
         ops.eager.affine_relu_backward_(y.values, affine.scale, affine.shift, grad_z, y.grad,
                                         grad_scale, grad_shift)
         grad_bn_w, grad_bn_b = affine.backward(grad_scale, grad_shift, y, channels)
