@@ -440,10 +440,18 @@ eager = _Eager()
 
 # --------------------------------------------------------------------------- inference convolution
 
-def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
-    """``relu(conv2d(x, weight, bias, stride, padding))`` as a dense tensor in ``x``'s layout:
-    a convolution with an eval-mode BatchNorm folded into ``weight``/``bias`` (inference of
-    post-activation networks; no autograd). ``x`` may be a strided buffer prefix.
+def _check_conv_bias_relu_out(x, weight, stride, padding, out):
+    check.check_like(out, "out", x, "x", check.conv_output_shape(x, weight, stride, padding, 1))
+    check.check_not_overlapping(out, "out", (x, "x"))
+
+
+def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int,
+                   out: Tensor | None = None) -> Tensor:
+    """``relu(conv2d(x, weight, bias, stride, padding))`` as a dense tensor in ``x``'s layout,
+    or written into ``out`` (e.g. the channel slice of a feature buffer the unit appends to:
+    no copy afterwards) and returned: a convolution with an eval-mode BatchNorm folded into
+    ``weight``/``bias`` (inference of post-activation networks; no autograd). ``x`` may be a
+    strided buffer prefix.
 
     * cpu: oneDNN (with the bias; ReLU apart, which keeps NaN as torch.relu does), on the
       prefix copied into a reused dense scratch (oneDNN would reorder it into a fresh
@@ -454,9 +462,12 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding
       more pass over the (small) output.
     * cuda, reference: ``F.conv2d`` of a dense copy, then ReLU.
     """
+    if out is not None:
+        _check_conv_bias_relu_out(x, weight, stride, padding, out)
     if torch.compiler.is_compiling():  # torch.compile picks its own kernels
-        return torch.relu(F.conv2d(x, weight, bias, stride, padding))
+        y = torch.relu(F.conv2d(x, weight, bias, stride, padding))
+        return y if out is None else out.copy_(y)
     if torch.is_autocast_enabled(x.device.type):  # the buffers' dtype decides, not autocast
         with torch.autocast(x.device.type, enabled=False):
-            return conv_bias_relu(x, weight, bias, stride, padding)
-    return _kernels(x).conv_bias_relu(x, weight, bias, stride, padding)
+            return conv_bias_relu(x, weight, bias, stride, padding, out)
+    return _kernels(x).conv_bias_relu(x, weight, bias, stride, padding, out)

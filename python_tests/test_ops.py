@@ -304,3 +304,55 @@ def test_ops_read_nhwc_buffer_prefixes(backend, use_backend):
     out = ops.transform_conv(x, scale, shift, w, 1, 1, 1)
     torch.testing.assert_close(out, reference.transform_conv(x, scale, shift, w, 1, 1, 1),
                                rtol=1e-4, atol=1e-4)
+
+
+def _plain_conv_bias_relu(x, w, b, stride, pad):
+    return torch.relu(torch.nn.functional.conv2d(x, w, b, stride, pad))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("k,stride", [(1, 1), (3, 1), (3, 2), (1, 2)])
+def test_conv_bias_relu_matches_plain_pytorch(backend, use_backend, monkeypatch, k, stride):
+    """The inference convolution (folded BatchNorm) on a strided buffer prefix equals plain
+    ``relu(conv2d(x, w, b))``: returned as a new tensor, and written into a channel slice of the
+    buffer the prefix lies in (the channels around the slice untouched); a NaN input channel
+    gives NaN outputs, as torch.relu keeps NaN. On the CPU both implementations (oneDNN, and
+    for 1x1 stride 1 the GEMM on the rows) are checked."""
+    dev = use_backend(backend)
+    dt = torch.float32 if dev.type == "cuda" else F64
+    torch.manual_seed(13)
+    n, c, h, w_, cout = 3, 7, 9, 5, 4
+    pad = (k - 1) // 2
+    weight = torch.randn(cout, c, k, k, dtype=dt, device=dev)
+    bias = torch.randn(cout, dtype=dt, device=dev)
+    choices = ["onednn", "gemm"] if backend == "cpu" and k == 1 and stride == 1 else [None]
+    for choice in choices:
+        if choice:
+            monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)
+        buf, x = _nhwc_prefix(n, c, h, w_, cap_extra=cout + 2, dtype=dt, device=dev)
+        x[0, 2, 2, 2] = float("nan")  # a pixel every geometry here samples
+        want = _plain_conv_bias_relu(x, weight, bias, stride, pad)
+        got = ops.conv_bias_relu(x, weight, bias, stride, pad)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert got[0].isnan().any() and not got[1:].isnan().any()
+        if stride == 1:  # the output map is the buffer's: write into the channels after x
+            before = buf.clone()
+            out = buf[:, c + 1:c + 1 + cout]
+            returned = ops.conv_bias_relu(x, weight, bias, stride, pad, out)
+            assert returned.data_ptr() == out.data_ptr()
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+            untouched = torch.ones(buf.shape[1], dtype=torch.bool)
+            untouched[c + 1:c + 1 + cout] = False
+            torch.testing.assert_close(buf[:, untouched], before[:, untouched], equal_nan=True)
+
+
+def test_conv_bias_relu_rejects_a_bad_out(use_backend):
+    use_backend("cpu")
+    buf, x = _nhwc_prefix(2, 5, 6, 6, cap_extra=6)
+    weight, bias = torch.randn(3, 5, 1, 1, dtype=F64), torch.randn(3, dtype=F64)
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 3, 6, 6\)"):
+        ops.conv_bias_relu(x, weight, bias, 1, 0, buf[:, 5:9])
+    with pytest.raises(TypeError, match="out: expected dtype torch.float64"):
+        ops.conv_bias_relu(x, weight, bias, 1, 0, buf[:, 5:8].float())
+    with pytest.raises(ValueError, match="out"):  # overlaps the channels it reads
+        ops.conv_bias_relu(x, weight, bias, 1, 0, buf[:, 3:6])

@@ -80,10 +80,11 @@ def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.
     return grad_weight
 
 
-def conv_bias_relu(x, weight, bias, stride, padding) -> torch.Tensor:
+def conv_bias_relu(x, weight, bias, stride, padding, out=None) -> torch.Tensor:
     """``relu(conv2d(x, weight, bias))`` on a dense copy of ``x`` (the ReLU apart: torch.relu
-    keeps NaN)."""
-    return torch.relu_(cpu_conv.aten_conv_bias(dense(x), weight, bias, stride, padding))
+    keeps NaN), new or written into ``out``."""
+    return cpu_conv.relu_into(cpu_conv.aten_conv_bias(dense(x), weight, bias, stride, padding),
+                              out)
 
 
 def transform_convs(elementwise):

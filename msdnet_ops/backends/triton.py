@@ -66,12 +66,16 @@ def transform_conv_backward_(grad_out, x, scale, shift, weight, stride, padding,
     return run("fused" if fused else "unfused", (grad_x, grad_scale, grad_shift))
 
 
-def conv_bias_relu(x, weight, bias, stride, padding):
-    """The 1x1 and 3x3 convolutions read the prefix in place, then bias and ReLU in one more
-    pass over the (small) output; others (the 7x7 ImageNet stem) run on cuDNN."""
+def conv_bias_relu(x, weight, bias, stride, padding, out=None):
+    """The 1x1 and 3x3 convolutions read the prefix in place (and write ``out`` where given),
+    then bias and ReLU in one more pass over the (small) output; others (the 7x7 ImageNet
+    stem) run on cuDNN."""
     if weight.shape[2] not in (1, 3):
-        return composed.conv_bias_relu(x, weight, bias, stride, padding)
-    out = conv(x, weight, stride, padding, 1)
+        return composed.conv_bias_relu(x, weight, bias, stride, padding, out)
+    if out is None:
+        out = conv(x, weight, stride, padding, 1)
+    else:
+        conv_into(x, weight, stride, padding, 1, out)
     sdt = stats_dtype(x.dtype)
     _kernels.affine_relu_into(out, torch.ones_like(bias, dtype=sdt), bias.to(sdt), out)
     return out

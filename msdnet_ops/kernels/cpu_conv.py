@@ -151,16 +151,24 @@ def _wgrad_gemm(grad_out, x, weight) -> torch.Tensor:
     return torch.mm(rows(grad_out).t(), rows(x)).view(weight.shape)
 
 
-def _infer_onednn(x, weight, bias, stride, padding):
-    # the ReLU runs apart: oneDNN's fused ReLU turns NaN into 0 (torch.relu keeps it, and a
-    # non-finite input must give non-finite logits, as in the plain model)
-    return torch.relu_(aten_conv_bias(dense_input(x, 1)[0], weight, bias, stride, padding))
+def relu_into(y, out=None):
+    """``relu(y)`` in place, or written into ``out`` (one pass: the ReLU and the copy into a
+    buffer slice together). NaN stays NaN, as torch.relu keeps it (a non-finite input must
+    give non-finite logits, as in the plain model); oneDNN's fused ReLU would turn it into 0,
+    so the ReLU runs apart."""
+    return torch.relu_(y) if out is None else torch.clamp_min(y, 0, out=out)
 
 
-def _infer_gemm(x, weight, bias, stride, padding):
+def _infer_onednn(x, weight, bias, stride, padding, out=None):
+    return relu_into(aten_conv_bias(dense_input(x, 1)[0], weight, bias, stride, padding), out)
+
+
+def _infer_gemm(x, weight, bias, stride, padding, out=None):
     n, _, h, w = x.shape
-    out = torch.addmm(bias, rows(x), weight.view(weight.shape[0], -1).t())
-    return torch.relu_(out).view(n, h, w, -1).permute(0, 3, 1, 2)
+    y = torch.addmm(bias, rows(x), weight.view(weight.shape[0], -1).t())
+    if out is not None:
+        return relu_into(y.view(n, h, w, -1).permute(0, 3, 1, 2), out)
+    return torch.relu_(y).view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 _FORWARD = {"onednn": _fwd_onednn, "gemm": _fwd_gemm}
@@ -227,14 +235,14 @@ def conv(x, weight, stride, padding, pool, out=None) -> torch.Tensor:
     return _FORWARD[name](x, weight, stride, padding, pool, out)
 
 
-def conv_bias_relu(x, weight, bias, stride: int, padding: int) -> torch.Tensor:
+def conv_bias_relu(x, weight, bias, stride: int, padding: int, out=None) -> torch.Tensor:
     """``relu(conv2d(x, weight, bias, stride, padding))`` (inference with a folded BatchNorm),
-    a new dense NHWC tensor."""
+    a new dense NHWC tensor, or written into ``out``."""
     def trial(impl):
         return _best_of(lambda: impl(x, weight, bias, stride, padding))
     name = _chooser.pick(_INFERENCE, _key("infer", x, weight, stride, padding, 1),
                          _gemm_applies(x, weight, stride, padding, 1), trial)
-    return _INFERENCE[name](x, weight, bias, stride, padding)
+    return _INFERENCE[name](x, weight, bias, stride, padding, out)
 
 
 def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.Tensor:

@@ -76,50 +76,56 @@ class InferenceRun(PlanRun):
     def _prefix(self, key, width: int) -> torch.Tensor:
         return self._buffer(key)[:, :width]
 
-    def _append(self, key, y: torch.Tensor) -> None:
+    def _slice(self, key, channels: int) -> torch.Tensor:
+        """The next ``channels`` free channels of buffer ``key``, claimed for a writer."""
         values = self._buffer(key)
         start = self.filled[key]
-        values[:, start:start + y.shape[1]].copy_(y)
-        self.filled[key] = start + y.shape[1]
+        self.filled[key] = start + channels
+        return values[:, start:start + channels]
 
-    def _conv_bn_relu(self, x: torch.Tensor, unit_conv, unit_bn) -> torch.Tensor:
+    def _conv_bn_relu(self, x: torch.Tensor, unit_conv, unit_bn, out=None) -> torch.Tensor:
         weight, bias = self.folded.get(unit_conv, unit_bn, self.dtype, self.device)
-        return ops.conv_bias_relu(x, weight, bias, unit_conv.stride[0], unit_conv.padding[0])
+        return ops.conv_bias_relu(x, weight, bias, unit_conv.stride[0], unit_conv.padding[0],
+                                  out)
 
-    def _conv_bn_path(self, unit, x: torch.Tensor) -> torch.Tensor:
-        """One ConvBN path (optional bottleneck, then 3x3) of a dense layer."""
+    def _append_conv_bn_relu(self, key, x: torch.Tensor, unit_conv, unit_bn) -> None:
+        """A unit's output written straight into the next free channels of buffer ``key``."""
+        self._conv_bn_relu(x, unit_conv, unit_bn, self._slice(key, unit_conv.out_channels))
+
+    def _append_conv_bn_path(self, key, unit, x: torch.Tensor) -> None:
+        """One ConvBN path (optional bottleneck, then 3x3) of a dense layer, appended."""
         if unit.bottleneck:
             x = self._conv_bn_relu(x, unit.conv1, unit.bn1)
-        return self._conv_bn_relu(x, unit.conv3, unit.bn3)
+        self._append_conv_bn_relu(key, x, unit.conv3, unit.bn3)
 
     # ------------------------------------------------------------------ cells
     def _run_stem(self, cell) -> None:
         unit = cell.module
         if cell.scale == 0:  # reads the image
             image = self.image.to(self.dtype)
+            self.image = None  # only the scale-0 stem reads it
             if self.model.stem_kind == "imagenet":
                 y = F.max_pool2d(self._conv_bn_relu(image, unit.conv, unit.bn), 3, 2, 1)
-            else:
-                y = self._conv_bn_relu(image, unit.conv, unit.bn)
-            self.image = None  # only the scale-0 stem reads it
-        else:
-            (key, width), = cell.reads
-            y = self._conv_bn_relu(self._prefix(key, width), unit.conv, unit.bn)
-        self._append(cell.writes, y)
+                self._slice(cell.writes, y.shape[1]).copy_(y)
+                return
+            self._append_conv_bn_relu(cell.writes, image, unit.conv, unit.bn)
+            return
+        (key, width), = cell.reads
+        self._append_conv_bn_relu(cell.writes, self._prefix(key, width), unit.conv, unit.bn)
 
     def _run_path(self, cell) -> None:
         unit = cell.module
         reads = list(cell.reads)
         if len(reads) == 2:  # the strided path from the finer scale comes first
             key, width = reads.pop(0)
-            self._append(cell.writes, self._conv_bn_path(unit.conv_down, self._prefix(key, width)))
+            self._append_conv_bn_path(cell.writes, unit.conv_down, self._prefix(key, width))
         key, width = reads[0]
-        self._append(cell.writes, self._conv_bn_path(unit.conv_normal, self._prefix(key, width)))
+        self._append_conv_bn_path(cell.writes, unit.conv_normal, self._prefix(key, width))
 
     def _run_transition(self, cell) -> None:
         (key, width), = cell.reads
         unit = cell.module
-        self._append(cell.writes, self._conv_bn_relu(self._prefix(key, width), unit.conv, unit.bn))
+        self._append_conv_bn_relu(cell.writes, self._prefix(key, width), unit.conv, unit.bn)
 
     def _run_classifier(self, cell) -> torch.Tensor:
         (key, width), = cell.reads
