@@ -462,11 +462,11 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding
       more pass over the (small) output.
     * cuda, reference: ``F.conv2d`` of a dense copy, then ReLU.
     """
-    if out is not None:
-        _check_conv_bias_relu_out(x, weight, stride, padding, out)
     if torch.compiler.is_compiling():  # torch.compile picks its own kernels
         y = torch.relu(F.conv2d(x, weight, bias, stride, padding))
         return y if out is None else out.copy_(y)
+    if out is not None:  # (outside tracing: the overlap check reads storage addresses)
+        _check_conv_bias_relu_out(x, weight, stride, padding, out)
     if torch.is_autocast_enabled(x.device.type):  # the buffers' dtype decides, not autocast
         with torch.autocast(x.device.type, enabled=False):
             return conv_bias_relu(x, weight, bias, stride, padding, out)
