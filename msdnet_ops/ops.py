@@ -7,7 +7,8 @@ Ops (semantics in :mod:`msdnet_ops.reference`):
 ``channel_stats``              per-channel batch mean and invstd of a (strided) NCHW view
 ``channel_stats_backward_``    finalize: add the statistics part of the BN gradient, in place
 ``affine_relu`` / ``_into_``   ``relu(scale*x+shift)``, allocated / written into ``out``
-``affine_relu_backward_``      its backward, accumulated into shared gradient buffers
+``affine_relu_backward_``      its backward, accumulated into shared gradient buffers (or
+                               written, for a sole consumer: no zero-filled buffer)
 ``transform_conv``             ``conv(pool(relu(scale*x+shift)), W)``, functional
 ``transform_conv_into_``       the same, written into a channel slice of a feature buffer
 ``transform_conv_backward_``   its backward: accumulates grad_x/grad_scale/grad_shift, returns grad_weight
@@ -179,7 +180,8 @@ def _(x, scale, shift):
     return empty_like_layout(x)
 
 
-def _check_affine_relu_backward(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift):
+def _check_affine_relu_backward(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift,
+                                accumulate=True):
     _check_affine(x, scale, shift)
     check.check_like(grad_z, "grad_z", x, "x")
     check.check_like(grad_x, "grad_x", x, "x")
@@ -190,13 +192,16 @@ def _check_affine_relu_backward(x, scale, shift, grad_z, grad_x, grad_scale, gra
 @_custom_op("affine_relu_backward_", mutates_args=("grad_x", "grad_scale", "grad_shift"),
             checks=_check_affine_relu_backward)
 def affine_relu_backward_(x: Tensor, scale: Tensor, shift: Tensor, grad_z: Tensor, grad_x: Tensor,
-                          grad_scale: Tensor, grad_shift: Tensor) -> None:
-    """Accumulates the backward of :func:`affine_relu` into the ``grad_*`` buffers."""
-    _kernels(x).affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift)
+                          grad_scale: Tensor, grad_shift: Tensor, accumulate: bool = True) -> None:
+    """Accumulates the backward of :func:`affine_relu` into the ``grad_*`` buffers;
+    ``accumulate=False`` overwrites ``grad_x`` instead, never reading it (a sole consumer's
+    gradient: the buffer may be uninitialised)."""
+    _kernels(x).affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift,
+                                      accumulate)
 
 
 @_fake(affine_relu_backward_)
-def _(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift):
+def _(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift, accumulate=True):
     return None
 
 

@@ -54,14 +54,17 @@ def affine_relu(x, scale, shift) -> torch.Tensor:
     return torch.relu(xs * _per_channel(scale) + _per_channel(shift)).to(x.dtype)
 
 
-def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift) -> None:
+def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift,
+                          accumulate: bool = True) -> None:
     """Backward of :func:`affine_relu`, accumulated: with ``dpre = grad_z * (scale*x+shift > 0)``,
     ``grad_x += scale * dpre``, ``grad_scale += sum(dpre * x)``, ``grad_shift += sum(dpre)``
-    (sums over N, H, W)."""
+    (sums over N, H, W). ``accumulate=False``: ``grad_x = scale * dpre``, its old values never
+    read (a sole consumer's gradient: no zero-filled buffer needed)."""
     xs = x.to(scale.dtype)
     pre = xs * _per_channel(scale) + _per_channel(shift)
     dpre = torch.where(pre > 0, grad_z.to(scale.dtype), torch.zeros((), dtype=scale.dtype, device=x.device))
-    grad_x.add_((dpre * _per_channel(scale)).to(grad_x.dtype))
+    grad = (dpre * _per_channel(scale)).to(grad_x.dtype)
+    grad_x.add_(grad) if accumulate else grad_x.copy_(grad)
     grad_scale.add_((dpre * xs).sum(dim=(0, 2, 3)))
     grad_shift.add_(dpre.sum(dim=(0, 2, 3)))
 

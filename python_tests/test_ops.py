@@ -356,3 +356,39 @@ def test_conv_bias_relu_rejects_a_bad_out(use_backend):
         ops.conv_bias_relu(x, weight, bias, 1, 0, buf[:, 5:8].float())
     with pytest.raises(ValueError, match="out"):  # overlaps the channels it reads
         ops.conv_bias_relu(x, weight, bias, 1, 0, buf[:, 3:6])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("layouts", ["nchw/nchw", "nhwc/nhwc", "nchw/nhwc"])
+def test_affine_relu_backward_writes_without_reading_when_not_accumulating(backend, use_backend,
+                                                                          layouts):
+    """``accumulate=False`` (a sole consumer's gradient): ``grad_x`` becomes exactly what the
+    accumulating form adds to zeros, though it held NaN before (any read of it would show),
+    the channels around the strided slice stay untouched, and ``grad_scale``/``grad_shift``
+    are still accumulated. Layouts of x / grad_x: NCHW, NHWC and mixed (the CPU kernels have
+    a path for each)."""
+    dev = use_backend(backend)
+    require_float64(backend, dev)
+    torch.manual_seed(17)
+    x_prefix, gx_prefix = (_nhwc_prefix if lay == "nhwc" else _buffer_prefix
+                           for lay in layouts.split("/"))
+    _, x = x_prefix(2, 5, 7, 3, device=dev)
+    scale, shift = _vec(5, device=dev, lo=-1.5, hi=1.5), _vec(5, device=dev)
+    grad_z = torch.randn_like(x)
+    want_gx = torch.zeros_like(x.cpu())
+    want_gs, want_gh = torch.full((5,), 0.5, dtype=F64), torch.full((5,), -0.25, dtype=F64)
+    reference.affine_relu_backward_(x.cpu(), scale.cpu(), shift.cpu(), grad_z.cpu(), want_gx,
+                                    want_gs, want_gh)
+    gx_buf, gx = gx_prefix(2, 5, 7, 3, cap_extra=4, device=dev)
+    gx_buf.fill_(float("nan"))
+    gx_buf[:, 5:] = 3.0
+    gs = torch.full((5,), 0.5, dtype=F64, device=dev)
+    gh = torch.full((5,), -0.25, dtype=F64, device=dev)
+    ops.affine_relu_backward_(x, scale, shift, grad_z, gx, gs, gh, False)
+    torch.testing.assert_close(gx.cpu(), want_gx, rtol=1e-12, atol=1e-12)
+    assert (gx_buf[:, 5:] == 3.0).all()
+    torch.testing.assert_close(gs.cpu(), want_gs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh.cpu(), want_gh, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(ops.affine_relu_backward_, (
+        x, scale, shift, grad_z, torch.empty_like(x), torch.zeros(5, dtype=F64, device=dev),
+        torch.zeros(5, dtype=F64, device=dev), False))

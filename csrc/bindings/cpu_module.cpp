@@ -52,16 +52,17 @@ PYBIND11_MODULE(_cpu_kernels, m) {
 
   m.def("affine_relu_backward",
         [](int dtype, ViewArg x, VecArg scale, VecArg shift, ViewArg grad_z, ViewArg grad_x,
-           VecArg grad_scale, VecArg grad_shift, int num_threads) {
+           VecArg grad_scale, VecArg grad_shift, bool accumulate, int num_threads) {
           const View4 xv = to_view(x, "x"), zv = to_view(grad_z, "grad_z"),
                       gv = to_view(grad_x, "grad_x");
           py::gil_scoped_release nogil;
           cpu::affine_relu_backward(dtype, xv, to_vec(scale), to_vec(shift), zv, gv,
-                                    to_vec(grad_scale), to_vec(grad_shift), num_threads);
+                                    to_vec(grad_scale), to_vec(grad_shift), accumulate,
+                                    num_threads);
         },
         py::arg("dtype"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("grad_z"),
         py::arg("grad_x"), py::arg("grad_scale"), py::arg("grad_shift"),
-        py::arg("num_threads") = 0);
+        py::arg("accumulate") = true, py::arg("num_threads") = 0);
 
   m.def("gather_batch",
         [](int element_size, ViewArg src, int64_t index_ptr, ViewArg out, int num_threads) {

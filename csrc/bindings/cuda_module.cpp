@@ -63,18 +63,18 @@ PYBIND11_MODULE(_cuda_kernels, m) {
 
   m.def("affine_relu_backward",
         [](int dtype, ViewArg x, VecArg scale, VecArg shift, ViewArg grad_z, ViewArg grad_x,
-           VecArg grad_scale, VecArg grad_shift, uintptr_t workspace, int64_t workspace_bytes,
-           int device, uintptr_t stream) {
+           VecArg grad_scale, VecArg grad_shift, bool accumulate, uintptr_t workspace,
+           int64_t workspace_bytes, int device, uintptr_t stream) {
           const View4 xv = to_view(x, "x"), zv = to_view(grad_z, "grad_z"),
                       gv = to_view(grad_x, "grad_x");
           py::gil_scoped_release nogil;
           cuda::affine_relu_backward(dtype, xv, to_vec(scale), to_vec(shift), zv, gv,
-                                     to_vec(grad_scale), to_vec(grad_shift), as_ptr(workspace),
-                                     workspace_bytes, device, as_ptr(stream));
+                                     to_vec(grad_scale), to_vec(grad_shift), accumulate,
+                                     as_ptr(workspace), workspace_bytes, device, as_ptr(stream));
         },
         py::arg("dtype"), py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("grad_z"),
-        py::arg("grad_x"), py::arg("grad_scale"), py::arg("grad_shift"), py::arg("workspace"),
-        py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"));
+        py::arg("grad_x"), py::arg("grad_scale"), py::arg("grad_shift"), py::arg("accumulate"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"));
 
   m.def("gather_batch",
         [](int element_size, ViewArg src, uintptr_t index, ViewArg out, int device,

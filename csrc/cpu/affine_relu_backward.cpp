@@ -1,5 +1,6 @@
-// affine_relu_backward: dpre = grad_z*(scale*x+shift > 0); grad_x += scale*dpre,
-// grad_scale += sum(dpre*x), grad_shift += sum(dpre). Per-channel sums per work unit or
+// affine_relu_backward: dpre = grad_z*(scale*x+shift > 0); grad_x += scale*dpre (ACC; else
+// grad_x = scale*dpre, its old values never read: a sole consumer's gradient needs no
+// zero-filled buffer), grad_scale += sum(dpre*x), grad_shift += sum(dpre). Per-channel sums per work unit or
 // group, added in a fixed order (deterministic).
 #include "lanes.h"
 
@@ -8,8 +9,8 @@ namespace cpu {
 namespace MSDNET_CPU_ISA {
 namespace {
 
-// One run of one channel: grad_x += s*dpre; returns (sum dpre*x, sum dpre) through ds, dh.
-template <typename T, bool UNIT>
+// One run of one channel: grad_x (+)= s*dpre; returns (sum dpre*x, sum dpre) through ds, dh.
+template <typename T, bool UNIT, bool ACC>
 void affine_relu_backward_run(const T* __restrict__ xr, const T* __restrict__ zr,
                               T* __restrict__ gr, int64_t len, int64_t sx, int64_t sz, int64_t sg,
                               T sc, T bc, T& ds, T& dh) {
@@ -18,7 +19,8 @@ void affine_relu_backward_run(const T* __restrict__ xr, const T* __restrict__ zr
   for (int64_t i = 0; i < len; ++i) {
     const T xv = xr[UNIT ? i : i * sx];
     const T d = affine_relu_dpre(xv, sc, bc, zr[UNIT ? i : i * sz]);
-    gr[UNIT ? i : i * sg] += sc * d;
+    T& g = gr[UNIT ? i : i * sg];
+    g = ACC ? g + sc * d : sc * d;
     rs += d * xv;
     rh += d;
   }
@@ -26,7 +28,7 @@ void affine_relu_backward_run(const T* __restrict__ xr, const T* __restrict__ zr
   dh += rh;
 }
 
-template <typename T>
+template <typename T, bool ACC>
 void affine_relu_backward_planes(const View4& x, const View4& gz, const View4& gx,
                                  const std::vector<T>& s, const std::vector<T>& b,
                                  VecView grad_scale, VecView grad_shift, int team) {
@@ -40,7 +42,7 @@ void affine_relu_backward_planes(const View4& x, const View4& gz, const View4& g
     ch.range(k, h0, h1, w0, w1);
     T ds = 0, dh = 0;
     for (int64_t h = h0; h < h1; ++h)
-      affine_relu_backward_run<T, true>(at<const T>(x, n, c, h, w0), at<const T>(gz, n, c, h, w0),
+      affine_relu_backward_run<T, true, ACC>(at<const T>(x, n, c, h, w0), at<const T>(gz, n, c, h, w0),
                                         at<T>(gx, n, c, h, w0), w1 - w0, 1, 1, 1, s[c], b[c], ds, dh);
     part[2 * u] = ds;
     part[2 * u + 1] = dh;
@@ -85,7 +87,7 @@ void grouped_sums(int64_t U, int64_t C, VecView grad_scale, VecView grad_shift, 
 }
 
 // One channels-inner unit (lanes.h): lane sums over its segments, folded into channels.
-template <typename T>
+template <typename T, bool ACC>
 struct LanesUnit {
   const LanePlan<T>& plan;
   const T* sl;  // scale, shift per lane
@@ -103,7 +105,7 @@ struct LanesUnit {
     const T* __restrict__ pb = bl;
     std::fill(ads, ads + plan.M, T(0));
     std::fill(adh, adh + plan.M, T(0));
-    walk.load(u, 7);
+    walk.load(u, ACC ? 7 : 3);  // grad_x is read only to be added to
     walk.run([&](T* const* p, const int64_t* step, int64_t nseg, int64_t l0, auto len) {
       T rs[block_lanes<T>()], rb[block_lanes<T>()], rds[block_lanes<T>()], rdh[block_lanes<T>()];
       for (int64_t l = 0; l < len; ++l) {
@@ -120,7 +122,7 @@ struct LanesUnit {
         for (int64_t l = 0; l < len; ++l) {
           const T xv = px[l];
           const T d = affine_relu_dpre(xv, rs[l], rb[l], pz[l]);
-          pg[l] += rs[l] * d;
+          pg[l] = ACC ? pg[l] + rs[l] * d : rs[l] * d;
           rds[l] += d * xv;
           rdh[l] += d;
         }
@@ -140,7 +142,7 @@ struct LanesUnit {
   }
 };
 
-template <typename T>
+template <typename T, bool ACC>
 void affine_relu_backward_lanes(View4 x, View4 gz, View4 gx, const std::vector<T>& s,
                                 const std::vector<T>& b, VecView grad_scale, VecView grad_shift,
                                 int team) {
@@ -150,11 +152,11 @@ void affine_relu_backward_lanes(View4 x, View4 gz, View4 gx, const std::vector<T
   const PixelBlocks pb(x.N, x.H, x.W, plan.B);
   const std::vector<T> sl = tile_lanes(s, plan, true), bl = tile_lanes(b, plan, true);
   grouped_sums<T>(pb.U, x.C, grad_scale, grad_shift, team,
-                  [&] { return LanesUnit<T>(plan, pb, v, sl.data(), bl.data()); });
+                  [&] { return LanesUnit<T, ACC>(plan, pb, v, sl.data(), bl.data()); });
 }
 
 // Tiled: each tile of kTileC channels x kTileW pixels copied through a buffer (traversal.h).
-template <typename T>
+template <typename T, bool ACC>
 void affine_relu_backward_tiled(const View4& x, const View4& gz, const View4& gx,
                                 const std::vector<T>& s, const std::vector<T>& b,
                                 VecView grad_scale, VecView grad_shift, int team) {
@@ -169,10 +171,10 @@ void affine_relu_backward_tiled(const View4& x, const View4& gz, const View4& gx
       T* bg = bz + kTileC * kTileW;
       tile_load<T>(x, n, h, w0, w1, c0, c1, bx);
       tile_load<T>(gz, n, h, w0, w1, c0, c1, bz);
-      tile_load<T>(gx, n, h, w0, w1, c0, c1, bg);
+      if (ACC) tile_load<T>(gx, n, h, w0, w1, c0, c1, bg);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t o = (c - c0) * kTileW;
-        affine_relu_backward_run<T, true>(bx + o, bz + o, bg + o, w1 - w0, 1, 1, 1, s[c], b[c],
+        affine_relu_backward_run<T, true, ACC>(bx + o, bz + o, bg + o, w1 - w0, 1, 1, 1, s[c], b[c],
                                           tds[c], tdh[c]);
       }
       tile_store<T>(gx, n, h, w0, w1, c0, c1, bg);
@@ -180,7 +182,7 @@ void affine_relu_backward_tiled(const View4& x, const View4& gz, const View4& gx
   });
 }
 
-template <typename T>
+template <typename T, bool ACC>
 void affine_relu_backward_t(View4 x, VecView scale, VecView shift, View4 gz, View4 gx,
                             VecView grad_scale, VecView grad_shift, int num_threads) {
   const int64_t C = x.C;
@@ -190,21 +192,26 @@ void affine_relu_backward_t(View4 x, VecView scale, VecView shift, View4 gz, Vie
   const Layout layout = prepare(views, 3);
   const int team = team_size(x.N * C * x.H * x.W, num_threads);
   if (layout == Layout::kPlanes)
-    affine_relu_backward_planes<T>(x, gz, gx, s, b, grad_scale, grad_shift, team);
+    affine_relu_backward_planes<T, ACC>(x, gz, gx, s, b, grad_scale, grad_shift, team);
   else if (layout == Layout::kChannelsInner)
-    affine_relu_backward_lanes<T>(x, gz, gx, s, b, grad_scale, grad_shift, team);
+    affine_relu_backward_lanes<T, ACC>(x, gz, gx, s, b, grad_scale, grad_shift, team);
   else
-    affine_relu_backward_tiled<T>(x, gz, gx, s, b, grad_scale, grad_shift, team);
+    affine_relu_backward_tiled<T, ACC>(x, gz, gx, s, b, grad_scale, grad_shift, team);
 }
 
 }  // namespace
 
 void affine_relu_backward(int dtype, const View4& x, VecView scale, VecView shift,
                           const View4& grad_z, const View4& grad_x, VecView grad_scale,
-                          VecView grad_shift, int num_threads) {
+                          VecView grad_shift, bool accumulate, int num_threads) {
   dispatch_float(dtype, "affine_relu_backward", [&](auto t) {
-    affine_relu_backward_t<decltype(t)>(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift,
-                                        num_threads);
+    using T = decltype(t);
+    if (accumulate)
+      affine_relu_backward_t<T, true>(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift,
+                                      num_threads);
+    else
+      affine_relu_backward_t<T, false>(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift,
+                                       num_threads);
   });
 }
 

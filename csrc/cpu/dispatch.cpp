@@ -139,9 +139,9 @@ void affine_relu(int dtype, const View4& x, VecView scale, VecView shift, const 
 
 void affine_relu_backward(int dtype, const View4& x, VecView scale, VecView shift,
                           const View4& grad_z, const View4& grad_x, VecView grad_scale,
-                          VecView grad_shift, int num_threads) {
+                          VecView grad_shift, bool accumulate, int num_threads) {
   MSDNET_DISPATCH(affine_relu_backward(dtype, x, scale, shift, grad_z, grad_x, grad_scale,
-                                       grad_shift, num_threads))
+                                       grad_shift, accumulate, num_threads))
 }
 
 void gather_batch(int element_size, const View4& src, const int64_t* index, const View4& out,

@@ -1,6 +1,8 @@
 // affine_relu (z = relu(scale*x + shift)) and its accumulated backward. The backward's
 // per-channel sums are reduced per block, written as (split, channel) partials and added to
 // grad_scale / grad_shift in a fixed order by a second kernel: deterministic, no atomics.
+#include <type_traits>
+
 #include "common.cuh"
 #include "dispatch.cuh"
 #include "msdnet_ops/cuda_kernels.h"
@@ -27,7 +29,7 @@ affine_relu_kernel(View4 x, View4 out, PixelIndexer ix, uint32_t P, VecView scal
   }
 }
 
-template <typename T, bool CI>
+template <typename T, bool CI, bool ACC>
 __global__ void __launch_bounds__(kThreads)
 affine_relu_backward_kernel(View4 x, View4 gz, View4 gx, PixelIndexer ix, uint32_t P,
                             VecView scale, VecView shift, acc_t<T>* __restrict__ partial) {
@@ -47,7 +49,7 @@ affine_relu_backward_kernel(View4 x, View4 gz, View4 gx, PixelIndexer ix, uint32
       const Acc xv = to_acc<Acc>(xc[pixel_offset(x, n, h, w)]);
       const Acc d = affine_relu_dpre(xv, s, b, to_acc<Acc>(zc[pixel_offset(gz, n, h, w)]));
       T& g = gc[pixel_offset(gx, n, h, w)];
-      g = from_acc<T>(to_acc<Acc>(g) + s * d);
+      g = from_acc<T>(ACC ? to_acc<Acc>(g) + s * d : s * d);
       ds += d * xv;
       dh += d;
     }
@@ -99,8 +101,8 @@ void affine_relu(int dtype, const View4& x_in, VecView scale, VecView shift, con
 
 void affine_relu_backward(int dtype, const View4& x_in, VecView scale, VecView shift,
                           const View4& gz_in, const View4& gx_in, VecView grad_scale,
-                          VecView grad_shift, void* workspace, int64_t workspace_bytes,
-                          int device, void* stream_ptr) {
+                          VecView grad_shift, bool accumulate, void* workspace,
+                          int64_t workspace_bytes, int device, void* stream_ptr) {
   using namespace detail;
   if (x_in.C == 0 || pixels(x_in) == 0) return;
   DeviceGuard guard(device);
@@ -116,15 +118,18 @@ void affine_relu_backward(int dtype, const View4& x_in, VecView scale, VecView s
       throw std::invalid_argument("msdnet_ops CUDA affine_relu_backward: workspace too small");
     const Plan p = make_plan("affine_relu_backward", views, 3, true, device, max_splits);
     Acc* partial = static_cast<Acc*>(workspace);
-    if (p.channels_inner) {
-      affine_relu_backward_kernel<T, true><<<p.grid, p.block, 0, stream>>>(
-          x, gz, gx, p.ix, p.P, scale, shift, partial);
-      check_launch("affine_relu_backward (channels-inner)");
-    } else {
-      affine_relu_backward_kernel<T, false><<<p.grid, p.block, 0, stream>>>(
-          x, gz, gx, p.ix, p.P, scale, shift, partial);
-      check_launch("affine_relu_backward (planes)");
-    }
+    const auto launch = [&](auto ci, auto acc) {
+      affine_relu_backward_kernel<T, decltype(ci)::value, decltype(acc)::value>
+          <<<p.grid, p.block, 0, stream>>>(x, gz, gx, p.ix, p.P, scale, shift, partial);
+      check_launch(p.channels_inner ? "affine_relu_backward (channels-inner)"
+                                    : "affine_relu_backward (planes)");
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (p.channels_inner)
+      accumulate ? launch(Yes{}, Yes{}) : launch(Yes{}, No{});
+    else
+      accumulate ? launch(No{}, Yes{}) : launch(No{}, No{});
     const int threads = 128;
     sum_partials_kernel<Acc><<<unsigned(ceil_div(x.C, threads)), threads, 0, stream>>>(
         partial, p.splits, x.C, grad_scale, grad_shift);

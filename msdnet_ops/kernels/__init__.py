@@ -13,7 +13,8 @@ Both modules have the same functions with the same signatures, taking torch tens
     channel_stats(x, eps) -> (mean, invstd)
     channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x) -> None
     affine_relu_into(x, scale, shift, out) -> None
-    affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift) -> None
+    affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift,
+                          accumulate=True) -> None
     gather_batch_into(src, index, out) -> None
 
 The compiled modules are imported lazily (on the first call, or by ``available()``), so

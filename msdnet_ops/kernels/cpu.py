@@ -51,10 +51,11 @@ def affine_relu_into(x, scale, shift, out) -> None:
                           torch.get_num_threads())
 
 
-def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift) -> None:
+def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift,
+                          accumulate: bool = True) -> None:
     _module().affine_relu_backward(_code(x), view(x), vec(scale), vec(shift), view(grad_z),
                                    view(grad_x), vec(grad_scale), vec(grad_shift),
-                                   torch.get_num_threads())
+                                   bool(accumulate), torch.get_num_threads())
 
 
 def gather_batch_into(src, index, out) -> None:

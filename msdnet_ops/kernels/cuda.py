@@ -66,14 +66,15 @@ def affine_relu_into(x, scale, shift, out) -> None:
     m.affine_relu(DTYPE_CODES[x.dtype], view(x), vec(scale), vec(shift), view(out), device, stream)
 
 
-def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift) -> None:
+def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift,
+                          accumulate: bool = True) -> None:
     m = _module()
     code = DTYPE_CODES[x.dtype]
     device, stream = _launch(x)
     ws = _workspace(m, code, x, device)
     m.affine_relu_backward(code, view(x), vec(scale), vec(shift), view(grad_z), view(grad_x),
-                           vec(grad_scale), vec(grad_shift), ws.data_ptr(), ws.numel(), device,
-                           stream)
+                           vec(grad_scale), vec(grad_shift), bool(accumulate), ws.data_ptr(),
+                           ws.numel(), device, stream)
 
 
 def gather_batch_into(src, index, out) -> None:

@@ -86,9 +86,12 @@ class BufferState:
             self._recompute(self.values)
 
     # ---- backward
-    def ensure_grads(self) -> None:
+    def ensure_grads(self, uninitialised: bool = False) -> None:
+        """Allocates the shared gradient (zeros) the first time a consumer needs it.
+        ``uninitialised``: the caller's first kernel writes every value rather than adding to
+        it (a sole consumer), so no zero fill."""
         if self.grad is None:
-            self.grad = torch.zeros_like(self.values)
+            self.grad = (torch.empty_like if uninitialised else torch.zeros_like)(self.values)
             if self.track_stats:  # one allocation for the two vectors
                 self.grad_mean, self.grad_invstd = self.values.new_zeros(
                     (2, self.values.shape[1]), dtype=stats_dtype(self.values.dtype))

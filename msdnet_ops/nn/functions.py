@@ -234,10 +234,10 @@ class ConvBNReLUWrite(torch.autograd.Function):
         grad_z = dst.finalize(start, start + channels, with_stats=False)
         if start == 0:
             dst.release_grads()  # the first writer of a buffer runs backward last
-        y.ensure_grads()
+        y.ensure_grads(uninitialised=True)  # this unit is y's sole consumer: written, not added
         grad_scale, grad_shift = affine.zero_grads()
         ops.eager.affine_relu_backward_(y.values, affine.scale, affine.shift, grad_z, y.grad,
-                                        grad_scale, grad_shift)
+                                        grad_scale, grad_shift, False)
         grad_bn_w, grad_bn_b = affine.backward(grad_scale, grad_shift, y, channels)
         grad_y = y.finalize(0, channels)
         grad_weight, grad_in_w, grad_in_b = _read_conv_backward(grad_y, src, ctx.channels,

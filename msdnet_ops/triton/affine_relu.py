@@ -93,7 +93,8 @@ def _affine_relu_backward_kernel(
     sdn, sdc, sdh, sdw,
     s_scale, s_shift, s_gscale, s_gshift,
     chunk,
-    HAS_GX: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GX: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     c = tl.program_id(0)
     j = tl.program_id(1)
@@ -122,18 +123,21 @@ def _affine_relu_backward_kernel(
         dpre = tl.where(m & (pre > 0), gz, 0.0)
         if HAS_GX:
             d_ptrs = d_base + n64 * sdn + (h * sdh + w * sdw)
-            g = tl.load(d_ptrs, mask=m, other=0.0).to(ACC_DTYPE)
-            tl.store(d_ptrs, (g + sc * dpre).to(gx_ptr.dtype.element_ty), mask=m)
+            gx = sc * dpre
+            if ACCUMULATE:  # else grad_x is only written: its old values are never read
+                gx += tl.load(d_ptrs, mask=m, other=0.0).to(ACC_DTYPE)
+            tl.store(d_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=m)
         sum_dx += dpre * xv
         sum_d += dpre
     tl.atomic_add(gscale_ptr + c * s_gscale, tl.sum(sum_dx, axis=0).to(gscale_ptr.dtype.element_ty))
     tl.atomic_add(gshift_ptr + c * s_gshift, tl.sum(sum_d, axis=0).to(gshift_ptr.dtype.element_ty))
 
 
-def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift) -> None:
+def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift,
+                          accumulate: bool = True) -> None:
     """As ``reference.affine_relu_backward_``: accumulates into ``grad_x`` (shape of ``x``, any
-    strides and floating dtype, or None to skip it), ``grad_scale`` and ``grad_shift``
-    (per-channel, float32; float64 for float64 ``x``)."""
+    strides and floating dtype, or None to skip it; ``accumulate=False``: overwrites it),
+    ``grad_scale`` and ``grad_shift`` (per-channel, float32; float64 for float64 ``x``)."""
     rt.check_features("x", x)
     N, C, H, W = x.shape
     dev = x.device
@@ -166,5 +170,5 @@ def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shif
             *x.stride(), *grad_z.stride(), *gx_strides,
             scale.stride(0), shift.stride(0), grad_scale.stride(0), grad_shift.stride(0), chunk)
     rt.launch(_affine_relu_backward_kernel, (C, n_chunks), args,
-              dict(HAS_GX=has_gx, ACC_DTYPE=rt.acc_tl_dtype(x.dtype)),
+              dict(HAS_GX=has_gx, ACCUMULATE=bool(accumulate), ACC_DTYPE=rt.acc_tl_dtype(x.dtype)),
               dict(BLOCK=block, num_warps=4), dev)

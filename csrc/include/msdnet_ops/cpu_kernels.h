@@ -20,11 +20,11 @@
   /* out = relu(scale*x + shift). */                                                          \
   void affine_relu(int dtype, const View4& x, VecView scale, VecView shift, const View4& out, \
                    int num_threads);                                                          \
-  /* dpre = grad_z*(scale*x+shift > 0): grad_x += scale*dpre, grad_scale += sum(dpre*x),     \
-     grad_shift += sum(dpre). */                                                              \
+  /* dpre = grad_z*(scale*x+shift > 0): grad_x += scale*dpre (accumulate) or = (not: grad_x  \
+     is never read), grad_scale += sum(dpre*x), grad_shift += sum(dpre). */                   \
   void affine_relu_backward(int dtype, const View4& x, VecView scale, VecView shift,          \
                             const View4& grad_z, const View4& grad_x, VecView grad_scale,     \
-                            VecView grad_shift, int num_threads);                             \
+                            VecView grad_shift, bool accumulate, int num_threads);            \
   /* out[i] = src[index[i]] (out.N = len(index)); element_size in bytes: 1, 2, 4 or 8. */    \
   void gather_batch(int element_size, const View4& src, const int64_t* index,                 \
                     const View4& out, int num_threads);

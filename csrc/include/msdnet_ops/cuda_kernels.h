@@ -27,10 +27,11 @@ void channel_stats_backward(int dtype, const View4& x, VecView mean, VecView inv
 void affine_relu(int dtype, const View4& x, VecView scale, VecView shift, const View4& out,
                  int device, void* stream);
 
+// accumulate: grad_x += scale*dpre; else grad_x = scale*dpre (grad_x never read).
 void affine_relu_backward(int dtype, const View4& x, VecView scale, VecView shift,
                           const View4& grad_z, const View4& grad_x, VecView grad_scale,
-                          VecView grad_shift, void* workspace, int64_t workspace_bytes,
-                          int device, void* stream);
+                          VecView grad_shift, bool accumulate, void* workspace,
+                          int64_t workspace_bytes, int device, void* stream);
 
 // out[i] = src[index[i]] (index: device int64 array of out.N entries); element_size in bytes.
 void gather_batch(int element_size, const View4& src, const int64_t* index, const View4& out,
