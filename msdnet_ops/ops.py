@@ -11,7 +11,8 @@ Ops (semantics in :mod:`msdnet_ops.reference`):
                                written, for a sole consumer: no zero-filled buffer)
 ``transform_conv``             ``conv(pool(relu(scale*x+shift)), W)``, functional
 ``transform_conv_into_``       the same, written into a channel slice of a feature buffer
-``transform_conv_backward_``   its backward: accumulates grad_x/grad_scale/grad_shift, returns grad_weight
+``transform_conv_backward_``   its backward: accumulates grad_x/grad_scale/grad_shift (or writes
+                               grad_x, for a sole consumer), returns grad_weight
 ``conv`` / ``conv_into_``      ``conv(pool(x), W)`` of *activated* channels (no transform)
 ``conv_backward_``             its backward: accumulates grad_x, returns grad_weight
 ``gather_batch``               batch compaction (early exit)
@@ -258,7 +259,7 @@ def _check_transform_conv_into(x, scale, shift, weight, stride, padding, pool, o
 
 
 def _check_transform_conv_backward(grad_out, x, scale, shift, weight, stride, padding, pool,
-                                   grad_x, grad_scale, grad_shift):
+                                   grad_x, grad_scale, grad_shift, accumulate=True):
     _check_conv_backward(grad_out, x, weight, stride, padding, pool, grad_x)
     _check_affine(x, scale, shift)
     check.check_channel_vector(grad_scale, "grad_scale", x)
@@ -294,16 +295,19 @@ def _(x, scale, shift, weight, stride, padding, pool):
             checks=_check_transform_conv_backward)
 def transform_conv_backward_(grad_out: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
                              weight: Tensor, stride: int, padding: int, pool: int, grad_x: Tensor,
-                             grad_scale: Tensor, grad_shift: Tensor) -> Tensor:
+                             grad_scale: Tensor, grad_shift: Tensor,
+                             accumulate: bool = True) -> Tensor:
     """Backward of :func:`transform_conv`: accumulates into ``grad_x`` (the shared gradient
-    buffer prefix), ``grad_scale`` and ``grad_shift``; returns ``grad_weight``."""
+    buffer prefix; ``accumulate=False``: overwrites it, never reading it, for a sole
+    consumer), ``grad_scale`` and ``grad_shift``; returns ``grad_weight``."""
     return _like_weight(_kernels(x).transform_conv_backward_(
         grad_out, x, scale, shift, weight, stride, padding, pool, grad_x, grad_scale,
-        grad_shift), weight)
+        grad_shift, accumulate), weight)
 
 
 @_fake(transform_conv_backward_)
-def _(grad_out, x, scale, shift, weight, stride, padding, pool, grad_x, grad_scale, grad_shift):
+def _(grad_out, x, scale, shift, weight, stride, padding, pool, grad_x, grad_scale, grad_shift,
+      accumulate=True):
     return torch.empty_like(weight)
 
 

@@ -81,9 +81,10 @@ def transform_conv(x, scale, shift, weight, stride: int, padding: int, pool: int
 
 
 def transform_conv_backward_(grad_out, x, scale, shift, weight, stride, padding, pool,
-                             grad_x, grad_scale, grad_shift) -> torch.Tensor:
-    """Backward of :func:`transform_conv`: accumulates into ``grad_x``, ``grad_scale``,
-    ``grad_shift`` (as :func:`affine_relu_backward_`) and returns ``grad_weight``."""
+                             grad_x, grad_scale, grad_shift, accumulate: bool = True) -> torch.Tensor:
+    """Backward of :func:`transform_conv`: accumulates into ``grad_x`` (``accumulate=False``:
+    overwrites it), ``grad_scale``, ``grad_shift`` (as :func:`affine_relu_backward_`) and
+    returns ``grad_weight``."""
     z = affine_relu(x, scale, shift)
     zp = F.avg_pool2d(z, pool) if pool != 1 else z
     grad_zp, grad_weight = torch.ops.aten.convolution_backward(
@@ -93,7 +94,7 @@ def transform_conv_backward_(grad_out, x, scale, shift, weight, stride, padding,
         grad_z = torch.ops.aten.avg_pool2d_backward(grad_zp, z, [pool] * 2, [pool] * 2, [0, 0], False, True, None)
     else:
         grad_z = grad_zp
-    affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift)
+    affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift, accumulate)
     return grad_weight
 
 

@@ -392,3 +392,36 @@ def test_affine_relu_backward_writes_without_reading_when_not_accumulating(backe
     torch.library.opcheck(ops.affine_relu_backward_, (
         x, scale, shift, grad_z, torch.empty_like(x), torch.zeros(5, dtype=F64, device=dev),
         torch.zeros(5, dtype=F64, device=dev), False))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("k,stride,pool", CONV_GEOMETRIES)
+def test_transform_conv_backward_writes_without_reading_when_not_accumulating(
+        backend, use_backend, k, stride, pool):
+    """``transform_conv_backward_(..., accumulate=False)`` (a bottleneck's sole consumer): the
+    input gradient equals the reference's accumulated onto zeros though the buffer held NaN
+    (odd sizes: with pooling, the pixels outside every pooling window get exact zeros), the
+    channels around the strided slice untouched; the vector gradients still accumulate and the
+    weight gradient is the reference's."""
+    dev = use_backend(backend)
+    require_float64(backend, dev)
+    torch.manual_seed(23)
+    _, x = _nhwc_prefix(2, 6, 7, 5, device=dev)
+    scale, shift = _vec(6, device=dev, lo=-1.5, hi=1.5), _vec(6, device=dev)
+    w = torch.randn(4, 6, k, k, dtype=F64, device=dev)
+    pad = (k - 1) // 2
+    grad_out = torch.randn_like(reference.transform_conv(x, scale, shift, w, stride, pad, pool))
+    want_gx = torch.zeros_like(x)
+    want_gs, want_gh = torch.full((6,), 0.5, dtype=F64, device=dev), torch.zeros(6, dtype=F64, device=dev)
+    want_w = reference.transform_conv_backward_(grad_out, x, scale, shift, w, stride, pad, pool,
+                                                want_gx, want_gs, want_gh)
+    gx_buf, gx = _nhwc_prefix(2, 6, 7, 5, cap_extra=3, device=dev)
+    gx_buf.fill_(float("nan"))
+    gx_buf[:, 6:] = 3.0
+    gs, gh = torch.full((6,), 0.5, dtype=F64, device=dev), torch.zeros(6, dtype=F64, device=dev)
+    got_w = ops.transform_conv_backward_(grad_out, x, scale, shift, w, stride, pad, pool, gx, gs,
+                                         gh, False)
+    torch.testing.assert_close(gx, want_gx, rtol=1e-10, atol=1e-10)
+    assert (gx_buf[:, 6:] == 3.0).all()
+    for got, want in ((gs, want_gs), (gh, want_gh), (got_w, want_w)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -57,12 +57,13 @@ def transform_conv(elementwise, x, scale, shift, weight, stride, padding, pool, 
 
 
 def transform_conv_backward_(elementwise, grad_out, x, scale, shift, weight, stride, padding,
-                             pool, grad_x, grad_scale, grad_shift) -> torch.Tensor:
-    """Accumulates into ``grad_x``/``grad_scale``/``grad_shift``; returns ``grad_weight``."""
+                             pool, grad_x, grad_scale, grad_shift, accumulate=True) -> torch.Tensor:
+    """Accumulates into ``grad_x`` (or overwrites it: ``accumulate=False``), ``grad_scale``,
+    ``grad_shift``; returns ``grad_weight``."""
     z, zp = transformed(elementwise, x, scale, shift, pool)
     grad_zp, grad_weight = cpu_conv.aten_conv_backward(grad_out, zp, weight, stride, padding)
     elementwise.affine_relu_backward_(x, scale, shift, cpu_conv.unpool_grad(grad_zp, z, pool),
-                                      grad_x, grad_scale, grad_shift)
+                                      grad_x, grad_scale, grad_shift, accumulate)
     return grad_weight
 
 
@@ -97,7 +98,7 @@ def transform_convs(elementwise):
         transform_conv(elementwise, x, scale, shift, weight, stride, padding, pool, out)
 
     def transform_conv_backward(grad_out, x, scale, shift, weight, stride, padding, pool,
-                                grad_x, grad_scale, grad_shift):
+                                grad_x, grad_scale, grad_shift, accumulate=True):
         return transform_conv_backward_(elementwise, grad_out, x, scale, shift, weight, stride,
-                                        padding, pool, grad_x, grad_scale, grad_shift)
+                                        padding, pool, grad_x, grad_scale, grad_shift, accumulate)
     return transform_conv_new, transform_conv_into, transform_conv_backward

@@ -51,9 +51,9 @@ def transform_conv_into(x, scale, shift, weight, stride, padding, pool, out) -> 
 
 
 def transform_conv_backward_(grad_out, x, scale, shift, weight, stride, padding, pool, grad_x,
-                             grad_scale, grad_shift):
+                             grad_scale, grad_shift, accumulate=True):
     def run(path, grads):
-        args = (grad_out, x, scale, shift, weight, stride, padding, pool, *grads)
+        args = (grad_out, x, scale, shift, weight, stride, padding, pool, *grads, accumulate)
         if path == "fused":
             return _kernels.transform_conv_backward_(*args)
         return composed.transform_conv_backward_(_kernels, *args)

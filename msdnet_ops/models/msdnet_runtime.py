@@ -100,9 +100,12 @@ class GridRun(PlanRun):
         return self.buffers[key]
 
     def _output_buffer(self, conv, src: FeatureBuffer) -> FeatureBuffer:
-        """A buffer for ``conv``'s output on ``src``'s spatial size (its own statistics)."""
+        """A buffer for ``conv``'s output on ``src``'s spatial size (its own statistics), read
+        whole by one consumer through its BatchNorm (a bottleneck output, a classifier map)."""
         h, w = (_conv_size(v, conv) for v in src.spatial)
-        return self._new_buffer(conv.out_channels, h, w)
+        buffer = self._new_buffer(conv.out_channels, h, w)
+        buffer.state.sole_reader = True
+        return buffer
 
     def _vectors(self, bn, buffer: FeatureBuffer):
         """(batch_stats, weight, bias, mean, invstd) with which ``bn`` normalizes ``buffer``."""

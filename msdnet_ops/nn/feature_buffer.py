@@ -34,6 +34,9 @@ class BufferState:
         self.mean = None    # (channels,) once a first write computed statistics
         self.invstd = None
         self.count = values.shape[0] * values.shape[2] * values.shape[3]
+        # read by one consumer only, all channels at once, through a transform (a bottleneck
+        # output, a classifier's map): that consumer writes the gradient rather than adding
+        self.sole_reader = False
         self.grad = None
         self.grad_mean = None
         self.grad_invstd = None
@@ -86,6 +89,11 @@ class BufferState:
             self._recompute(self.values)
 
     # ---- backward
+    def sole_gradient(self, channels: int) -> bool:
+        """Whether a transform-reading consumer of ``channels`` channels writes the whole
+        gradient (it is the :attr:`sole_reader`) rather than adding to it."""
+        return self.sole_reader and channels == self.values.shape[1]
+
     def ensure_grads(self, uninitialised: bool = False) -> None:
         """Allocates the shared gradient (zeros) the first time a consumer needs it.
         ``uninitialised``: the caller's first kernel writes every value rather than adding to

@@ -94,11 +94,12 @@ class TransformRead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z):
         src, c, affine = ctx.src, ctx.channels, ctx.affine
-        src.ensure_grads()
+        accumulate = not src.sole_gradient(c)
+        src.ensure_grads(uninitialised=not accumulate)
         grad_scale, grad_shift = affine.zero_grads()
         ops.eager.affine_relu_backward_(src.values[:, :c], affine.scale, affine.shift,
                                         dense(grad_z), src.grad[:, :c], grad_scale,
-                                        grad_shift)
+                                        grad_shift, accumulate)
         grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
         _release(ctx, "src", "affine")
         return (None, None, None, grad_w, grad_b, None, None,
@@ -129,14 +130,15 @@ def _read_conv_backward(grad_out, src, channels: int, affine, weight, conv):
     """Backward of :func:`_read_conv`: accumulates into ``src``'s shared gradient; returns
     (grad of the conv weight, grads of the reading BatchNorm's weight and bias)."""
     src.restore_values()  # a recomputed (memory_efficient) bottleneck
-    src.ensure_grads()
+    accumulate = affine is None or not src.sole_gradient(channels)
+    src.ensure_grads(uninitialised=not accumulate)
     x, grad_x = src.values[:, :channels], src.grad[:, :channels]
     if affine is None:
         return ops.eager.conv_backward_(grad_out, x, weight, *conv, grad_x), None, None
     grad_scale, grad_shift = affine.zero_grads()
     grad_weight = ops.eager.transform_conv_backward_(grad_out, x, affine.scale, affine.shift,
                                                      weight, *conv, grad_x, grad_scale,
-                                                     grad_shift)
+                                                     grad_shift, accumulate)
     return (grad_weight,) + affine.backward(grad_scale, grad_shift, src, channels)
 
 

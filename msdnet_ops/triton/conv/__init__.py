@@ -35,10 +35,16 @@ def _forward_into(x, scale, shift, weight, g: Geometry, out) -> None:
         launch_forward(x[n0:n1], scale, shift, weight, g, out[n0:n1])
 
 
-def _backward(grad_out, x, scale, shift, weight, g: Geometry, grad_x, grad_scale, grad_shift):
+def _backward(grad_out, x, scale, shift, weight, g: Geometry, grad_x, grad_scale, grad_shift,
+              accumulate: bool = True):
     check_output("grad_out", grad_out, g, x)
     if grad_x is not None:
         rt.check_writable_grad("grad_x", grad_x, x.shape, x.device)
+        if not accumulate and g.pool != 1 and (g.H % g.pool or g.W % g.pool):
+            # pixels outside every complete pooling window get no gradient from the kernel:
+            # zero them (and accumulate onto zeros) rather than leave them unwritten
+            grad_x.zero_()
+            accumulate = True
     sdt = rt.stats_dtype(x.dtype)
     grad_w = torch.zeros(weight.shape, dtype=sdt, device=x.device)
     if x.numel() == 0 or grad_out.numel() == 0:
@@ -47,7 +53,8 @@ def _backward(grad_out, x, scale, shift, weight, g: Geometry, grad_x, grad_scale
     for n0, n1 in chunks:
         gx = None if grad_x is None else grad_x[n0:n1]
         if gx is not None or scale is not None:
-            launch_dgrad(grad_out[n0:n1], x[n0:n1], scale, shift, weight, g, gx, grad_scale, grad_shift)
+            launch_dgrad(grad_out[n0:n1], x[n0:n1], scale, shift, weight, g, gx, grad_scale,
+                         grad_shift, accumulate)
         # the autotuner zeroes its output between trials: one fresh buffer per chunk beyond the first
         part = grad_w if len(chunks) == 1 else torch.zeros_like(grad_w)
         launch_wgrad(grad_out[n0:n1], x[n0:n1], scale, shift, g, part)
@@ -76,18 +83,19 @@ def transform_conv(x, scale, shift, weight, stride, padding, pool):
 
 
 def transform_conv_backward_(grad_out, x, scale, shift, weight, stride, padding, pool,
-                             grad_x, grad_scale, grad_shift) -> torch.Tensor:
+                             grad_x, grad_scale, grad_shift, accumulate=True) -> torch.Tensor:
     """Backward of :func:`transform_conv_into`, as ``reference.transform_conv_backward_``.
 
-    Accumulates (``+=``) into ``grad_x`` (shape of ``x``, any strides and floating dtype, or
-    None to skip it), ``grad_scale`` and ``grad_shift`` (per-channel, float32; float64 for
+    Accumulates (``+=``; ``accumulate=False``: overwrites) into ``grad_x`` (shape of ``x``, any
+    strides and floating dtype, or None to skip it), ``grad_scale`` and ``grad_shift`` (per-channel, float32; float64 for
     float64 ``x``). Returns ``grad_weight`` (shape of ``weight``, ``weight``'s dtype; accumulated
     in float32, float64 for float64)."""
     g = check_conv_args(x, scale, shift, weight, stride, padding, pool)
     sdt = rt.stats_dtype(x.dtype)
     rt.check_vector("grad_scale", grad_scale, g.Cin, x.device, sdt)
     rt.check_vector("grad_shift", grad_shift, g.Cin, x.device, sdt)
-    return _backward(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_shift)
+    return _backward(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_shift,
+                     accumulate)
 
 
 def conv_into(x, weight, stride, padding, pool, out) -> None:

@@ -12,7 +12,8 @@ runs over (tap, output-channel block) pairs in one loop.
 
 Epilogue, at each row's input pixel: with ``TRANSFORM``, ``pre = scale*x + shift`` is
 recomputed from ``x``, ``dpre = dz * (pre > 0)``, ``grad_x += scale * dpre``
-(read-modify-write through ``grad_x``'s strides; every element belongs to one program) and the
+(read-modify-write through ``grad_x``'s strides, or a write with ``ACCUMULATE`` off; every
+element belongs to one program) and the
 per-channel sums of ``dpre * x`` and ``dpre`` are atomically added to ``grad_scale`` and
 ``grad_shift``; without, ``grad_x += dz``.
 """
@@ -36,7 +37,7 @@ def _conv_dgrad_kernel(
     swo, swi, swh, sww,
     sdn, sdc, sdh, sdw,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, POOL: tl.constexpr,
-    TRANSFORM: tl.constexpr, HAS_GX: tl.constexpr,
+    TRANSFORM: tl.constexpr, HAS_GX: tl.constexpr, ACCUMULATE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -108,15 +109,18 @@ def _conv_dgrad_kernel(
         tl.atomic_add(gshift_ptr + offs_c, tl.sum(dpre, axis=0).to(gshift_ptr.dtype.element_ty), mask=mask_c)
         dz = dpre * sc
     if HAS_GX:
-        g = tl.load(gx_ptr + g_offs, mask=emask, other=0.0).to(ACC_DTYPE)
-        tl.store(gx_ptr + g_offs, (g + dz).to(gx_ptr.dtype.element_ty), mask=emask)
+        if ACCUMULATE:  # else grad_x is only written: its old values are never read
+            dz += tl.load(gx_ptr + g_offs, mask=emask, other=0.0).to(ACC_DTYPE)
+        tl.store(gx_ptr + g_offs, dz.to(gx_ptr.dtype.element_ty), mask=emask)
 
 INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
 
 
-def launch_dgrad(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_shift) -> None:
+def launch_dgrad(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_shift,
+                 accumulate: bool = True) -> None:
     """Launch the dgrad kernel over one batch chunk (arguments validated). ``scale`` None: no
-    transform (then ``grad_x`` is required); ``grad_x`` None: only the vector gradients."""
+    transform (then ``grad_x`` is required); ``grad_x`` None: only the vector gradients;
+    ``accumulate=False``: ``grad_x`` is overwritten (every pixel: pool 1 or even sizes)."""
     dev = x.device
     transform = scale is not None
     if g.pool == 1:
@@ -134,7 +138,8 @@ def launch_dgrad(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_
             M, g.Cin, g.H, g.W, g.Cout, g.Ho, g.Wo, Hq, Wq,
             *grad_out.stride(), *x.stride(), *weight.stride(), *gx.stride())
     meta = dict(KSIZE=g.k, STRIDE=g.stride, PAD=g.padding, POOL=g.pool, TRANSFORM=transform,
-                HAS_GX=has_gx, ACC_DTYPE=rt.acc_tl_dtype(x.dtype), X_DTYPE=rt.tl_dtype(x.dtype),
+                HAS_GX=has_gx, ACCUMULATE=bool(accumulate), ACC_DTYPE=rt.acc_tl_dtype(x.dtype),
+                X_DTYPE=rt.tl_dtype(x.dtype),
                 DOT_UPCAST=rt.dot_upcast(_conv_dgrad_kernel, x.dtype, dev),
                 INPUT_PRECISION=rt.input_precision(x.dtype, dev))
     # the kernel accumulates into its outputs: the autotuner restores them between its runs
@@ -143,7 +148,7 @@ def launch_dgrad(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_
                               _autotune.shape_class(g.k, g.pool),
                               width=("Cin", "BLOCK_N"),
                               key=("M", "Cin", "H", "W", "Cout", "STRIDE", "PAD", "POOL",
-                                   "TRANSFORM", "HAS_GX"),
+                                   "TRANSFORM", "HAS_GX", "ACCUMULATE"),
                               restore=restore)
 
     def grid(META):
