@@ -48,6 +48,8 @@ def _backward(grad_out, x, scale, shift, weight, g: Geometry, grad_x, grad_scale
     sdt = rt.stats_dtype(x.dtype)
     grad_w = torch.zeros(weight.shape, dtype=sdt, device=x.device)
     if x.numel() == 0 or grad_out.numel() == 0:
+        if grad_x is not None and not accumulate:
+            grad_x.zero_()  # no output: no gradient, written as zeros
         return grad_w.to(weight.dtype)
     chunks = batch_chunks(g.N, grad_out, x, grad_x)
     for n0, n1 in chunks:
@@ -87,8 +89,8 @@ def transform_conv_backward_(grad_out, x, scale, shift, weight, stride, padding,
     """Backward of :func:`transform_conv_into`, as ``reference.transform_conv_backward_``.
 
     Accumulates (``+=``; ``accumulate=False``: overwrites) into ``grad_x`` (shape of ``x``, any
-    strides and floating dtype, or None to skip it), ``grad_scale`` and ``grad_shift`` (per-channel, float32; float64 for
-    float64 ``x``). Returns ``grad_weight`` (shape of ``weight``, ``weight``'s dtype; accumulated
+    strides and floating dtype, or None to skip it), ``grad_scale`` and ``grad_shift``
+    (per-channel, float32; float64 for float64 ``x``). Returns ``grad_weight`` (shape of ``weight``, ``weight``'s dtype; accumulated
     in float32, float64 for float64)."""
     g = check_conv_args(x, scale, shift, weight, stride, padding, pool)
     sdt = rt.stats_dtype(x.dtype)
