@@ -1,7 +1,7 @@
 // affine_relu_backward: dpre = grad_z*(scale*x+shift > 0); grad_x += scale*dpre (ACC; else
 // grad_x = scale*dpre, its old values never read: a sole consumer's gradient needs no
-// zero-filled buffer), grad_scale += sum(dpre*x), grad_shift += sum(dpre). Per-channel sums per work unit or
-// group, added in a fixed order (deterministic).
+// zero-filled buffer), grad_scale += sum(dpre*x), grad_shift += sum(dpre). Per-channel sums
+// per work unit or group, added in a fixed order (deterministic).
 #include "lanes.h"
 
 namespace msdnet_ops {
@@ -42,8 +42,9 @@ void affine_relu_backward_planes(const View4& x, const View4& gz, const View4& g
     ch.range(k, h0, h1, w0, w1);
     T ds = 0, dh = 0;
     for (int64_t h = h0; h < h1; ++h)
-      affine_relu_backward_run<T, true, ACC>(at<const T>(x, n, c, h, w0), at<const T>(gz, n, c, h, w0),
-                                        at<T>(gx, n, c, h, w0), w1 - w0, 1, 1, 1, s[c], b[c], ds, dh);
+      affine_relu_backward_run<T, true, ACC>(at<const T>(x, n, c, h, w0),
+                                             at<const T>(gz, n, c, h, w0), at<T>(gx, n, c, h, w0),
+                                             w1 - w0, 1, 1, 1, s[c], b[c], ds, dh);
     part[2 * u] = ds;
     part[2 * u + 1] = dh;
   }
@@ -174,8 +175,8 @@ void affine_relu_backward_tiled(const View4& x, const View4& gz, const View4& gx
       if (ACC) tile_load<T>(gx, n, h, w0, w1, c0, c1, bg);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t o = (c - c0) * kTileW;
-        affine_relu_backward_run<T, true, ACC>(bx + o, bz + o, bg + o, w1 - w0, 1, 1, 1, s[c], b[c],
-                                          tds[c], tdh[c]);
+        affine_relu_backward_run<T, true, ACC>(bx + o, bz + o, bg + o, w1 - w0, 1, 1, 1, s[c],
+                                               b[c], tds[c], tdh[c]);
       }
       tile_store<T>(gx, n, h, w0, w1, c0, c1, bg);
     };

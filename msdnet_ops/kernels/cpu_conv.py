@@ -166,9 +166,7 @@ def _infer_onednn(x, weight, bias, stride, padding, out=None):
 def _infer_gemm(x, weight, bias, stride, padding, out=None):
     n, _, h, w = x.shape
     y = torch.addmm(bias, rows(x), weight.view(weight.shape[0], -1).t())
-    if out is not None:
-        return relu_into(y.view(n, h, w, -1).permute(0, 3, 1, 2), out)
-    return torch.relu_(y).view(n, h, w, -1).permute(0, 3, 1, 2)
+    return relu_into(y.view(n, h, w, -1).permute(0, 3, 1, 2), out)
 
 
 _FORWARD = {"onednn": _fwd_onednn, "gemm": _fwd_gemm}

@@ -13,9 +13,8 @@ runs over (tap, output-channel block) pairs in one loop.
 Epilogue, at each row's input pixel: with ``TRANSFORM``, ``pre = scale*x + shift`` is
 recomputed from ``x``, ``dpre = dz * (pre > 0)``, ``grad_x += scale * dpre``
 (read-modify-write through ``grad_x``'s strides, or a write with ``ACCUMULATE`` off; every
-element belongs to one program) and the
-per-channel sums of ``dpre * x`` and ``dpre`` are atomically added to ``grad_scale`` and
-``grad_shift``; without, ``grad_x += dz``.
+element belongs to one program) and the per-channel sums of ``dpre * x`` and ``dpre`` are
+atomically added to ``grad_scale`` and ``grad_shift``; without, ``grad_x += dz``.
 """
 from __future__ import annotations
 
