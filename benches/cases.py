@@ -11,6 +11,8 @@ Variants
 ``compile``          ``torch.compile`` of the plain module (inductor, default mode).
 ``ours``             msdnet_ops (backend from ``MSDNET_OPS_BACKEND``, default ``auto``).
 ``ours_memory_efficient``  ours, recomputing bottleneck outputs in backward.
+``ours_recompute_all``  MSDNet ours with ``memory_efficient="all"``: every convolution output
+                     recomputed in backward; only activated buffers kept.
 ``ours_compile``     ``torch.compile`` of ours (MSDNet: inference compiles to one graph; the
                      training forward runs eagerly inside it).
 """
@@ -545,6 +547,11 @@ def build_densenet(name: str, variant: str, device, dtype=torch.float32, seed: i
     return model.to(device=device, dtype=dtype), fmt
 
 
+# MSDNet variants of ours -> their ``memory_efficient``
+MSDNET_OURS = {"ours": False, "ours_compile": False, "ours_memory_efficient": True,
+               "ours_recompute_all": "all"}
+
+
 def build_msdnet(name: str, variant: str, device, dtype=torch.float32, seed: int = 0):
     cfg = msdnet_ops.msdnet_config(name[len("msdnet-"):])
     torch.manual_seed(seed)
@@ -556,8 +563,8 @@ def build_msdnet(name: str, variant: str, device, dtype=torch.float32, seed: int
         model, fmt = plain.to(memory_format=torch.channels_last), torch.channels_last
     elif variant == "compile":
         model = torch.compile(plain)
-    elif variant in ("ours", "ours_memory_efficient", "ours_compile"):
-        model = msdnet_ops.MSDNet(**cfg, memory_efficient=variant == "ours_memory_efficient")
+    elif variant in MSDNET_OURS:
+        model = msdnet_ops.MSDNet(**cfg, memory_efficient=MSDNET_OURS[variant])
         model.load_state_dict(plain.state_dict())
         if variant == "ours_compile":
             model = torch.compile(model)

@@ -105,16 +105,67 @@ def test_inference_on_activated_buffers_matches_plain_pytorch(backend, use_backe
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("mode", [True, "all"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_memory_efficient_recomputes_bottlenecks_exactly(use_backend, config):
+def test_memory_efficient_recomputes_exactly(use_backend, config, mode):
     use_backend("cpu")
     cfg, size = CONFIGS[config]
     ref, _ = _pair(cfg)
-    ours = msdnet_ops.MSDNet(**cfg, memory_efficient=True).double()
+    ours = msdnet_ops.MSDNet(**cfg, memory_efficient=mode).double()
     ours.load_reference_state_dict(ref.state_dict())
     x = torch.randn(2, 3, size, size, dtype=F64)
     _compare(ref, ours, x, True, 1e-9)
     _compare(ref, ours, x, False, 1e-9)
+
+
+def test_memory_efficient_frees_what_it_says_after_forward(use_backend, monkeypatch):
+    """After a training forward: nothing freed by default; every bottleneck output with
+    ``memory_efficient=True``; with ``"all"`` also every unit's convolution output (one per
+    BatchNorm but the classifiers' two), so only activated buffers and classifier maps stay.
+    Backward then brings each back once, and gives the default model's gradients."""
+    import weakref
+    from msdnet_ops.nn.feature_buffer import BufferState
+    use_backend("cpu")
+    states, restored = [], []
+    init, restore = BufferState.__init__, BufferState.restore_values
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        states.append(weakref.ref(self))
+
+    def recording_restore(self):
+        if self.values is None:
+            restored.append(id(self))
+        restore(self)
+    monkeypatch.setattr(BufferState, "__init__", recording_init)
+    monkeypatch.setattr(BufferState, "restore_values", recording_restore)
+    torch.manual_seed(0)
+    base = msdnet_ops.MSDNet(**SMALL).double()
+    bottlenecks = sum(1 for m in base.modules() if getattr(m, "bottleneck", False))
+    units = sum(1 for m in base.modules() if isinstance(m, torch.nn.BatchNorm2d)) \
+        - 2 * base.num_exits - bottlenecks
+    assert bottlenecks > 0 and units > 0
+    x = torch.randn(2, 3, 32, 32, dtype=F64)
+    grads = {}
+    for mode, freed in ((False, 0), (True, bottlenecks), ("all", bottlenecks + units)):
+        model = msdnet_ops.MSDNet(**SMALL, memory_efficient=mode).double()
+        model.load_state_dict(base.state_dict())
+        states.clear()
+        restored.clear()
+        loss = sum(o.square().sum() for o in model(x))
+        assert sum(1 for s in states if s() is not None and s().values is None) == freed, mode
+        loss.backward()
+        assert len(restored) == len(set(restored)) == freed, mode
+        grads[mode] = [p.grad for p in model.parameters()]
+    for mode in (True, "all"):
+        for a, b in zip(grads[mode], grads[False]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["al", "bottlenecks", 2, None, [True]])
+def test_memory_efficient_rejects_an_unknown_mode(bad):
+    with pytest.raises(ValueError, match="memory_efficient"):
+        msdnet_ops.MSDNet(**SMALL, memory_efficient=bad)
 
 
 def test_backward_frees_each_buffer_when_its_last_node_ran(use_backend, monkeypatch):

@@ -13,6 +13,10 @@ from .msdnet_plan import build_plan
 from .msdnet_runtime import GridRun
 
 
+# what ``MSDNet(memory_efficient=...)`` accepts
+MEMORY_EFFICIENT = (False, True, "all")
+
+
 class MSDNet(MSDNetPlain):
     """Multi-Scale Dense Network (Huang et al., ICLR 2018) running on feature buffers.
 
@@ -31,6 +35,10 @@ class MSDNet(MSDNetPlain):
 
     ``memory_efficient=True`` frees every bottleneck output after the forward pass and
     recomputes it in backward (one more 1x1 convolution per path; exact).
+    ``memory_efficient="all"`` also frees every unit's convolution output (the values before
+    its BatchNorm, which BatchNorm's backward needs): backward recomputes every convolution of
+    the forward pass once, and a training step keeps little more than the activated scale
+    buffers (exact as well: the same convolutions of the same inputs).
 
     * ``forward(x)``: list of the logits of every exit (like the reference).
     * ``anytime(x)``: yields each exit's logits in order, computing only what that exit needs;
@@ -43,9 +51,12 @@ class MSDNet(MSDNetPlain):
     # under torch.autocast the feature buffers hold the autocast dtype (nn.feature_buffer)
     supports_autocast = True
 
-    def __init__(self, *args, memory_efficient: bool = False, **kwargs):
+    def __init__(self, *args, memory_efficient: bool | str = False, **kwargs):
+        if memory_efficient not in MEMORY_EFFICIENT:
+            raise ValueError(f"memory_efficient: expected False, True or 'all', got "
+                             f"{memory_efficient!r}")
         super().__init__(*args, **kwargs)
-        self.memory_efficient = bool(memory_efficient)
+        self.memory_efficient = "all" if memory_efficient == "all" else bool(memory_efficient)
         conv_weights_channels_last_(self)  # the buffers are NHWC (msdnet_ops.layout)
         self.plan = build_plan(self)
         self.sync_group = None
@@ -54,6 +65,12 @@ class MSDNet(MSDNetPlain):
         # checked at every forward (eval mode without autograd runs the inference path):
         # listed once, as the plan fixes the module tree at construction
         self._batchnorms = [m for m in self.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    @property
+    def recomputed(self) -> tuple:
+        """What a training step frees after forward and recomputes in backward."""
+        return {False: (), True: ("bottlenecks",),
+                "all": ("bottlenecks", "units")}[self.memory_efficient]
 
     # ---------------------------------------------------------------- cost accounting
     def exit_macs(self, input_size=(3, 32, 32)) -> List[int]:

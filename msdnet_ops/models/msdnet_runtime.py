@@ -121,19 +121,29 @@ class GridRun(PlanRun):
         if self.training:
             update_running_stats(bn, buffer.state, 0, bn.num_features)
 
+    def _recomputes(self, what: str) -> bool:
+        """Whether the model's ``memory_efficient`` frees ``what`` ("bottlenecks", "units")
+        after forward for backward to recompute (only when there is a backward)."""
+        return torch.is_grad_enabled() and what in self.model.recomputed
+
+    def _unit(self, src: FeatureBuffer, width: int, dst: FeatureBuffer, conv, bn,
+              read=None) -> None:
+        """A conv -> BN -> ReLU unit appending to ``dst`` (:class:`ConvBNReLUWrite`)."""
+        append_conv_bn_relu(src, width, dst, conv, bn, read, self._recomputes("units"))
+
     def _conv_bn_path(self, unit, src: FeatureBuffer, width: int, dst: FeatureBuffer) -> None:
         """One ConvBN path (optional bottleneck, then 3x3). With the model's
         ``memory_efficient`` the bottleneck output is freed after forward and recomputed in
         backward."""
         if not unit.bottleneck:
-            append_conv_bn_relu(src, width, dst, unit.conv3, unit.bn3)
+            self._unit(src, width, dst, unit.conv3, unit.bn3)
             return
         inner = self._output_buffer(unit.conv1, src)
         append_conv(src, width, inner, unit.conv1)
         self._record_stats(unit.bn1, inner)
-        append_conv_bn_relu(inner, inner.filled, dst, unit.conv3, unit.bn3,
-                            read=self._vectors(unit.bn1, inner))
-        if self.model.memory_efficient and torch.is_grad_enabled():
+        self._unit(inner, inner.filled, dst, unit.conv3, unit.bn3,
+                   read=self._vectors(unit.bn1, inner))
+        if self._recomputes("bottlenecks"):
             recompute_in_backward(inner, src, width, unit.conv1)
 
     # ------------------------------------------------------------------ cells
@@ -146,11 +156,11 @@ class GridRun(PlanRun):
             else:
                 image = self._new_buffer(self.image.shape[1], *self.image.shape[2:], False)
                 write_tensor(image, self.image, with_stats=False)
-                append_conv_bn_relu(image, image.filled, dst, unit.conv, unit.bn)
+                self._unit(image, image.filled, dst, unit.conv, unit.bn)
             self.image = None  # only the scale-0 stem reads it
             return
         (key, width), = cell.reads
-        append_conv_bn_relu(self._buffer(key), width, dst, unit.conv, unit.bn)
+        self._unit(self._buffer(key), width, dst, unit.conv, unit.bn)
 
     def _run_path(self, cell) -> None:
         dst = self._buffer(cell.writes)
@@ -165,8 +175,7 @@ class GridRun(PlanRun):
     def _run_transition(self, cell) -> None:
         (key, width), = cell.reads
         unit = cell.module
-        append_conv_bn_relu(self._buffer(key), width, self._buffer(cell.writes), unit.conv,
-                            unit.bn)
+        self._unit(self._buffer(key), width, self._buffer(cell.writes), unit.conv, unit.bn)
 
     def _run_classifier(self, cell) -> torch.Tensor:
         """ConvBasic(3x3/2) twice, AvgPool2d(2), Linear: each ConvBasic's output is a small

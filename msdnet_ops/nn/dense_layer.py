@@ -52,10 +52,12 @@ def append_conv(src: FeatureBuffer, in_channels: int, dst: FeatureBuffer, conv: 
 
 
 def append_conv_bn_relu(src: FeatureBuffer, in_channels: int, dst: FeatureBuffer,
-                        conv: nn.Conv2d, bn: nn.BatchNorm2d, read=None) -> int:
+                        conv: nn.Conv2d, bn: nn.BatchNorm2d, read=None,
+                        recompute: bool = False) -> int:
     """Appends ``relu(bn(conv(read(src[:, :in_channels]))))`` to ``dst``, activated (a
     post-activation unit); ``read`` is ``(batch_stats, weight, bias, mean, invstd)`` of the
     BatchNorm+ReLU the source channels go through first, or None for activated channels.
+    ``recompute``: the convolution's output is not kept for backward but computed again there.
     Returns where the new channels start."""
     if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1):
         raise ValueError(f"{conv}: expected a bias-free, ungrouped, undilated convolution")
@@ -63,7 +65,7 @@ def append_conv_bn_relu(src: FeatureBuffer, in_channels: int, dst: FeatureBuffer
     read = read or (False, None, None, None, None)
     dst.token = ConvBNReLUWrite.apply(
         src.state, in_channels, dst.state, start, read[0], conv.stride[0], conv.padding[0],
-        *read[1:], conv.weight, bn, bn.weight, bn.bias, src.token, dst.token)
+        *read[1:], conv.weight, bn, bn.weight, bn.bias, recompute, src.token, dst.token)
     return start
 
 
@@ -79,13 +81,11 @@ def recompute_in_backward(dst: FeatureBuffer, src: FeatureBuffer, in_channels: i
     conv_weight = conv.weight.detach().to(state.values.dtype)  # as in forward (autocast)
     geometry = (conv.stride[0], conv.padding[0], 1)
 
-    def recompute(out: torch.Tensor) -> None:
+    def recompute() -> torch.Tensor:  # as TransformConvWrite computed the whole buffer
         x = state.values[:, :in_channels]
         if affine is None:
-            ops.eager.conv_into_(x, conv_weight, *geometry, out)
-        else:
-            ops.eager.transform_conv_into_(x, affine.scale, affine.shift, conv_weight,
-                                           *geometry, out)
+            return ops.eager.conv(x, conv_weight, *geometry)
+        return ops.eager.transform_conv(x, affine.scale, affine.shift, conv_weight, *geometry)
 
     dst.state.forget_values(recompute)
 

@@ -73,20 +73,17 @@ class BufferState:
         self.global_count = int(total[0].item()) if total.numel() else self.count
         return g_mean, torch.rsqrt(g_var + self.eps)
 
-    # ---- recomputation (memory_efficient bottlenecks)
+    # ---- recomputation (memory_efficient)
     def forget_values(self, recompute) -> None:
-        """Frees the values after the forward pass; :meth:`restore_values` refills them with
-        ``recompute(out)`` when backward first needs them (statistics are kept)."""
-        v = self.values
-        self._layout = (v.shape, v.dtype, v.device)
+        """Frees the values after the forward pass; :meth:`restore_values` gets them back from
+        ``recompute()`` (the same call that computed them, so the same values) when backward
+        first needs them. Statistics are kept."""
         self._recompute = recompute
         self.values = None
 
     def restore_values(self) -> None:
         if self.values is None:
-            shape, dtype, device = self._layout
-            self.values = empty_nhwc(shape, dtype=dtype, device=device)
-            self._recompute(self.values)
+            self.values = self._recompute()
 
     # ---- backward
     def sole_gradient(self, channels: int) -> bool:

@@ -199,14 +199,16 @@ class ConvBNReLUWrite(torch.autograd.Function):
     written into ``dst[:, start:start+C_out]`` once, activated, for all its consumers, where
     ``read`` is the reading BatchNorm+ReLU (``in_mean=None``: ``src`` holds activated channels,
     read as they are). The convolution's output is kept for backward: where the ReLU output is
-    0 the values before it cannot be recovered from it, and BatchNorm's backward needs them.
-    ``bn`` (the unit's BatchNorm module) normalizes with the output's batch statistics, computed
-    here once, or with its running statistics; its running statistics are updated here."""
+    0 the values before it cannot be recovered from it, and BatchNorm's backward needs them;
+    with ``recompute`` it is freed now and computed again (the same convolution of the same
+    source) when backward reaches this unit. ``bn`` (the unit's BatchNorm module) normalizes
+    with the output's batch statistics, computed here once, or with its running statistics; its
+    running statistics are updated here."""
 
     @staticmethod
     def forward(ctx, src, in_channels, dst, start, in_batch_stats, stride, padding,
                 in_weight, in_bias, in_mean, in_invstd, conv_weight, bn, bn_weight, bn_bias,
-                src_token, dst_token):
+                recompute, src_token, dst_token):
         read = None if in_mean is None else AffineParams(in_weight, in_bias, in_mean, in_invstd,
                                                          in_batch_stats)
         weight = _autocast_weight(conv_weight, src.values)
@@ -221,6 +223,11 @@ class ConvBNReLUWrite(torch.autograd.Function):
         affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
         ops.eager.affine_relu_into_(y.values, affine.scale, affine.shift,
                                     dst.values[:, start:start + channels])
+        if recompute:
+            def recompute_output():
+                src.restore_values()  # a recomputed bottleneck comes back first
+                return _read_conv(src, in_channels, read, weight, conv)
+            y.forget_values(recompute_output)
         ctx.save_for_backward(weight)
         ctx.weight_dtype = conv_weight.dtype
         ctx.src, ctx.dst, ctx.y, ctx.channels, ctx.start = src, dst, y, in_channels, start
@@ -232,6 +239,7 @@ class ConvBNReLUWrite(torch.autograd.Function):
     def backward(ctx, _):
         (weight,) = ctx.saved_tensors
         src, dst, y, affine, start = ctx.src, ctx.dst, ctx.y, ctx.affine, ctx.start
+        y.restore_values()
         channels = y.values.shape[1]
         grad_z = dst.finalize(start, start + channels, with_stats=False)
         if start == 0:
@@ -247,5 +255,5 @@ class ConvBNReLUWrite(torch.autograd.Function):
         y.release_grads()
         _release(ctx, "src", "dst", "y", "read", "affine")
         return ((None,) * 7 + (grad_in_w, grad_in_b, None, None,
-                               grad_weight.to(ctx.weight_dtype), None, grad_bn_w, grad_bn_b)
+                               grad_weight.to(ctx.weight_dtype), None, grad_bn_w, grad_bn_b, None)
                 + _token_grads(grad_weight, *ctx.tokens))
