@@ -47,7 +47,8 @@ def train_and_infer(ctx, name, batch, image, variants, budget, dtype=torch.float
 
 def _variants(ctx, name):
     msdnet = cases.MODEL_CASES[name].kind == "msdnet"
-    vs = ["plain", "channels_last", "ours_memory_efficient" if msdnet else "memory_efficient"]
+    vs = ["plain", "channels_last"]
+    vs += ["ours_memory_efficient", "ours_recompute_all"] if msdnet else ["memory_efficient"]
     if ctx.args.compile or name in ctx.p["model_compile"]:
         vs += ["compile", "ours_compile"] if msdnet else ["compile"]
     return vs + ["ours"]

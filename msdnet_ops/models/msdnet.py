@@ -34,11 +34,12 @@ class MSDNet(MSDNetPlain):
     would update them; no output depends on them.
 
     ``memory_efficient=True`` frees every bottleneck output after the forward pass and
-    recomputes it in backward (one more 1x1 convolution per path; exact).
+    recomputes it in backward (one more 1x1 convolution per path; exact), and the ImageNet
+    stem keeps only its convolution output (its ReLU output and max-pool indices recomputed).
     ``memory_efficient="all"`` also frees every unit's convolution output (the values before
-    its BatchNorm, which BatchNorm's backward needs): backward recomputes every convolution of
-    the forward pass once, and a training step keeps little more than the activated scale
-    buffers (exact as well: the same convolutions of the same inputs).
+    its BatchNorm, which BatchNorm's backward needs) and the stem's: backward recomputes every
+    convolution of the forward pass once, and a training step keeps little more than the
+    activated scale buffers (exact as well: the same convolutions of the same inputs).
 
     * ``forward(x)``: list of the logits of every exit (like the reference).
     * ``anytime(x)``: yields each exit's logits in order, computing only what that exit needs;
@@ -69,8 +70,8 @@ class MSDNet(MSDNetPlain):
     @property
     def recomputed(self) -> tuple:
         """What a training step frees after forward and recomputes in backward."""
-        return {False: (), True: ("bottlenecks",),
-                "all": ("bottlenecks", "units")}[self.memory_efficient]
+        return {False: (), True: ("bottlenecks", "stem"),
+                "all": ("bottlenecks", "stem", "units")}[self.memory_efficient]
 
     # ---------------------------------------------------------------- cost accounting
     def exit_macs(self, input_size=(3, 32, 32)) -> List[int]:

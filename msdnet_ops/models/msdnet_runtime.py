@@ -18,6 +18,7 @@ from ..nn.dense_layer import (append_conv, append_conv_bn_relu, append_transform
                               recompute_in_backward, write_tensor)
 from ..nn.feature_buffer import FeatureBuffer
 from ..nn.functions import TransformRead
+from ..nn.recomputed_stem import conv_bn_relu_max_pool
 from ..dtypes import stats_dtype
 
 
@@ -122,8 +123,8 @@ class GridRun(PlanRun):
             update_running_stats(bn, buffer.state, 0, bn.num_features)
 
     def _recomputes(self, what: str) -> bool:
-        """Whether the model's ``memory_efficient`` frees ``what`` ("bottlenecks", "units")
-        after forward for backward to recompute (only when there is a backward)."""
+        """Whether the model's ``memory_efficient`` frees ``what`` ("bottlenecks", "stem",
+        "units") after forward for backward to recompute (only when there is a backward)."""
         return torch.is_grad_enabled() and what in self.model.recomputed
 
     def _unit(self, src: FeatureBuffer, width: int, dst: FeatureBuffer, conv, bn,
@@ -152,7 +153,7 @@ class GridRun(PlanRun):
         unit = cell.module
         if cell.scale == 0:  # reads the image
             if self.model.stem_kind == "imagenet":  # conv-BN-ReLU-maxpool: already activated
-                write_tensor(dst, unit(self.image), with_stats=False)
+                write_tensor(dst, self._imagenet_stem(unit), with_stats=False)
             else:
                 image = self._new_buffer(self.image.shape[1], *self.image.shape[2:], False)
                 write_tensor(image, self.image, with_stats=False)
@@ -161,6 +162,14 @@ class GridRun(PlanRun):
             return
         (key, width), = cell.reads
         self._unit(self._buffer(key), width, dst, unit.conv, unit.bn)
+
+    def _imagenet_stem(self, stem) -> torch.Tensor:
+        """The ImageNet stem's output; with ``memory_efficient`` in training, its activation
+        and pool indices (and with ``"all"`` its convolution output) recomputed in backward."""
+        if self._recomputes("stem") and stem.bn.training:
+            return conv_bn_relu_max_pool(self.image, stem.conv, stem.bn, stem.pool,
+                                         keep_conv_output=not self._recomputes("units"))
+        return stem(self.image)
 
     def _run_path(self, cell) -> None:
         dst = self._buffer(cell.writes)
