@@ -165,8 +165,10 @@ class GridRun(PlanRun):
 
     def _imagenet_stem(self, stem) -> torch.Tensor:
         """The ImageNet stem's output; with ``memory_efficient`` in training, its activation
-        and pool indices (and with ``"all"`` its convolution output) recomputed in backward."""
-        if self._recomputes("stem") and stem.bn.training:
+        and pool indices (and with ``"all"`` its convolution output) recomputed in backward
+        (not under autocast, whose dtypes backward's recomputation would not see)."""
+        if (self._recomputes("stem") and stem.bn.training
+                and not torch.is_autocast_enabled(self.image.device.type)):
             return conv_bn_relu_max_pool(self.image, stem.conv, stem.bn, stem.pool,
                                          keep_conv_output=not self._recomputes("units"))
         return stem(self.image)
