@@ -763,3 +763,27 @@ def test_nan_in_x_reaches_the_output(backend, cpu_conv, op, select):
            "transform_conv": lambda: ops.transform_conv(x, scale, shift, weight, 1, 0, 1),
            "conv": lambda: ops.conv(x, weight, 1, 0, 1)}[op]()
     assert out[0, :, 1, 2].isnan().all(), f"{op}: NaN lost: {out[0, :, 1, 2].tolist()}"
+
+
+def test_cpu_conv_choice_times_the_implementations_in_turns_and_keeps_the_faster(monkeypatch):
+    """The per-shape CPU choice (oneDNN or GEMM) runs its trials alternately, so that a burst
+    of load cannot hit one implementation's runs only, and keeps the faster one, once."""
+    import time
+    from msdnet_ops.kernels import cpu_conv
+    monkeypatch.delenv("MSDNET_OPS_CPU_CONV", raising=False)
+    calls = []
+
+    def impl(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+    table = {"onednn": impl("onednn", 0.004), "gemm": impl("gemm", 0.0)}
+    chooser = cpu_conv._Chooser()
+    assert chooser.pick(table, "key", True, lambda call: call) == "gemm"
+    assert calls == ["onednn", "gemm"] * cpu_conv.TRIAL_ROUNDS
+    table["gemm"] = impl("gemm", 0.01)  # remembered: not timed again
+    assert chooser.pick(table, "key", True, lambda call: call) == "gemm"
+    assert len(calls) == 2 * cpu_conv.TRIAL_ROUNDS
+    assert chooser.pick(table, "other key", True, lambda call: call) == "onednn"
+    assert chooser.pick(table, "third key", False, lambda call: call) == "onednn"  # no GEMM

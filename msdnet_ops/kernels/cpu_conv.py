@@ -6,8 +6,8 @@ its input gradient is a new tensor added into the shared gradient buffer afterwa
 convolution of an NHWC prefix is a GEMM on a ``[N*H*W, C]`` matrix with row stride ``C_cap``:
 ``out = X @ W^T`` (written straight into a buffer slice), ``grad_X += grad_out @ W`` (straight
 into the shared gradient) and ``grad_W = grad_out^T @ X``: no copy, no extra pass. Which is
-faster depends on the shape and the machine, so the first call of each shape times both and
-remembers the faster (as ``cudnn.benchmark`` does). A 1x1 convolution's backward is two
+faster depends on the shape and the machine, so the first call of each shape times both (the
+best of five runs each, taking turns) and remembers the faster (as ``cudnn.benchmark`` does). A 1x1 convolution's backward is two
 independent choices: its input gradient (oneDNN needs no copy of the input for it, only the
 input's shape) and its weight gradient (oneDNN needs the dense copy, a GEMM reads the rows).
 Split this way it is faster than oneDNN's combined backward (measured on the 2-core development
@@ -192,6 +192,7 @@ class _Chooser:
         self.lock = threading.Lock()
 
     def pick(self, table: dict, key, gemm_applies: bool, trial) -> str:
+        """``trial(impl)`` returns a call of ``impl`` on this shape (scratch outputs) to time."""
         forced = forced_choice()
         if not gemm_applies:
             return "onednn"
@@ -200,20 +201,26 @@ class _Chooser:
         name = self.choice.get(key)
         if name is None:
             with self.lock:
-                timings = {n: trial(table[n]) for n in table}
+                timings = _best_of_interleaved({n: trial(table[n]) for n in table})
                 name = self.choice[key] = min(timings, key=timings.get)
         return name
 
 
 _chooser = _Chooser()
 
+TRIAL_ROUNDS = 5
 
-def _best_of(fn, reps: int = 3) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+
+def _best_of_interleaved(calls: dict, rounds: int = TRIAL_ROUNDS) -> dict:
+    """The fastest of ``rounds`` timed runs of each call, the calls taking turns (one run each
+    per round), so that a burst of load from another process hits all of them alike rather
+    than deciding the choice."""
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -226,7 +233,7 @@ def conv(x, weight, stride, padding, pool, out=None) -> torch.Tensor:
     """``conv2d(avg_pool(x, pool), weight, stride, padding)`` written into ``out`` (a strided
     buffer view), or a new dense NHWC tensor without it; ``x`` may be a strided view."""
     def trial(impl):
-        return _best_of(lambda: impl(x, weight, stride, padding, pool))
+        return lambda: impl(x, weight, stride, padding, pool)
     outs = () if out is None else (out,)
     name = _chooser.pick(_FORWARD, _key("fwd", x, weight, stride, padding, pool),
                          _gemm_applies(x, weight, stride, padding, pool, *outs), trial)
@@ -237,7 +244,7 @@ def conv_bias_relu(x, weight, bias, stride: int, padding: int, out=None) -> torc
     """``relu(conv2d(x, weight, bias, stride, padding))`` (inference with a folded BatchNorm),
     a new dense NHWC tensor, or written into ``out``."""
     def trial(impl):
-        return _best_of(lambda: impl(x, weight, bias, stride, padding))
+        return lambda: impl(x, weight, bias, stride, padding)
     name = _chooser.pick(_INFERENCE, _key("infer", x, weight, stride, padding, 1),
                          _gemm_applies(x, weight, stride, padding, 1), trial)
     return _INFERENCE[name](x, weight, bias, stride, padding, out)
@@ -251,10 +258,10 @@ def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.
 
     def dgrad_trial(impl):
         scratch_grad = torch.zeros_like(grad_x)
-        return _best_of(lambda: impl(grad_out, x, weight, scratch_grad))
+        return lambda: impl(grad_out, x, weight, scratch_grad)
 
     def wgrad_trial(impl):
-        return _best_of(lambda: impl(grad_out, x, weight))
+        return lambda: impl(grad_out, x, weight)
     dgrad = _chooser.pick(_DGRAD, _key("dgrad", x, weight, 1, 0, 1), True, dgrad_trial)
     wgrad = _chooser.pick(_WGRAD, _key("wgrad", x, weight, 1, 0, 1), True, wgrad_trial)
     _DGRAD[dgrad](grad_out, x, weight, grad_x)
