@@ -7,9 +7,10 @@ convolution of an NHWC prefix is a GEMM on a ``[N*H*W, C]`` matrix with row stri
 ``out = X @ W^T`` (written straight into a buffer slice), ``grad_X += grad_out @ W`` (straight
 into the shared gradient) and ``grad_W = grad_out^T @ X``: no copy, no extra pass. Which is
 faster depends on the shape and the machine, so the first call of each shape times both (the
-best of five runs each, taking turns) and remembers the faster (as ``cudnn.benchmark`` does). A 1x1 convolution's backward is two
-independent choices: its input gradient (oneDNN needs no copy of the input for it, only the
-input's shape) and its weight gradient (oneDNN needs the dense copy, a GEMM reads the rows).
+best of five runs each, taking turns) and remembers the faster (as ``cudnn.benchmark`` does).
+A 1x1 convolution's backward is two independent choices: its input gradient (oneDNN needs no
+copy of the input for it, only the input's shape) and its weight gradient (oneDNN needs the
+dense copy, a GEMM reads the rows).
 Split this way it is faster than oneDNN's combined backward (measured on the 2-core development
 CPU: 0.45 vs 0.96 ms at 32x32, 46 -> 6 channels, 4.1 vs 7.2 ms at 40x40, 112 -> 16; equal for
 3x3 convolutions, which keep the combined call). ``MSDNET_OPS_CPU_CONV`` = ``auto`` (default) |

@@ -13,8 +13,9 @@ from .msdnet_plan import build_plan
 from .msdnet_runtime import GridRun
 
 
-# what ``MSDNet(memory_efficient=...)`` accepts
-MEMORY_EFFICIENT = (False, True, "all")
+# ``MSDNet(memory_efficient=...)``: each accepted value -> what a training step frees after
+# forward and recomputes in backward
+RECOMPUTED = {False: (), True: ("bottlenecks", "stem"), "all": ("bottlenecks", "stem", "units")}
 
 
 class MSDNet(MSDNetPlain):
@@ -53,7 +54,7 @@ class MSDNet(MSDNetPlain):
     supports_autocast = True
 
     def __init__(self, *args, memory_efficient: bool | str = False, **kwargs):
-        if memory_efficient not in MEMORY_EFFICIENT:
+        if memory_efficient not in tuple(RECOMPUTED):  # a tuple: unhashable values compare too
             raise ValueError(f"memory_efficient: expected False, True or 'all', got "
                              f"{memory_efficient!r}")
         super().__init__(*args, **kwargs)
@@ -70,8 +71,7 @@ class MSDNet(MSDNetPlain):
     @property
     def recomputed(self) -> tuple:
         """What a training step frees after forward and recomputes in backward."""
-        return {False: (), True: ("bottlenecks", "stem"),
-                "all": ("bottlenecks", "stem", "units")}[self.memory_efficient]
+        return RECOMPUTED[self.memory_efficient]
 
     # ---------------------------------------------------------------- cost accounting
     def exit_macs(self, input_size=(3, 32, 32)) -> List[int]:
