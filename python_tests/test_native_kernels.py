@@ -442,6 +442,84 @@ def test_cpu_nhwc_every_instruction_set_and_thread_count(cpu, c):
         torch.set_num_threads(threads)
 
 
+# ---------------------------------------------------------------------------- pointwise convolution
+# 1x1 convolutions with few outputs on NHWC rows: 1 to 8 register blocks of 8 lanes (each
+# kernel variant), partial and whole, up to the largest (64 outputs); rows not a multiple of
+# the row blocks (6, 4, 3, 2) or of a work unit (256); row-strided input and output (buffer
+# slices).
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("rows,k,n", [(1, 1, 1), (7, 5, 6), (261, 46, 6), (513, 13, 16),
+                                      (259, 3, 17), (67, 7, 30), (37, 130, 33), (45, 20, 48),
+                                      (11, 4, 56), (300, 9, 64)])
+def test_cpu_pointwise_conv(cpu, dtype, rows, k, n):
+    gen = torch.Generator().manual_seed(_seed("pointwise", rows, k, n))
+    x = torch.randn(rows, k + 5, generator=gen, dtype=dtype)[:, 2:2 + k]
+    w = torch.randn(n, k, generator=gen, dtype=dtype)
+    bias = torch.randn(n, generator=gen, dtype=dtype)
+    x[rows // 2, k // 2] = float("nan")  # kept by the ReLU, as torch.relu keeps it
+    out_buf = torch.full((rows, n + 7), 7.0, dtype=dtype)
+    out = out_buf[:, 3:3 + n]
+    for b, relu in ((None, False), (bias, True)):
+        cpu.pointwise_conv_rows(x, w, b, relu, out)
+        want = x.double() @ w.double().t() + (0 if b is None else b.double())
+        want = torch.relu(want) if relu else want
+        assert out[rows // 2].isnan().all()
+        _close(torch.nan_to_num(out, 0.0), torch.nan_to_num(want, 0.0), dtype,
+               scale=float(k), what=f"relu={relu}")
+        assert (out_buf[:, :3] == 7).all() and (out_buf[:, 3 + n:] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("rows,k,n", [(1, 1, 1), (7, 5, 6), (4099, 46, 6), (513, 13, 16),
+                                      (259, 3, 17), (67, 7, 30), (30, 130, 32)])
+def test_cpu_pointwise_conv_wgrad(cpu, dtype, rows, k, n):
+    """The weight gradient of a 1x1 convolution, ``grad_out^T @ x``, on row-strided views
+    (every variant: 1 to 4 register blocks, rows in several groups and a remainder)."""
+    gen = torch.Generator().manual_seed(_seed("pointwise_wgrad", rows, k, n))
+    x = torch.randn(rows, k + 5, generator=gen, dtype=dtype)[:, 1:1 + k]
+    grad_out = torch.randn(rows, n + 3, generator=gen, dtype=dtype)[:, 2:2 + n]
+    got = cpu.pointwise_conv_wgrad_rows(x, grad_out)
+    assert got.shape == (n, k)
+    _close(got, grad_out.double().t() @ x.double(), dtype, scale=float(rows) ** 0.5)
+
+
+def test_cpu_pointwise_conv_every_instruction_set_and_thread_count(cpu):
+    import msdnet_ops._cpu_kernels as module
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1031, 40, generator=gen)[:, :37]  # enough work for a thread team
+    w, bias = torch.randn(24, 37, generator=gen), torch.randn(24, generator=gen)
+    want = torch.relu(x.double() @ w.double().t() + bias.double())
+    current, threads = module.current_isa(), torch.get_num_threads()
+    try:
+        for isa in module.supported_isas():
+            module.set_isa(isa)
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                out = torch.empty(1031, 24)
+                cpu.pointwise_conv_rows(x, w, bias, True, out)
+                _close(out, want, torch.float32, scale=37.0, what=f"{isa}, {t} threads")
+                grad_w = cpu.pointwise_conv_wgrad_rows(x, out)
+                if t == 1 and isa == current:
+                    first = grad_w
+                # a fixed summation order: the same bits for every thread count
+                if isa == current:
+                    assert torch.equal(grad_w, first), f"{t} threads changed the weight gradient"
+                _close(grad_w, out.double().t() @ x.double(), torch.float32, scale=30.0,
+                       what=f"wgrad {isa}, {t} threads")
+    finally:
+        module.set_isa(current)
+        torch.set_num_threads(threads)
+
+
+def test_cpu_pointwise_conv_refuses_more_outputs_than_it_holds(cpu):
+    x, w = torch.randn(4, 3), torch.randn(cpu.POINTWISE_CONV_MAX_OUTPUTS + 1, 3)
+    with pytest.raises(ValueError, match="pointwise_conv: expected 1 to 64 outputs"):
+        cpu.pointwise_conv_rows(x, w, None, False, torch.empty(4, w.shape[0]))
+    with pytest.raises(ValueError, match="pointwise_conv_wgrad: expected 1 to 32 outputs"):
+        cpu.pointwise_conv_wgrad_rows(x, torch.randn(4, cpu.POINTWISE_WGRAD_MAX_OUTPUTS + 1))
+
+
 def test_cpu_rejects_half_precision(cpu):
     with pytest.raises(TypeError, match="float32 and float64"):
         cpu.channel_stats(torch.randn(2, 3, 4, 4).half(), 1e-5)

@@ -71,7 +71,8 @@ def backends_and_cpu_convolutions():
     for p in backend_params():
         if p == "cpu":
             params += [pytest.param("cpu", "onednn", id="cpu-onednn"),
-                       pytest.param("cpu", "gemm", id="cpu-gemm")]
+                       pytest.param("cpu", "gemm", id="cpu-gemm"),
+                       pytest.param("cpu", "direct", id="cpu-direct")]
         else:
             name, marks = (p, ()) if isinstance(p, str) else (p.values[0], p.marks)
             params.append(pytest.param(name, None, marks=marks, id=name))
@@ -778,12 +779,23 @@ def test_cpu_conv_choice_times_the_implementations_in_turns_and_keeps_the_faster
             calls.append(name)
             time.sleep(seconds)
         return run
-    table = {"onednn": impl("onednn", 0.004), "gemm": impl("gemm", 0.0)}
+    table = {"onednn": impl("onednn", 0.004), "gemm": impl("gemm", 0.0),
+             "direct": impl("direct", 0.002)}
+    both = ("onednn", "gemm")
     chooser = cpu_conv._Chooser()
-    assert chooser.pick(table, "key", True, lambda call: call) == "gemm"
-    assert calls == ["onednn", "gemm"] * cpu_conv.TRIAL_ROUNDS
+    assert chooser.pick(table, "key", both, lambda call: call) == "gemm"
+    assert calls == ["onednn", "gemm"] * cpu_conv.TRIAL_ROUNDS  # candidates only
     table["gemm"] = impl("gemm", 0.01)  # remembered: not timed again
-    assert chooser.pick(table, "key", True, lambda call: call) == "gemm"
+    assert chooser.pick(table, "key", both, lambda call: call) == "gemm"
     assert len(calls) == 2 * cpu_conv.TRIAL_ROUNDS
-    assert chooser.pick(table, "other key", True, lambda call: call) == "onednn"
-    assert chooser.pick(table, "third key", False, lambda call: call) == "onednn"  # no GEMM
+    assert chooser.pick(table, "other key", both, lambda call: call) == "onednn"
+    calls.clear()
+    assert chooser.pick(table, "fourth key", ("onednn", "gemm", "direct"),
+                        lambda call: call) == "direct"
+    assert calls == ["onednn", "gemm", "direct"] * cpu_conv.TRIAL_ROUNDS
+    calls.clear()
+    assert chooser.pick(table, "third key", ("onednn",), lambda call: call) == "onednn"
+    assert calls == []  # a single candidate is not timed
+    monkeypatch.setenv("MSDNET_OPS_CPU_CONV", "direct")  # forced where it applies only
+    assert chooser.pick(table, "fifth key", ("onednn", "gemm", "direct"), None) == "direct"
+    assert chooser.pick(table, "sixth key", both, None) == "onednn"

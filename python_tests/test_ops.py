@@ -222,14 +222,20 @@ def test_gradcheck_conv(backend, use_backend, k, stride, pool):
     assert gradcheck(lambda *a: ops.conv(*a, stride, (k - 1) // 2, pool), (x, w))
 
 
-@pytest.mark.parametrize("choice", ["onednn", "gemm", "auto"])
+@pytest.mark.parametrize("choice", ["onednn", "gemm", "direct", "auto"])
 @pytest.mark.parametrize("k,stride,pool", CONV_GEOMETRIES)
 def test_cpu_conv_choices_match_the_reference(use_backend, monkeypatch, choice, k, stride, pool):
-    """Either CPU implementation (oneDNN on a dense copy, or GEMMs on the strided rows) writes
-    exactly the reference's convolution into its slice and accumulates the reference's
-    gradient, on NHWC buffer views; GEMMs apply to 1x1 stride-1 unpooled convolutions only."""
+    """Every CPU implementation (oneDNN on a dense copy, GEMMs on the strided rows, or for the
+    forward our pointwise kernel on them) writes exactly the reference's convolution into its
+    slice and accumulates the reference's gradient, on NHWC buffer views; GEMMs and the
+    pointwise kernel apply to 1x1 stride-1 unpooled convolutions only."""
     use_backend("cpu")
     monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)
+    from msdnet_ops.kernels import cpu_conv
+    direct_calls = []
+    kernel = cpu_conv._kernels.pointwise_conv_rows
+    monkeypatch.setattr(cpu_conv._kernels, "pointwise_conv_rows",
+                        lambda *a: direct_calls.append(1) or kernel(*a))
     torch.manual_seed(7)
     _, x = _nhwc_prefix(3, 11, 9, 7, cap_extra=5)
     w = torch.randn(5, 11, k, k, dtype=F64)
@@ -243,6 +249,8 @@ def test_cpu_conv_choices_match_the_reference(use_backend, monkeypatch, choice, 
     ops.conv_into_(x, w, stride, pad, pool, out)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     assert (out_buf[:, :4] == 7).all() and (out_buf[:, 9:] == 7).all()
+    if choice == "direct":  # forced where it applies: 1x1, stride 1, no pool
+        assert bool(direct_calls) == (k == 1 and stride == 1 and pool == 1)
     grad_out = torch.randn_like(want).contiguous(memory_format=torch.channels_last)
     grad_buf = torch.ones(3, 9, 7, 16, dtype=F64).permute(0, 3, 1, 2)
     got_w = ops.conv_backward_(grad_out, x, w, stride, pad, pool, grad_buf[:, :11])
@@ -253,7 +261,7 @@ def test_cpu_conv_choices_match_the_reference(use_backend, monkeypatch, choice, 
     assert (grad_buf[:, 11:] == 1).all()
 
 
-@pytest.mark.parametrize("wgrad", ["onednn", "gemm"])
+@pytest.mark.parametrize("wgrad", ["onednn", "gemm", "direct"])
 @pytest.mark.parametrize("dgrad", ["onednn", "gemm"])
 def test_cpu_1x1_conv_backward_halves_match_the_reference(use_backend, dgrad, wgrad):
     """A 1x1 convolution's backward is two choices made apart (input gradient, weight gradient):
@@ -316,8 +324,8 @@ def test_conv_bias_relu_matches_plain_pytorch(backend, use_backend, monkeypatch,
     """The inference convolution (folded BatchNorm) on a strided buffer prefix equals plain
     ``relu(conv2d(x, w, b))``: returned as a new tensor, and written into a channel slice of the
     buffer the prefix lies in (the channels around the slice untouched); a NaN input channel
-    gives NaN outputs, as torch.relu keeps NaN. On the CPU both implementations (oneDNN, and
-    for 1x1 stride 1 the GEMM on the rows) are checked."""
+    gives NaN outputs, as torch.relu keeps NaN. On the CPU every implementation (oneDNN, and
+    for 1x1 stride 1 the GEMM and our pointwise kernel on the rows) is checked."""
     dev = use_backend(backend)
     dt = torch.float32 if dev.type == "cuda" else F64
     torch.manual_seed(13)
@@ -325,7 +333,7 @@ def test_conv_bias_relu_matches_plain_pytorch(backend, use_backend, monkeypatch,
     pad = (k - 1) // 2
     weight = torch.randn(cout, c, k, k, dtype=dt, device=dev)
     bias = torch.randn(cout, dtype=dt, device=dev)
-    choices = ["onednn", "gemm"] if backend == "cpu" and k == 1 and stride == 1 else [None]
+    choices = ["onednn", "gemm", "direct"] if backend == "cpu" and k == 1 and stride == 1 else [None]
     for choice in choices:
         if choice:
             monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)

@@ -13,6 +13,8 @@
 namespace py = pybind11;
 using namespace msdnet_ops;
 using bindings::to_vec;
+using bindings::RowsArg;
+using bindings::to_rows;
 using bindings::to_view;
 using bindings::VecArg;
 using bindings::ViewArg;
@@ -73,6 +75,27 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         },
         py::arg("element_size"), py::arg("src"), py::arg("index"), py::arg("out"),
         py::arg("num_threads") = 0);
+
+  m.def("pointwise_conv",
+        [](int dtype, RowsArg x, int64_t w_ptr, int64_t n_out, int64_t bias_ptr, bool relu,
+           RowsArg y, int num_threads) {
+          const PointwiseRows xv = to_rows(x, "x"), yv = to_rows(y, "y");
+          const void* w = reinterpret_cast<const void*>(static_cast<uintptr_t>(w_ptr));
+          const void* bias = reinterpret_cast<const void*>(static_cast<uintptr_t>(bias_ptr));
+          py::gil_scoped_release nogil;
+          cpu::pointwise_conv(dtype, xv, w, n_out, bias, relu, yv, num_threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("n_out"), py::arg("bias"),
+        py::arg("relu"), py::arg("y"), py::arg("num_threads") = 0);
+
+  m.def("pointwise_conv_wgrad",
+        [](int dtype, RowsArg x, RowsArg g, int64_t dw_ptr, int num_threads) {
+          const PointwiseRows xv = to_rows(x, "x"), gv = to_rows(g, "g");
+          void* dw = reinterpret_cast<void*>(static_cast<uintptr_t>(dw_ptr));
+          py::gil_scoped_release nogil;
+          cpu::pointwise_conv_wgrad(dtype, xv, gv, dw, num_threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("g"), py::arg("dw"), py::arg("num_threads") = 0);
 
   m.def("compiled_isas", &cpu::compiled_isas, "instruction-set variants compiled in");
   m.def("supported_isas", &cpu::supported_isas, "variants compiled in that this CPU runs");

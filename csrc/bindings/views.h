@@ -28,6 +28,17 @@ inline View4 to_view(const ViewArg& a, const char* name) {
   return v;
 }
 
+// A row matrix as (data_ptr, rows, cols, row stride).
+using RowsArg = std::array<int64_t, 4>;
+
+inline PointwiseRows to_rows(const RowsArg& a, const char* name) {
+  if (a[1] < 0 || a[2] < 0) throw std::invalid_argument(std::string(name) + ": negative size");
+  PointwiseRows r;
+  r.ptr = reinterpret_cast<void*>(static_cast<uintptr_t>(a[0]));
+  r.rows = a[1]; r.cols = a[2]; r.ld = a[3];
+  return r;
+}
+
 inline VecView to_vec(const VecArg& a) {
   VecView v;
   v.ptr = reinterpret_cast<void*>(static_cast<uintptr_t>(a[0]));

@@ -149,5 +149,15 @@ void gather_batch(int element_size, const View4& src, const int64_t* index, cons
   MSDNET_DISPATCH(gather_batch(element_size, src, index, out, num_threads))
 }
 
+void pointwise_conv(int dtype, const PointwiseRows& x, const void* w, int64_t N,
+                    const void* bias, bool relu, const PointwiseRows& y, int num_threads) {
+  MSDNET_DISPATCH(pointwise_conv(dtype, x, w, N, bias, relu, y, num_threads))
+}
+
+void pointwise_conv_wgrad(int dtype, const PointwiseRows& x, const PointwiseRows& g, void* dw,
+                          int num_threads) {
+  MSDNET_DISPATCH(pointwise_conv_wgrad(dtype, x, g, dw, num_threads))
+}
+
 }  // namespace cpu
 }  // namespace msdnet_ops

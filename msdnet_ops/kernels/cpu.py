@@ -65,6 +65,36 @@ def gather_batch_into(src, index, out) -> None:
                    torch.get_num_threads())
 
 
+POINTWISE_CONV_MAX_OUTPUTS = 64  # csrc/cpu/pointwise_conv.cpp: kMaxOutputs
+POINTWISE_WGRAD_MAX_OUTPUTS = 32  # kMaxWgradOutputs
+
+
+def _rows(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t.shape[0], t.shape[1], t.stride(0))
+
+
+def pointwise_conv_rows(x, weight, bias, relu: bool, out) -> None:
+    """``out = act(x @ weight.T + bias)`` on row matrices (unit column stride, any row stride):
+    a 1x1 convolution of NHWC pixels with 1 to :data:`POINTWISE_CONV_MAX_OUTPUTS` outputs;
+    ``weight`` ``[N, K]`` dense, ``bias`` ``[N]`` dense or None, ``act`` ReLU (NaN kept) when
+    ``relu``."""
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    _module().pointwise_conv(_code(x), _rows(x), weight.data_ptr(), weight.shape[0],
+                             0 if bias is None else bias.data_ptr(), bool(relu), _rows(out),
+                             torch.get_num_threads())
+
+
+def pointwise_conv_wgrad_rows(x, grad_out) -> torch.Tensor:
+    """``grad_out.T @ x`` (``[N, K]``, new) on row matrices: the weight gradient of a 1x1
+    convolution with 1 to :data:`POINTWISE_WGRAD_MAX_OUTPUTS` outputs; summed in a fixed order
+    (the same for any thread count)."""
+    grad_weight = torch.empty(grad_out.shape[1], x.shape[1], dtype=x.dtype)
+    _module().pointwise_conv_wgrad(_code(x), _rows(x), _rows(grad_out), grad_weight.data_ptr(),
+                                   torch.get_num_threads())
+    return grad_weight
+
+
 def isa() -> str | None:
     """The instruction-set variant in use (``baseline``, ``avx2``, ``avx512``), if built."""
     m = _MODULE.get()

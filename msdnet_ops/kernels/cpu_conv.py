@@ -1,21 +1,28 @@
-"""CPU convolutions of feature-buffer prefixes: oneDNN, or for 1x1 convolutions MKL GEMMs that
-read and write the strided buffer rows in place; chosen per shape by timing both once.
+"""CPU convolutions of feature-buffer prefixes: oneDNN, or for 1x1 convolutions MKL GEMMs or
+our pointwise kernel, which read and write the strided buffer rows in place; chosen per shape
+by timing the candidates once.
 
 oneDNN takes dense inputs only, so a buffer prefix is first copied into a reused scratch, and
 its input gradient is a new tensor added into the shared gradient buffer afterwards. A 1x1
 convolution of an NHWC prefix is a GEMM on a ``[N*H*W, C]`` matrix with row stride ``C_cap``:
 ``out = X @ W^T`` (written straight into a buffer slice), ``grad_X += grad_out @ W`` (straight
-into the shared gradient) and ``grad_W = grad_out^T @ X``: no copy, no extra pass. Which is
-faster depends on the shape and the machine, so the first call of each shape times both (the
-best of five runs each, taking turns) and remembers the faster (as ``cudnn.benchmark`` does).
+into the shared gradient) and ``grad_W = grad_out^T @ X``: no copy, no extra pass. MSDNet's
+1x1s have few outputs (6 to 24), where MKL's GEMM runs far below the memory bandwidth; for up
+to 64 outputs (32 for ``grad_W``) our pointwise kernel (``csrc/cpu/pointwise_conv.cpp``,
+"direct": outputs as vector lanes, the input read once) is a third candidate for ``out``, the
+inference convolution (bias and ReLU fused) and ``grad_W`` (measured on the 2-core development
+CPU at 32768 rows, 46 -> 6 channels: 0.28 vs 1.05 ms for ``out``, 0.28 vs 0.73 ms for
+``grad_W``). Which is faster depends on the shape and the machine, so the first call of each
+shape times the candidates that apply (the best of five runs each, taking turns) and remembers
+the fastest (as ``cudnn.benchmark`` does).
 A 1x1 convolution's backward is two independent choices: its input gradient (oneDNN needs no
 copy of the input for it, only the input's shape) and its weight gradient (oneDNN needs the
-dense copy, a GEMM reads the rows).
+dense copy, a GEMM or our kernel reads the rows).
 Split this way it is faster than oneDNN's combined backward (measured on the 2-core development
 CPU: 0.45 vs 0.96 ms at 32x32, 46 -> 6 channels, 4.1 vs 7.2 ms at 40x40, 112 -> 16; equal for
 3x3 convolutions, which keep the combined call). ``MSDNET_OPS_CPU_CONV`` = ``auto`` (default) |
-``onednn`` | ``gemm`` forces a choice (``gemm`` only where it applies); all compute the same
-convolution, with different summation orders.
+``onednn`` | ``gemm`` | ``direct`` forces a choice where it applies (oneDNN elsewhere); all
+compute the same convolution, with different summation orders.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import memory_format_of
+from . import cpu as _kernels
 
 
 class _Scratch(threading.local):
@@ -101,6 +109,17 @@ def _gemm_applies(x, weight, stride, padding, pool, *others) -> bool:
             and all(rows(t) is not None for t in (x,) + others))
 
 
+def _forward_candidates(x, weight, stride, padding, pool, out=None) -> tuple:
+    """The forward implementations that apply: oneDNN always; for a 1x1 convolution of (and
+    into) row-strided views the GEMM, and with few outputs our pointwise kernel."""
+    outs = () if out is None else (out,)
+    if not _gemm_applies(x, weight, stride, padding, pool, *outs):
+        return ("onednn",)
+    if weight.shape[0] <= _kernels.POINTWISE_CONV_MAX_OUTPUTS and _kernels.available():
+        return ("onednn", "gemm", "direct")
+    return ("onednn", "gemm")
+
+
 # --------------------------------------------------------------------------- implementations
 
 def _fwd_onednn(x, weight, stride, padding, pool, out=None):
@@ -114,6 +133,19 @@ def _fwd_gemm(x, weight, stride, padding, pool, out=None):
         return torch.mm(rows(x), w2, out=rows(out))
     n, _, h, w = x.shape
     return torch.mm(rows(x), w2).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _new_nhwc_rows(x, weight):
+    """A new NHWC output of a 1x1 convolution of ``x``, and its row matrix."""
+    n, _, h, w = x.shape
+    y = torch.empty(n * h * w, weight.shape[0], dtype=x.dtype, device=x.device)
+    return y.view(n, h, w, -1).permute(0, 3, 1, 2), y
+
+
+def _fwd_direct(x, weight, stride, padding, pool, out=None):
+    y, y_rows = _new_nhwc_rows(x, weight) if out is None else (out, rows(out))
+    _kernels.pointwise_conv_rows(rows(x), weight.view(weight.shape[0], -1), None, False, y_rows)
+    return y
 
 
 def _bwd_onednn(grad_out, x, weight, stride, padding, pool, grad_x):
@@ -152,6 +184,10 @@ def _wgrad_gemm(grad_out, x, weight) -> torch.Tensor:
     return torch.mm(rows(grad_out).t(), rows(x)).view(weight.shape)
 
 
+def _wgrad_direct(grad_out, x, weight) -> torch.Tensor:
+    return _kernels.pointwise_conv_wgrad_rows(rows(x), rows(grad_out)).view(weight.shape)
+
+
 def relu_into(y, out=None):
     """``relu(y)`` in place, or written into ``out`` (one pass: the ReLU and the copy into a
     buffer slice together). NaN stays NaN, as torch.relu keeps it (a non-finite input must
@@ -170,18 +206,27 @@ def _infer_gemm(x, weight, bias, stride, padding, out=None):
     return relu_into(y.view(n, h, w, -1).permute(0, 3, 1, 2), out)
 
 
-_FORWARD = {"onednn": _fwd_onednn, "gemm": _fwd_gemm}
-_INFERENCE = {"onednn": _infer_onednn, "gemm": _infer_gemm}
+def _infer_direct(x, weight, bias, stride, padding, out=None):
+    y, y_rows = _new_nhwc_rows(x, weight) if out is None else (out, rows(out))
+    _kernels.pointwise_conv_rows(rows(x), weight.view(weight.shape[0], -1), bias, True, y_rows)
+    return y
+
+
+_FORWARD = {"onednn": _fwd_onednn, "gemm": _fwd_gemm, "direct": _fwd_direct}
+_INFERENCE = {"onednn": _infer_onednn, "gemm": _infer_gemm, "direct": _infer_direct}
 # the two halves of a 1x1 convolution's backward (other convolutions: _bwd_onednn)
 _DGRAD = {"onednn": _dgrad_onednn, "gemm": _dgrad_gemm}
-_WGRAD = {"onednn": _wgrad_onednn, "gemm": _wgrad_gemm}
+_WGRAD = {"onednn": _wgrad_onednn, "gemm": _wgrad_gemm, "direct": _wgrad_direct}
+
+
+CHOICES = ("auto", "onednn", "gemm", "direct")
 
 
 def forced_choice() -> str:
-    """``MSDNET_OPS_CPU_CONV``, validated: ``auto``, ``onednn`` or ``gemm``."""
+    """``MSDNET_OPS_CPU_CONV``, validated: one of :data:`CHOICES`."""
     forced = os.environ.get("MSDNET_OPS_CPU_CONV", "auto").strip().lower() or "auto"
-    if forced not in ("auto", "onednn", "gemm"):
-        raise ValueError(f"MSDNET_OPS_CPU_CONV={forced!r}: expected auto, onednn or gemm")
+    if forced not in CHOICES:
+        raise ValueError(f"MSDNET_OPS_CPU_CONV={forced!r}: expected {', '.join(CHOICES)}")
     return forced
 
 
@@ -192,17 +237,20 @@ class _Chooser:
         self.choice: dict = {}
         self.lock = threading.Lock()
 
-    def pick(self, table: dict, key, gemm_applies: bool, trial) -> str:
-        """``trial(impl)`` returns a call of ``impl`` on this shape (scratch outputs) to time."""
+    def pick(self, table: dict, key, candidates: tuple, trial) -> str:
+        """The fastest of ``candidates`` (names in ``table`` that apply to this shape; oneDNN
+        first, applying to every shape); ``trial(impl)`` returns a call of ``impl`` on this
+        shape (scratch outputs) to time. A forced choice is taken where it applies, oneDNN
+        elsewhere."""
         forced = forced_choice()
-        if not gemm_applies:
-            return "onednn"
+        if len(candidates) == 1:
+            return candidates[0]
         if forced != "auto":
-            return forced
+            return forced if forced in candidates else candidates[0]
         name = self.choice.get(key)
         if name is None:
             with self.lock:
-                timings = _best_of_interleaved({n: trial(table[n]) for n in table})
+                timings = _best_of_interleaved({n: trial(table[n]) for n in candidates})
                 name = self.choice[key] = min(timings, key=timings.get)
         return name
 
@@ -235,9 +283,8 @@ def conv(x, weight, stride, padding, pool, out=None) -> torch.Tensor:
     buffer view), or a new dense NHWC tensor without it; ``x`` may be a strided view."""
     def trial(impl):
         return lambda: impl(x, weight, stride, padding, pool)
-    outs = () if out is None else (out,)
     name = _chooser.pick(_FORWARD, _key("fwd", x, weight, stride, padding, pool),
-                         _gemm_applies(x, weight, stride, padding, pool, *outs), trial)
+                         _forward_candidates(x, weight, stride, padding, pool, out), trial)
     return _FORWARD[name](x, weight, stride, padding, pool, out)
 
 
@@ -247,7 +294,7 @@ def conv_bias_relu(x, weight, bias, stride: int, padding: int, out=None) -> torc
     def trial(impl):
         return lambda: impl(x, weight, bias, stride, padding)
     name = _chooser.pick(_INFERENCE, _key("infer", x, weight, stride, padding, 1),
-                         _gemm_applies(x, weight, stride, padding, 1), trial)
+                         _forward_candidates(x, weight, stride, padding, 1, out), trial)
     return _INFERENCE[name](x, weight, bias, stride, padding, out)
 
 
@@ -263,7 +310,10 @@ def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.
 
     def wgrad_trial(impl):
         return lambda: impl(grad_out, x, weight)
-    dgrad = _chooser.pick(_DGRAD, _key("dgrad", x, weight, 1, 0, 1), True, dgrad_trial)
-    wgrad = _chooser.pick(_WGRAD, _key("wgrad", x, weight, 1, 0, 1), True, wgrad_trial)
+    both = ("onednn", "gemm")
+    few = weight.shape[0] <= _kernels.POINTWISE_WGRAD_MAX_OUTPUTS and _kernels.available()
+    dgrad = _chooser.pick(_DGRAD, _key("dgrad", x, weight, 1, 0, 1), both, dgrad_trial)
+    wgrad = _chooser.pick(_WGRAD, _key("wgrad", x, weight, 1, 0, 1),
+                          both + ("direct",) if few else both, wgrad_trial)
     _DGRAD[dgrad](grad_out, x, weight, grad_x)
     return _WGRAD[wgrad](grad_out, x, weight)

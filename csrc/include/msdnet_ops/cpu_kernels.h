@@ -27,7 +27,14 @@
                             VecView grad_shift, bool accumulate, int num_threads);            \
   /* out[i] = src[index[i]] (out.N = len(index)); element_size in bytes: 1, 2, 4 or 8. */    \
   void gather_batch(int element_size, const View4& src, const int64_t* index,                 \
-                    const View4& out, int num_threads);
+                    const View4& out, int num_threads);                                       \
+  /* y[p, o] = act(sum_k x[p, k] * w[o, k] + bias[o]) for 1 <= N <= 64 outputs; w: [N, K]   \
+     dense, bias: [N] or null, act: ReLU (NaN kept) if relu, else identity. */               \
+  void pointwise_conv(int dtype, const PointwiseRows& x, const void* w, int64_t N,            \
+                      const void* bias, bool relu, const PointwiseRows& y, int num_threads); \
+  /* dw[o, k] = sum_p g[p, o] * x[p, k] for 1 <= N <= 32 outputs; dw: [N, K] dense. */        \
+  void pointwise_conv_wgrad(int dtype, const PointwiseRows& x, const PointwiseRows& g,        \
+                            void* dw, int num_threads);
 
 namespace msdnet_ops {
 namespace cpu {

@@ -28,6 +28,13 @@ MSDNET_HDI T& vec_ref(const VecView& v, int64_t c) {
   return static_cast<T*>(v.ptr)[c * v.stride];
 }
 
+// A matrix of rows with unit column stride (a 1x1 convolution's view of NHWC pixels): pointer,
+// rows, columns, row stride (elements).
+struct PointwiseRows {
+  void* ptr;
+  int64_t rows, cols, ld;
+};
+
 // Element offset of (n, c, h, w) in a view.
 MSDNET_HDI int64_t elem_offset(const View4& v, int64_t n, int64_t c, int64_t h, int64_t w) {
   return n * v.sN + c * v.sC + h * v.sH + w * v.sW;
