@@ -310,6 +310,8 @@ def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.
 
     def wgrad_trial(impl):
         return lambda: impl(grad_out, x, weight)
+    # the input gradient: MKL's GEMM beats our kernel in its accumulating form (measured 0.34
+    # vs 0.71 ms at 32768 rows, 6 -> 46 channels), so it is no candidate there
     both = ("onednn", "gemm")
     few = weight.shape[0] <= _kernels.POINTWISE_WGRAD_MAX_OUTPUTS and _kernels.available()
     dgrad = _chooser.pick(_DGRAD, _key("dgrad", x, weight, 1, 0, 1), both, dgrad_trial)
