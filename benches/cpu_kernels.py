@@ -1,6 +1,6 @@
 """Times the CPU kernels against the equivalent PyTorch ops.
 
-    python benches/cpu_kernels.py [--threads N] [--isa avx2] [--cases planes|nhwc|all]
+    python benches/cpu_kernels.py [--threads N] [--isa avx2] [--cases planes|nhwc|pointwise|all]
                                   [--against OTHER_BUILD.so] [--out table.md]
 
 Cases: ``planes``, NCHW buffers and their prefixes, a channels_last prefix with channels_last
@@ -8,6 +8,10 @@ and with NCHW outputs (mixed), float64; ``nhwc``, the feature buffers of trainin
 tensors with few channels, and the first C channels of NHWC buffers of 2C channels (every view
 of the call such a prefix), at the MSDNet shapes [32, C, S, S], S in 32, 16, 8 and C in 6, 16,
 48, 128.
+``pointwise``: the 1x1 convolutions of MSDNet's bottlenecks (a channel prefix of an NHWC buffer,
+few outputs) by our pointwise kernel against MKL's GEMM on the same strided rows and oneDNN
+(``F.conv2d`` on a dense copy of the prefix, the copy included): forward, inference (bias and
+ReLU fused) and weight gradient.
 Baselines: ``reference`` is :mod:`msdnet_ops.reference` (what the ``reference`` backend
 runs); ``torch best`` is the fastest plain-PyTorch formulation we know for the op
 (``torch.var_mean``; ``batch_norm`` in eval mode + ``relu_``; ``index_select(out=)``).
@@ -141,6 +145,47 @@ def _rows(x, like):
     ]
 
 
+# (spatial size, input channels, outputs, buffer channels): MSDNet cifar100-anytime's narrow 1x1s
+POINTWISE_CASES = ((32, 46, 6, 64), (32, 34, 6, 64), (16, 106, 24, 128), (16, 58, 24, 128),
+                   (16, 80, 12, 128), (8, 136, 48, 260))
+
+
+def _pointwise_table(batch=32):
+    head = "| [N, K, S, S] -> outputs | op | ours ms | MKL GEMM ms | oneDNN ms | speedup vs best |"
+    lines = ["### 1x1 convolutions of NHWC prefixes, few outputs (float32)", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    for s, k, n, cap in POINTWISE_CASES:
+        buf = torch.randn(batch, s, s, cap)
+        x = buf.permute(0, 3, 1, 2)[:, :k]  # the prefix, and its strided [N*H*W, K] rows
+        rows = buf.view(-1, cap)[:, :k]
+        w, bias = torch.randn(n, k), torch.randn(n)
+        w4 = w.view(n, k, 1, 1)
+        out = torch.empty(rows.shape[0], n)
+        g = torch.randn(rows.shape[0], n)
+        g4 = g.view(batch, s, s, n).permute(0, 3, 1, 2)
+        ops = [
+            ("forward", lambda: cpu.pointwise_conv_rows(rows, w, None, False, out),
+             lambda: torch.mm(rows, w.t(), out=out),
+             lambda: F.conv2d(x.contiguous(memory_format=torch.channels_last), w4)),
+            ("inference (bias, ReLU)", lambda: cpu.pointwise_conv_rows(rows, w, bias, True, out),
+             lambda: torch.relu_(torch.addmm(bias, rows, w.t(), out=out)),
+             lambda: torch.relu_(F.conv2d(x.contiguous(memory_format=torch.channels_last), w4,
+                                          bias))),
+            ("weight gradient", lambda: cpu.pointwise_conv_wgrad_rows(rows, g),
+             lambda: torch.mm(g.t(), rows),
+             lambda: torch.ops.aten.convolution_backward(
+                 g4, x.contiguous(memory_format=torch.channels_last), w4, None, [1, 1], [0, 0],
+                 [1, 1], False, [0, 0], 1, [False, True, False])),
+        ]
+        for op, ours, gemm, onednn in ops:
+            if op == "weight gradient" and n > cpu.POINTWISE_WGRAD_MAX_OUTPUTS:
+                continue  # not a candidate there
+            o, m, d = _min_ms([ours, gemm, onednn])
+            lines.append(f"| [{batch}, {k}, {s}, {s}] -> {n} | {op} | {o:.3f} | {m:.3f} | "
+                         f"{d:.3f} | {min(m, d) / o:.2f}x |")
+    return lines + [""]
+
+
 def _table(title, cases, current, before):
     head = "| case | op | ours ms |" + (" before ms | before/ours |" if before else "") + \
            " reference ms | torch best ms | speedup vs best torch |"
@@ -180,6 +225,8 @@ def run(out_path=None, cases="all", before=None, before_name=""):
         lines += _table("planes (NCHW), mixed layouts, float64", _planes_cases(), current, before)
     if cases in ("nhwc", "all"):
         lines += _table("NHWC feature buffers (float32)", _nhwc_cases(), current, before)
+    if cases in ("pointwise", "all"):
+        lines += _pointwise_table()
     text = "\n".join(lines)
     print(text)
     if out_path:
@@ -192,7 +239,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--isa", default=None, help="baseline, avx2 or avx512")
-    parser.add_argument("--cases", choices=("planes", "nhwc", "all"), default="all")
+    parser.add_argument("--cases", choices=("planes", "nhwc", "pointwise", "all"), default="all")
     parser.add_argument("--against", default=None, metavar="SO",
                         help="another build of msdnet_ops._cpu_kernels to time alongside")
     parser.add_argument("--out", default=None, help="also write the table to this file")
