@@ -142,10 +142,15 @@ def _new_nhwc_rows(x, weight):
     return y.view(n, h, w, -1).permute(0, 3, 1, 2), y
 
 
-def _fwd_direct(x, weight, stride, padding, pool, out=None):
+def _pointwise(x, weight, bias, relu: bool, out=None):
+    """Our pointwise kernel: ``act(conv1x1(x) + bias)`` into ``out`` or a new NHWC tensor."""
     y, y_rows = _new_nhwc_rows(x, weight) if out is None else (out, rows(out))
-    _kernels.pointwise_conv_rows(rows(x), weight.view(weight.shape[0], -1), None, False, y_rows)
+    _kernels.pointwise_conv_rows(rows(x), weight.view(weight.shape[0], -1), bias, relu, y_rows)
     return y
+
+
+def _fwd_direct(x, weight, stride, padding, pool, out=None):
+    return _pointwise(x, weight, None, False, out)
 
 
 def _bwd_onednn(grad_out, x, weight, stride, padding, pool, grad_x):
@@ -207,9 +212,7 @@ def _infer_gemm(x, weight, bias, stride, padding, out=None):
 
 
 def _infer_direct(x, weight, bias, stride, padding, out=None):
-    y, y_rows = _new_nhwc_rows(x, weight) if out is None else (out, rows(out))
-    _kernels.pointwise_conv_rows(rows(x), weight.view(weight.shape[0], -1), bias, True, y_rows)
-    return y
+    return _pointwise(x, weight, bias, True, out)
 
 
 _FORWARD = {"onednn": _fwd_onednn, "gemm": _fwd_gemm, "direct": _fwd_direct}
