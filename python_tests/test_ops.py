@@ -1,6 +1,7 @@
 """The custom ops: opcheck, gradcheck in float64, parity with the references, bad input."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from conftest import backend_params, require_float64
@@ -227,15 +228,17 @@ def test_gradcheck_conv(backend, use_backend, k, stride, pool):
 def test_cpu_conv_choices_match_the_reference(use_backend, monkeypatch, choice, k, stride, pool):
     """Every CPU implementation (oneDNN on a dense copy, GEMMs on the strided rows, or for the
     forward our pointwise kernel on them) writes exactly the reference's convolution into its
-    slice and accumulates the reference's gradient, on NHWC buffer views; GEMMs and the
-    pointwise kernel apply to 1x1 stride-1 unpooled convolutions only."""
+    slice and accumulates the reference's gradient, on NHWC buffer views; GEMMs on the rows
+    and the pointwise kernel apply to 1x1 stride-1 unpooled convolutions only, the other
+    convolutions' backward takes "gemm" as oneDNN's input gradient plus an im2col GEMM."""
     use_backend("cpu")
     monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)
     from msdnet_ops.kernels import cpu_conv
-    direct_calls = []
-    kernel = cpu_conv._kernels.pointwise_conv_rows
+    direct_calls, im2col_calls = [], []
+    kernel, im2col = cpu_conv._kernels.pointwise_conv_rows, cpu_conv.im2col_rows
     monkeypatch.setattr(cpu_conv._kernels, "pointwise_conv_rows",
                         lambda *a: direct_calls.append(1) or kernel(*a))
+    monkeypatch.setattr(cpu_conv, "im2col_rows", lambda *a: im2col_calls.append(1) or im2col(*a))
     torch.manual_seed(7)
     _, x = _nhwc_prefix(3, 11, 9, 7, cap_extra=5)
     w = torch.randn(5, 11, k, k, dtype=F64)
@@ -259,6 +262,33 @@ def test_cpu_conv_choices_match_the_reference(use_backend, monkeypatch, choice, 
     torch.testing.assert_close(grad_buf[:, :11], want_gx, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_w, want_w, rtol=1e-12, atol=1e-12)
     assert (grad_buf[:, 11:] == 1).all()
+    rows_apply = k == 1 and stride == 1 and pool == 1
+    if choice in ("onednn", "gemm", "direct"):  # forced: the im2col GEMM runs for "gemm" only
+        assert bool(im2col_calls) == (choice == "gemm" and not rows_apply)
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (5, 2, 2),
+                                              (3, 1, 0), (2, 3, 1)])
+def test_cpu_dense_conv_backward_implementations_match_the_reference(k, stride, padding):
+    """Both implementations of a dense convolution's backward (what the oneDNN-composed
+    convolutions and transform-convolutions call): oneDNN's combined call, and its input
+    gradient with the weight gradient as an im2col GEMM, equal autograd through ``F.conv2d``
+    in float64, on odd sizes, batch 1 and 3, an NCHW and a strided (non-contiguous) input."""
+    from msdnet_ops.kernels import cpu_conv
+    torch.manual_seed(5)
+    for n, nchw in ((1, True), (3, False)):
+        z = torch.randn(n, 13, 11, 9, dtype=F64)
+        if not nchw:  # a channel prefix of an NHWC buffer: neither layout's strides
+            z = torch.randn(n, 11, 9, 17, dtype=F64).permute(0, 3, 1, 2)[:, 2:15]
+        w = torch.randn(7, 13, k, k, dtype=F64).contiguous(memory_format=torch.channels_last)
+        zr, wr = z.clone().requires_grad_(), w.clone().requires_grad_()
+        y = F.conv2d(zr, wr, None, stride, padding)
+        grad_out = torch.randn_like(y)
+        want_z, want_w = torch.autograd.grad(y, (zr, wr), grad_out)
+        for name, impl in cpu_conv._DENSE_BACKWARD.items():
+            got_z, got_w = impl(grad_out, z, w, stride, padding)
+            torch.testing.assert_close(got_z, want_z, rtol=1e-12, atol=1e-12, msg=name)
+            torch.testing.assert_close(got_w, want_w, rtol=1e-12, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("wgrad", ["onednn", "gemm", "direct"])

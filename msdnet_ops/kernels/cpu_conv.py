@@ -19,8 +19,12 @@ A 1x1 convolution's backward is two independent choices: its input gradient (one
 copy of the input for it, only the input's shape) and its weight gradient (oneDNN needs the
 dense copy, a GEMM or our kernel reads the rows).
 Split this way it is faster than oneDNN's combined backward (measured on the 2-core development
-CPU: 0.45 vs 0.96 ms at 32x32, 46 -> 6 channels, 4.1 vs 7.2 ms at 40x40, 112 -> 16; equal for
-3x3 convolutions, which keep the combined call). ``MSDNET_OPS_CPU_CONV`` = ``auto`` (default) |
+CPU: 0.45 vs 0.96 ms at 32x32, 46 -> 6 channels, 4.1 vs 7.2 ms at 40x40, 112 -> 16). The
+other convolutions' backward (on a dense copy) is a per-shape choice too: oneDNN's combined
+call, or its input gradient alone plus the weight gradient as an im2col GEMM ("gemm"; measured
+on an AVX2 2-core CPU, 3x3 stride 2 at 8x8 to 128 channels: 8.3 vs 10.0 ms from 236 channels,
+1.3 vs 2.2 ms from 128 at 4x4; slower for narrow outputs, e.g. 1.05 vs 0.90 ms for 48 -> 12
+at 8x8). ``MSDNET_OPS_CPU_CONV`` = ``auto`` (default) |
 ``onednn`` | ``gemm`` | ``direct`` forces a choice where it applies (oneDNN elsewhere); all
 compute the same convolution, with different summation orders.
 """
@@ -77,12 +81,63 @@ def aten_conv_bias(z, weight, bias, stride: int, padding: int):
     return F.conv2d(z, weight, bias, stride, padding)
 
 
-def aten_conv_backward(grad_out, z, weight, stride: int, padding: int):
-    """(grad_z, grad_weight) of :func:`onednn_conv`."""
-    grad_z, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_out, z, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1,
-        [True, True, False])
+def _aten_backward(grad_out, z, weight, stride: int, padding: int, mask):
+    return torch.ops.aten.convolution_backward(
+        grad_out, z, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, mask)
+
+
+def _dense_bwd_onednn(grad_out, z, weight, stride: int, padding: int):
+    grad_z, grad_weight, _ = _aten_backward(grad_out, z, weight, stride, padding,
+                                            [True, True, False])
     return grad_z, grad_weight
+
+
+# the largest im2col matrix the split backward builds (elements; a transient allocation)
+IM2COL_MAX_ELEMENTS = 1 << 22
+
+
+def im2col_rows(z, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    """The ``[N*OH*OW, k*k*C]`` patch matrix of ``z`` (any strides), columns ordered (ky, kx,
+    c): a row times a channels_last weight's ``[C_out, k*k*C]`` view is one output pixel."""
+    x = z.permute(0, 2, 3, 1)
+    if padding:
+        x = F.pad(x, (0, 0, padding, padding, padding, padding))
+    patches = x.unfold(1, kernel, stride).unfold(2, kernel, stride)  # n, oh, ow, c, ky, kx
+    n, oh, ow = patches.shape[:3]
+    return patches.permute(0, 1, 2, 4, 5, 3).reshape(n * oh * ow, -1)
+
+
+def _dense_bwd_split(grad_out, z, weight, stride: int, padding: int):
+    """oneDNN's input gradient alone, and the weight gradient as one GEMM on the patch matrix:
+    ``grad_W = grad_out_rows^T @ im2col(z)``."""
+    grad_z = _aten_backward(grad_out, z, weight, stride, padding, [True, False, False])[0]
+    c_out, c_in, k, _ = weight.shape
+    g = grad_out.permute(0, 2, 3, 1).reshape(-1, c_out)
+    grad_w = torch.mm(g.t(), im2col_rows(z, k, stride, padding))
+    return grad_z, grad_w.view(c_out, k, k, c_in).permute(0, 3, 1, 2)
+
+
+_DENSE_BACKWARD = {"onednn": _dense_bwd_onednn, "gemm": _dense_bwd_split}
+
+
+def _split_applies(grad_out, z, weight) -> bool:
+    c_out, c_in, k, k2 = weight.shape
+    return (z.device.type == "cpu" and k == k2
+            and grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3] * k * k * c_in
+            <= IM2COL_MAX_ELEMENTS)
+
+
+def aten_conv_backward(grad_out, z, weight, stride: int, padding: int):
+    """(grad_z, grad_weight) of ``conv2d(z, weight, None, stride, padding)`` for a dense ``z``:
+    oneDNN's combined backward, or on the CPU its input gradient alone with the weight
+    gradient as an im2col GEMM (measured 1.2-1.7x faster for the classifiers' 3x3
+    convolutions to 128 channels, slower for narrow outputs), chosen per shape by timing."""
+    def trial(impl):
+        return lambda: impl(grad_out, z, weight, stride, padding)
+    candidates = ("onednn", "gemm") if _split_applies(grad_out, z, weight) else ("onednn",)
+    name = _chooser.pick(_DENSE_BACKWARD, _key("dense bwd", z, weight, stride, padding, 1),
+                         candidates, trial)
+    return _DENSE_BACKWARD[name](grad_out, z, weight, stride, padding)
 
 
 def unpool_grad(grad_zp, z, pool: int):
