@@ -61,7 +61,7 @@ def transform_conv_backward_(elementwise, grad_out, x, scale, shift, weight, str
     """Accumulates into ``grad_x`` (or overwrites it: ``accumulate=False``), ``grad_scale``,
     ``grad_shift``; returns ``grad_weight``."""
     z, zp = transformed(elementwise, x, scale, shift, pool)
-    grad_zp, grad_weight = cpu_conv.aten_conv_backward(grad_out, zp, weight, stride, padding)
+    grad_zp, grad_weight = cpu_conv.dense_conv_backward(grad_out, zp, weight, stride, padding)
     elementwise.affine_relu_backward_(x, scale, shift, cpu_conv.unpool_grad(grad_zp, z, pool),
                                       grad_x, grad_scale, grad_shift, accumulate)
     return grad_weight
@@ -75,8 +75,8 @@ def conv(x, weight, stride, padding, pool, out=None):
 
 def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.Tensor:
     z = dense(x)
-    grad_zp, grad_weight = cpu_conv.aten_conv_backward(grad_out, _pooled(z, pool), weight,
-                                                       stride, padding)
+    grad_zp, grad_weight = cpu_conv.dense_conv_backward(grad_out, _pooled(z, pool), weight,
+                                                        stride, padding)
     grad_x.add_(cpu_conv.unpool_grad(grad_zp, z, pool))
     return grad_weight
 
