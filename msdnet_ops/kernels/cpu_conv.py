@@ -182,19 +182,17 @@ def _fwd_onednn(x, weight, stride, padding, pool, out=None):
     return y if out is None else out.copy_(y)
 
 
-def _fwd_gemm(x, weight, stride, padding, pool, out=None):
-    w2 = weight.view(weight.shape[0], -1).t()
-    if out is not None:
-        return torch.mm(rows(x), w2, out=rows(out))
-    n, _, h, w = x.shape
-    return torch.mm(rows(x), w2).view(n, h, w, -1).permute(0, 3, 1, 2)
-
-
 def _new_nhwc_rows(x, weight):
     """A new NHWC output of a 1x1 convolution of ``x``, and its row matrix."""
     n, _, h, w = x.shape
     y = torch.empty(n * h * w, weight.shape[0], dtype=x.dtype, device=x.device)
     return y.view(n, h, w, -1).permute(0, 3, 1, 2), y
+
+
+def _fwd_gemm(x, weight, stride, padding, pool, out=None):
+    y, y_rows = _new_nhwc_rows(x, weight) if out is None else (out, rows(out))
+    torch.mm(rows(x), weight.view(weight.shape[0], -1).t(), out=y_rows)
+    return y
 
 
 def _pointwise(x, weight, bias, relu: bool, out=None):
@@ -223,10 +221,7 @@ def _shape_only(x: torch.Tensor) -> torch.Tensor:
 
 
 def _dgrad_onednn(grad_out, x, weight, grad_x) -> None:
-    grad_z, _, _ = torch.ops.aten.convolution_backward(
-        grad_out, _shape_only(x), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-        [True, False, False])
-    grad_x.add_(grad_z)
+    grad_x.add_(_aten_backward(grad_out, _shape_only(x), weight, 1, 0, [True, False, False])[0])
 
 
 def _dgrad_gemm(grad_out, x, weight, grad_x) -> None:
@@ -234,10 +229,7 @@ def _dgrad_gemm(grad_out, x, weight, grad_x) -> None:
 
 
 def _wgrad_onednn(grad_out, x, weight) -> torch.Tensor:
-    _, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_out, dense_input(x, 1)[0], weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-        [False, True, False])
-    return grad_weight
+    return _aten_backward(grad_out, dense_input(x, 1)[0], weight, 1, 0, [False, True, False])[1]
 
 
 def _wgrad_gemm(grad_out, x, weight) -> torch.Tensor:
@@ -261,9 +253,9 @@ def _infer_onednn(x, weight, bias, stride, padding, out=None):
 
 
 def _infer_gemm(x, weight, bias, stride, padding, out=None):
-    n, _, h, w = x.shape
-    y = torch.addmm(bias, rows(x), weight.view(weight.shape[0], -1).t())
-    return relu_into(y.view(n, h, w, -1).permute(0, 3, 1, 2), out)
+    y, y_rows = _new_nhwc_rows(x, weight)
+    torch.addmm(bias, rows(x), weight.view(weight.shape[0], -1).t(), out=y_rows)
+    return relu_into(y, out)
 
 
 def _infer_direct(x, weight, bias, stride, padding, out=None):
