@@ -119,19 +119,22 @@ def test_memory_efficient_recomputes_exactly(use_backend, config, mode):
 
 
 def test_memory_efficient_frees_what_it_says_after_forward(use_backend, monkeypatch):
-    """After a training forward: nothing freed by default; every bottleneck output with
-    ``memory_efficient=True``; with ``"all"`` also every unit's convolution output (one per
-    BatchNorm but the classifiers' two), so only activated buffers and classifier maps stay.
-    Backward then brings each back once, and gives the default model's gradients."""
+    """After a training forward: by default every scale buffer (its units keep their
+    convolution outputs, from which backward writes the activated channels again); with
+    ``memory_efficient=True`` also every bottleneck output; with ``"all"`` every bottleneck
+    output and every unit's convolution output (one per BatchNorm but the classifiers' two),
+    but no scale buffer, so only activated buffers and classifier maps stay. Backward then
+    brings each back once, and gives the same gradients in every mode."""
     import weakref
     from msdnet_ops.nn.feature_buffer import BufferState
     use_backend("cpu")
-    states, restored = [], []
+    states, restored, most_alive = [], [], [0]
     init, restore = BufferState.__init__, BufferState.restore_values
 
     def recording_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
         states.append(weakref.ref(self))
+        most_alive[0] = max(most_alive[0], sum(1 for s in states if s() is not None))
 
     def recording_restore(self):
         if self.values is None:
@@ -144,10 +147,14 @@ def test_memory_efficient_frees_what_it_says_after_forward(use_backend, monkeypa
     bottlenecks = sum(1 for m in base.modules() if getattr(m, "bottleneck", False))
     units = sum(1 for m in base.modules() if isinstance(m, torch.nn.BatchNorm2d)) \
         - 2 * base.num_exits - bottlenecks
-    assert bottlenecks > 0 and units > 0
+    # one per scale, and a new one for each scale a transition keeps
+    scale_buffers = len(SMALL["grFactor"]) + sum(
+        m.n_scales_kept for m in base.modules() if type(m).__name__ == "MSDNetTransition")
+    assert bottlenecks > 0 and units > 0 and scale_buffers == len(base.plan.capacity)
     x = torch.randn(2, 3, 32, 32, dtype=F64)
     grads = {}
-    for mode, freed in ((False, 0), (True, bottlenecks), ("all", bottlenecks + units)):
+    for mode, freed in ((False, scale_buffers), (True, scale_buffers + bottlenecks),
+                        ("all", bottlenecks + units)):
         model = msdnet_ops.MSDNet(**SMALL, memory_efficient=mode).double()
         model.load_state_dict(base.state_dict())
         states.clear()
@@ -160,6 +167,13 @@ def test_memory_efficient_frees_what_it_says_after_forward(use_backend, monkeypa
     for mode in (True, "all"):
         for a, b in zip(grads[mode], grads[False]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # no backward to come: nothing is kept alive for a rewrite (each unit's output goes once
+    # written: the scale buffers, the image's and one or two transient ones are alive at once)
+    states.clear()
+    most_alive[0] = 0
+    with torch.no_grad():
+        model(x)
+    assert most_alive[0] <= scale_buffers + 3 < units
 
 
 @pytest.mark.parametrize("bad", ["al", "bottlenecks", 2, None, [True]])

@@ -26,7 +26,9 @@ class MSDNet(MSDNetPlain):
     to; the strided path writes the coarser scale's slice. Each channel is stored once,
     activated (after its conv -> BN -> ReLU), and consumers convolve buffer prefixes as they
     are. For training (and whenever autograd is on) each unit also keeps its convolution's
-    output for backward (:mod:`~msdnet_ops.models.msdnet_runtime`); in eval mode without
+    output for backward (:mod:`~msdnet_ops.models.msdnet_runtime`), from which backward
+    writes a scale buffer's activated channels again, so the buffer itself is freed from the
+    last forward cell reading it until backward needs it; in eval mode without
     autograd the BatchNorms are folded into the convolutions and nothing is kept
     (:mod:`~msdnet_ops.models.msdnet_inference`).
 

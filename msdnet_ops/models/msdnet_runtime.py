@@ -58,13 +58,17 @@ class PlanRun:
         self._drop_dead_buffers()
         return out
 
+    def _dead_buffers(self) -> list:
+        """The keys of the buffers no remaining cell reads."""
+        return [key for key in self.buffers
+                if self.plan.last_reader.get(key) is None
+                or self.plan.last_reader[key] in self.done]
+
     def _drop_dead_buffers(self) -> None:
-        """Frees every buffer no remaining cell reads (inference only; training keeps them
-        for backward through the autograd graph anyway)."""
-        for key in list(self.buffers):
-            last = self.plan.last_reader.get(key)
-            if last is None or last in self.done:
-                del self.buffers[key]
+        """Lets go of every buffer no remaining cell reads (inference frees it; training's
+        autograd graph holds on to it for backward)."""
+        for key in self._dead_buffers():
+            del self.buffers[key]
 
 
 class GridRun(PlanRun):
@@ -85,6 +89,17 @@ class GridRun(PlanRun):
         with deferred_running_stats():  # the exit's running-statistics updates, batched
             return super().exit_logits(exit_index)
 
+    def _drop_dead_buffers(self) -> None:
+        """With a backward to come, a scale buffer no remaining cell reads also frees its
+        values until then: its units keep their convolution outputs for backward anyway, and
+        backward's first use writes ``relu(bn(.))`` of them again (exact, one elementwise pass;
+        not where a unit recomputes its output, ``memory_efficient="all"``, or another writer
+        such as the ImageNet stem wrote channels)."""
+        if torch.is_grad_enabled():
+            for key in self._dead_buffers():
+                self.buffers[key].state.forget_until_backward()
+        super()._drop_dead_buffers()
+
     # ------------------------------------------------------------------ buffers
     def _new_buffer(self, channels: int, height: int, width: int,
                     track_stats: bool | None = None) -> FeatureBuffer:
@@ -98,6 +113,8 @@ class GridRun(PlanRun):
         if key not in self.buffers:
             h, w = self.sizes[key[0]]
             self.buffers[key] = self._new_buffer(self.plan.capacity[key], h, w, False)
+            if torch.is_grad_enabled():  # see _drop_dead_buffers
+                self.buffers[key].state.record_rewrites()
         return self.buffers[key]
 
     def _output_buffer(self, conv, src: FeatureBuffer) -> FeatureBuffer:

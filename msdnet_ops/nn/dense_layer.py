@@ -82,6 +82,7 @@ def recompute_in_backward(dst: FeatureBuffer, src: FeatureBuffer, in_channels: i
     geometry = (conv.stride[0], conv.padding[0], 1)
 
     def recompute() -> torch.Tensor:  # as TransformConvWrite computed the whole buffer
+        state.restore_values()  # a source freed until backward comes back first
         x = state.values[:, :in_channels]
         if affine is None:
             return ops.eager.conv(x, conv_weight, *geometry)

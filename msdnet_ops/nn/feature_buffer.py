@@ -40,6 +40,11 @@ class BufferState:
         self.grad = None
         self.grad_mean = None
         self.grad_invstd = None
+        # how to write every channel again from what backward keeps anyway (one callable per
+        # write, ``rewrite(values)``): None unless :meth:`record_rewrites` asked for it, and
+        # once a write cannot be repeated
+        self._rewrites: list | None = None
+        self._recompute = None
 
     # ---- forward
     def compute_stats(self, start: int, stop: int) -> None:
@@ -73,7 +78,7 @@ class BufferState:
         self.global_count = int(total[0].item()) if total.numel() else self.count
         return g_mean, torch.rsqrt(g_var + self.eps)
 
-    # ---- recomputation (memory_efficient)
+    # ---- freed after forward, recomputed or rewritten in backward
     def forget_values(self, recompute) -> None:
         """Frees the values after the forward pass; :meth:`restore_values` gets them back from
         ``recompute()`` (the same call that computed them, so the same values) when backward
@@ -84,11 +89,46 @@ class BufferState:
     def restore_values(self) -> None:
         if self.values is None:
             self.values = self._recompute()
+            self._recompute = None  # what it held on to (e.g. units' outputs) may go now
+
+    def record_rewrites(self) -> None:
+        """From now on, remember how each write can be repeated (:meth:`forget_until_backward`;
+        only worth it when a backward will come: the record keeps what it needs alive)."""
+        self._rewrites = []
+
+    def record_rewrite(self, rewrite) -> None:
+        """How the write that just happened can be repeated from state backward keeps anyway
+        (``rewrite(values)`` writes those channels of ``values`` again, exactly), or ``None``:
+        it cannot."""
+        if rewrite is None:
+            self._rewrites = None
+        elif self._rewrites is not None:
+            self._rewrites.append(rewrite)
+
+    def forget_until_backward(self) -> bool:
+        """After the last forward reader: frees the values when every write can be repeated
+        (:meth:`record_rewrite`); backward's first use writes them again (one elementwise pass,
+        exact). Returns whether they were freed."""
+        if not self._rewrites or self.values is None:
+            return False
+        rewrites, like = self._rewrites, self.values
+        shape, dtype, device = tuple(like.shape), like.dtype, like.device
+        self._rewrites = None
+
+        def rewrite_all() -> torch.Tensor:
+            values = empty_nhwc(shape, dtype=dtype, device=device)
+            for rewrite in rewrites:
+                rewrite(values)
+            return values
+
+        self.forget_values(rewrite_all)
+        return True
 
     # ---- backward
     def sole_gradient(self, channels: int) -> bool:
         """Whether a transform-reading consumer of ``channels`` channels writes the whole
         gradient (it is the :attr:`sole_reader`) rather than adding to it."""
+        self.restore_values()
         return self.sole_reader and channels == self.values.shape[1]
 
     def ensure_grads(self, uninitialised: bool = False) -> None:
@@ -96,6 +136,7 @@ class BufferState:
         ``uninitialised``: the caller's first kernel writes every value rather than adding to
         it (a sole consumer), so no zero fill."""
         if self.grad is None:
+            self.restore_values()  # the gradient takes the values' shape and layout
             self.grad = (torch.empty_like if uninitialised else torch.zeros_like)(self.values)
             if self.track_stats:  # one allocation for the two vectors
                 self.grad_mean, self.grad_invstd = self.values.new_zeros(

@@ -43,6 +43,7 @@ class WriteFeatures(torch.autograd.Function):
     def forward(ctx, dst, start, x, with_stats, dst_token):
         stop = start + x.shape[1]
         dst.values[:, start:stop].copy_(x)
+        dst.record_rewrite(None)  # x is not kept
         if with_stats:
             dst.compute_stats(start, stop)
         ctx.dst, ctx.range, ctx.with_stats = dst, (start, stop), with_stats
@@ -163,6 +164,7 @@ class TransformConvWrite(torch.autograd.Function):
         else:
             out = dst.values[:, start:stop]
             _read_conv(src, in_channels, affine, weight, conv, out)
+        dst.record_rewrite(None)  # rewriting would mean convolving again
         mask = None
         if dropout_p > 0:
             keep = torch.rand(out.shape, device=out.device) >= dropout_p
@@ -221,13 +223,17 @@ class ConvBNReLUWrite(torch.autograd.Function):
         if batch_stats:
             update_running_stats(bn, y, 0, channels)
         affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
-        ops.eager.affine_relu_into_(y.values, affine.scale, affine.shift,
-                                    dst.values[:, start:start + channels])
+        def write_activated(values):
+            ops.eager.affine_relu_into_(y.values, affine.scale, affine.shift,
+                                        values[:, start:start + channels])
+        write_activated(dst.values)
         if recompute:
             def recompute_output():
                 src.restore_values()  # a recomputed bottleneck comes back first
                 return _read_conv(src, in_channels, read, weight, conv)
             y.forget_values(recompute_output)
+        # kept, y lets the buffer free these channels until backward (GridRun)
+        dst.record_rewrite(None if recompute else write_activated)
         ctx.save_for_backward(weight)
         ctx.weight_dtype = conv_weight.dtype
         ctx.src, ctx.dst, ctx.y, ctx.channels, ctx.start = src, dst, y, in_channels, start
