@@ -15,7 +15,8 @@ from .msdnet_runtime import GridRun
 
 # ``MSDNet(memory_efficient=...)``: each accepted value -> what a training step frees after
 # forward and recomputes in backward
-RECOMPUTED = {False: (), True: ("bottlenecks", "stem"), "all": ("bottlenecks", "stem", "units")}
+RECOMPUTED = {False: (), True: ("bottlenecks", "stem", "buffers"),
+              "all": ("bottlenecks", "stem", "units")}
 
 
 class MSDNet(MSDNetPlain):
@@ -26,9 +27,7 @@ class MSDNet(MSDNetPlain):
     to; the strided path writes the coarser scale's slice. Each channel is stored once,
     activated (after its conv -> BN -> ReLU), and consumers convolve buffer prefixes as they
     are. For training (and whenever autograd is on) each unit also keeps its convolution's
-    output for backward (:mod:`~msdnet_ops.models.msdnet_runtime`), from which backward
-    writes a scale buffer's activated channels again, so the buffer itself is freed from the
-    last forward cell reading it until backward needs it; in eval mode without
+    output for backward (:mod:`~msdnet_ops.models.msdnet_runtime`); in eval mode without
     autograd the BatchNorms are folded into the convolutions and nothing is kept
     (:mod:`~msdnet_ops.models.msdnet_inference`).
 
@@ -38,8 +37,10 @@ class MSDNet(MSDNetPlain):
 
     ``memory_efficient=True`` frees every bottleneck output after the forward pass and
     recomputes it in backward (one more 1x1 convolution per path; exact), and the ImageNet
-    stem keeps only its convolution output (its ReLU output and max-pool indices recomputed).
-    ``memory_efficient="all"`` also frees every unit's convolution output (the values before
+    stem keeps only its convolution output (its ReLU output and max-pool indices recomputed);
+    and each scale buffer is freed from the last forward cell reading it until backward, which
+    writes its activated channels again from the units' kept convolution outputs (one
+    elementwise pass per unit). ``memory_efficient="all"`` also frees every unit's convolution output (the values before
     its BatchNorm, which BatchNorm's backward needs) and the stem's: backward recomputes every
     convolution of the forward pass once, and a training step keeps little more than the
     activated scale buffers (exact as well: the same convolutions of the same inputs).

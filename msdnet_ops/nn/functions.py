@@ -223,6 +223,7 @@ class ConvBNReLUWrite(torch.autograd.Function):
         if batch_stats:
             update_running_stats(bn, y, 0, channels)
         affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
+
         def write_activated(values):
             ops.eager.affine_relu_into_(y.values, affine.scale, affine.shift,
                                         values[:, start:start + channels])
@@ -232,7 +233,8 @@ class ConvBNReLUWrite(torch.autograd.Function):
                 src.restore_values()  # a recomputed bottleneck comes back first
                 return _read_conv(src, in_channels, read, weight, conv)
             y.forget_values(recompute_output)
-        # kept, y lets the buffer free these channels until backward (GridRun)
+        # while y is kept, the buffer may free these channels until backward and write them
+        # again from y (GridRun, memory_efficient=True)
         dst.record_rewrite(None if recompute else write_activated)
         ctx.save_for_backward(weight)
         ctx.weight_dtype = conv_weight.dtype
