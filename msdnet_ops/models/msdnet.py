@@ -40,10 +40,11 @@ class MSDNet(MSDNetPlain):
     stem keeps only its convolution output (its ReLU output and max-pool indices recomputed);
     and each scale buffer is freed from the last forward cell reading it until backward, which
     writes its activated channels again from the units' kept convolution outputs (one
-    elementwise pass per unit). ``memory_efficient="all"`` also frees every unit's convolution output (the values before
-    its BatchNorm, which BatchNorm's backward needs) and the stem's: backward recomputes every
-    convolution of the forward pass once, and a training step keeps little more than the
-    activated scale buffers (exact as well: the same convolutions of the same inputs).
+    elementwise pass per unit). ``memory_efficient="all"`` also frees every unit's
+    convolution output (the values before its BatchNorm, which BatchNorm's backward needs)
+    and the stem's (but keeps the scale buffers): backward recomputes every convolution of
+    the forward pass once, and a training step keeps little more than the activated scale
+    buffers (exact as well: the same convolutions of the same inputs).
 
     * ``forward(x)``: list of the logits of every exit (like the reference).
     * ``anytime(x)``: yields each exit's logits in order, computing only what that exit needs;

@@ -142,7 +142,8 @@ class GridRun(PlanRun):
 
     def _recomputes(self, what: str) -> bool:
         """Whether the model's ``memory_efficient`` frees ``what`` ("bottlenecks", "stem",
-        "buffers", "units") after forward for backward to recompute (only when there is a backward)."""
+        "buffers", "units") after forward for backward to recompute or rewrite (only when there
+        is a backward)."""
         return torch.is_grad_enabled() and what in self.model.recomputed
 
     def _unit(self, src: FeatureBuffer, width: int, dst: FeatureBuffer, conv, bn,
