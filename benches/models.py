@@ -97,10 +97,10 @@ def _profile_training(ctx, name, batch, image):
 
 def _graph_breaks(ctx, name, image):
     """``torch._dynamo.explain`` of ours, training and inference: graphs and break reasons."""
-    m, fmt = cases.build_model(name, "ours", ctx.device)
-    x, _ = cases.model_input(name, 2, ctx.device, ctx.dtype, fmt, image=image)
     out = {}
-    for mode in ("train", "eval"):
+    for mode in ("train", "eval"):  # a new model each: what a first call meets
+        m, fmt = cases.build_model(name, "ours", ctx.device)
+        x, _ = cases.model_input(name, 2, ctx.device, ctx.dtype, fmt, image=image)
         m.train(mode == "train")
         torch._dynamo.reset()
         with torch.set_grad_enabled(mode == "train"):

@@ -105,6 +105,31 @@ def test_inference_on_activated_buffers_matches_plain_pytorch(backend, use_backe
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_inference_compiles_as_one_graph_from_a_fresh_model(use_backend):
+    """torch.compile of a new model in eval mode: one graph with no break (fullgraph raises
+    on one) on the first call, as on later ones (no recompilation), and the plain model's
+    logits. The first call used to break the graph (multiply-add counting with hooks) and the
+    second to recompile (the folded-weight cache compares storage addresses)."""
+    from torch._dynamo.testing import CompileCounter
+    dev = use_backend("cpu")
+    ref, ours = _pair(SMALL, dtype=torch.float32, device=dev)
+    ref.eval()
+    ours.eval()
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(ours, backend=counter, fullgraph=True)
+    x = torch.randn(2, 3, 32, 32, device=dev)
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                for k, (a, b) in enumerate(zip(compiled(x), ref(x))):
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5,
+                                               msg=f"logits of exit {k}")
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize("mode", [True, "all"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_memory_efficient_recomputes_exactly(use_backend, config, mode):

@@ -110,8 +110,11 @@ class MSDNet(MSDNetPlain):
         self.check_input(x)
         return self._start(x, can_run_activated(self, self._batchnorms))
 
-    def _start(self, x: torch.Tensor, inference: bool):
-        macs = self.cell_macs(tuple(x.shape[1:]))
+    def _start(self, x: torch.Tensor, inference: bool, count_macs: bool = True):
+        # forward() returns only the logits, so its runs count no multiply-adds: counting runs
+        # a hooked meta-device forward the first time a size is seen, which would break
+        # torch.compile's graph (and, through the resumed frames, recompile it per call site)
+        macs = self.cell_macs(tuple(x.shape[1:])) if count_macs else None
         if inference:
             return InferenceRun(self, self.plan, x, macs, self._folded)
         return GridRun(self, self.plan, x, macs, self.sync_group)
@@ -125,7 +128,7 @@ class MSDNet(MSDNetPlain):
         return self._all_exits_autograd(x, False)
 
     def _all_exits(self, x: torch.Tensor, inference: bool) -> List[torch.Tensor]:
-        run = self._start(x, inference)
+        run = self._start(x, inference, count_macs=False)
         return [run.exit_logits(k) for k in range(self.num_exits)]
 
     # The autograd path's nodes share Python-side buffer state, which torch.compile cannot

@@ -37,13 +37,14 @@ class PlanRun:
         self.sizes = dict(enumerate(model.scale_sizes(x.shape[2], x.shape[3])))
         self.buffers: dict = {}
         self.done: set = set()
-        self.cell_macs = cell_macs
-        self.macs = 0                     # multiply-adds executed, summed over samples
+        self.cell_macs = cell_macs        # per-sample multiply-adds per cell, or None: not counted
+        self.macs = None if cell_macs is None else 0  # executed, summed over samples
         self.batch = x.shape[0]
 
     def run_cell(self, index: int):
         cell = self.plan.cells[index]
-        self.macs += self.cell_macs[index] * self.batch
+        if self.cell_macs is not None:
+            self.macs += self.cell_macs[index] * self.batch
         self.done.add(index)
         runner = {"stem": self._run_stem, "path": self._run_path,
                   "transition": self._run_transition, "classifier": self._run_classifier}[cell.kind]
