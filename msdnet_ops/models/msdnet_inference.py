@@ -39,8 +39,10 @@ class FoldedWeights:
         self._cache: dict = {}
 
     def get(self, conv, bn, dtype, device):
-        if torch.compiler.is_compiling():  # the folding joins the graph (the stamps compare
-            return fold_batchnorm(conv, bn, dtype)  # storage addresses: untraceable)
+        # under torch.compile the folding joins the graph: the cache's stamps compare storage
+        # addresses, which dynamo cannot trace
+        if torch.compiler.is_compiling():
+            return fold_batchnorm(conv, bn, dtype)
         tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var) + \
             ((conv.bias,) if conv.bias is not None else ())
         stamp = tuple((t.data_ptr(), t._version) for t in tensors) + (dtype, device)
