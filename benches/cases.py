@@ -27,7 +27,9 @@ from torch import nn
 
 import msdnet_ops
 from msdnet_ops import ops, reference
-from msdnet_ops.nn.dense_layer import append_transform_conv, read_channels
+from msdnet_ops.models.msdnet_runtime import GridRun
+from msdnet_ops.nn.bn_affine import deferred_running_stats
+from msdnet_ops.nn.dense_layer import read_channels
 from msdnet_ops.nn.feature_buffer import FeatureBuffer
 
 LAYER_VARIANTS = ("plain", "channels_last", "memory_efficient", "compile", "ours")
@@ -346,46 +348,41 @@ class MSDLayerBench:
     1x1 -> BN -> ReLU -> 3x3 (stride 1, or 2 for the strided path) -> BN -> ReLU, then
     ``torch.cat`` with the input).
 
-    Both variants compute the same function of the same data:
+    Every variant computes the same function of the same post-activation inputs:
 
-    * ``ours`` holds *raw* (pre-BN) inputs in feature buffers, with their batch statistics and
-      the producers' BN affine parameters; every read applies the producer's BN+ReLU in the
-      prologue, the new channels are appended (no cat) with their statistics, their own
-      BN+ReLU is left to their consumers.
-    * ``plain`` / ``channels_last`` / ``compile``: the reference module on the
-      post-activation inputs ``relu(BN(raw))`` (what the plain network stores); output = the
+    * ``plain`` / ``channels_last`` / ``compile``: the reference module; output = the
       concatenation.
+    * ``ours``: the cell exactly as :class:`msdnet_ops.MSDNet` trains it (its plan's cell, run
+      by a ``GridRun``): the scale buffers hold the activated inputs, each path appends
+      ``relu(bn(conv(.)))`` of a buffer prefix to the layer's buffer (no cat), backward
+      accumulates the inputs' gradients in the buffers' shared gradient.
     """
 
     def __init__(self, shape: MSDLayerShape, device, dtype=torch.float32, seed: int = 0):
         self.shape = s = shape
         self.device, self.dtype = dev, dt = torch.device(device), dtype
         torch.manual_seed(seed)
-        model = msdnet_ops.MSDNetPlain(**msdnet_ops.msdnet_config(s.config))
+        self.plain_model = model = msdnet_ops.MSDNetPlain(**msdnet_ops.msdnet_config(s.config))
         layer = next(m for _, _, m in model.dense_layers() if m.index == s.layer)
-        pos = next(i for i, sp in enumerate(layer.specs) if sp.scale == s.scale)
+        self.position = pos = next(i for i, sp in enumerate(layer.specs) if sp.scale == s.scale)
         self.spec = spec = layer.specs[pos]
         self.module = layer.layers[pos].to(dev, dt).train()
         sizes = model.scale_sizes(s.image, s.image)
         h, w = sizes[s.scale]
-        sdt = reference.stats_dtype(dt)
         shapes = ([(spec.finer_channels,) + tuple(sizes[s.scale - 1])] if spec.two_path else []) \
             + [(spec.in_channels, h, w)]
-        # per input: raw values and the producer's BN affine (trained ones are not all 1/0)
-        self.raw, self.affine, self.inputs = [], [], []
+        # what the plain network stores: relu(BN(x)) of its producers, BN affine not all 1/0
+        self.inputs = []
         for i, (c, hh, ww) in enumerate(shapes):
             raw = randn((s.batch, c, hh, ww), dev, dt, seed + 1 + i)
-            weight = (torch.rand(c, generator=_gen(seed + 10 + i)) + 0.5).to(dev, sdt)
-            bias = ((torch.rand(c, generator=_gen(seed + 20 + i)) - 0.5) * 0.2).to(dev, sdt)
-            mean, invstd = reference.channel_stats(raw, EPS)
-            post = reference.affine_relu(raw, weight * invstd, bias - weight * invstd * mean)
-            self.raw.append(raw)
-            self.affine.append((weight.requires_grad_(), bias.requires_grad_()))
+            weight = (torch.rand(c, generator=_gen(seed + 10 + i)) + 0.5).to(dev, dt)
+            bias = ((torch.rand(c, generator=_gen(seed + 20 + i)) - 0.5) * 0.2).to(dev, dt)
+            post = torch.relu(F.batch_norm(raw, None, None, weight, bias, True, 0.0, EPS))
             self.inputs.append(post.requires_grad_())
         self.grad = randn((s.batch, spec.out_channels, h, w), dev, dt, seed + 3)
         self.new = spec.out_channels - spec.in_channels
         self.hw = (h, w)
-        self._built = {}
+        self._built, self.modules = {}, {}
 
     def _baseline(self, variant):
         m, inputs, grad = self.module, self.inputs, self.grad
@@ -398,55 +395,45 @@ class MSDLayerBench:
             m = torch.compile(copy.deepcopy(m))
         elif variant != "plain":
             raise ValueError(variant)
+        self.modules[variant] = m
         return module_callables(m, inputs, grad)
 
     def _ours(self):
-        s, spec, dev, dt = self.shape, self.spec, self.device, self.dtype
-
-        def source(raw, affine, capacity):
-            n, c, h, w = raw.shape
-            buf = FeatureBuffer(n, capacity, h, w, dtype=dt, device=dev, track_stats=True, eps=EPS)
+        s, dev, dt = self.shape, self.device, self.dtype
+        model = msdnet_ops.MSDNet(**msdnet_ops.msdnet_config(s.config))
+        model.load_state_dict(self.plain_model.state_dict())
+        model = model.to(dev, dt).train()
+        layer = next(m for _, _, m in model.dense_layers() if m.index == s.layer)
+        unit = layer.layers[self.position]
+        cell = next(c for c in model.plan.cells if c.module is unit)
+        image = torch.empty((s.batch, 3, s.image, s.image), device=dev, dtype=dt)
+        sizes = model.scale_sizes(s.image, s.image)
+        buffers = {}
+        for (key, width), post in zip(cell.reads, self.inputs):  # the inputs, written once
+            buf = FeatureBuffer(s.batch, model.plan.capacity[key], *sizes[key[0]], dtype=dt,
+                                device=dev, track_stats=False)
             with torch.no_grad():
-                buf.values[:, :c] = raw
-            buf.state.compute_stats(0, c)
-            buf.filled = c
-            return buf, (True, *affine, buf.state.mean[:c], buf.state.invstd[:c])
-
-        srcs = [source(r, a, r.shape[1]) for r, a in zip(self.raw[:-1], self.affine[:-1])]
-        dst, dst_vec = source(self.raw[-1], self.affine[-1], spec.out_channels)
-        units = [self.module.conv_down, self.module.conv_normal] if spec.two_path else \
-            [self.module.conv_normal]
-        reads = srcs + [(dst, dst_vec)]
-        c_s = spec.in_channels
-
-        def path(unit, src, vecs):
-            width = src.filled if src is not dst else c_s
-            if unit.bottleneck:
-                h, w = src.spatial
-                inner = FeatureBuffer(s.batch, unit.inner_channels, h, w, dtype=dt, device=dev,
-                                      track_stats=True, eps=EPS)
-                append_transform_conv(src, width, inner, unit.conv1, *vecs)
-                n = inner.filled
-                append_transform_conv(inner, n, dst, unit.conv3, True, unit.bn1.weight,
-                                      unit.bn1.bias, inner.state.mean[:n], inner.state.invstd[:n])
-            else:
-                append_transform_conv(src, width, dst, unit.conv3, *vecs)
+                buf.values[:, :width] = post
+            buf.filled = width
+            buffers[key] = buf
+        dst, c_s = buffers[cell.writes], self.spec.in_channels
 
         def run():
-            dst.filled, dst.token = c_s, None
-            dst.state.release_grads()
-            for b, _ in srcs:
-                b.token = None
-                b.state.release_grads()
-            for unit, (src, vecs) in zip(units, reads):
-                path(unit, src, vecs)
+            for buf in buffers.values():
+                buf.token = None
+                buf.state.release_grads()
+            dst.filled = c_s
+            grid = GridRun(model, model.plan, image, None)
+            grid.buffers = dict(buffers)
+            with deferred_running_stats():  # as the model's exits batch them
+                grid.run_cell(cell.index)
 
         grad_new = self.grad[:, c_s:].contiguous()
 
         def fwdbwd():
             run()
             read_channels(dst, c_s, c_s + self.new).backward(grad_new)
-        self.ours_buffer, self.ours_units = dst, units
+        self.ours_buffer, self.modules["ours"] = dst, unit
         return run, fwdbwd
 
     def callables(self, variant):
@@ -455,21 +442,14 @@ class MSDLayerBench:
         return self._built[variant]
 
     def outputs(self, variant: str) -> list:
-        """The layer's new channels, post-activation, after one ``fwd`` of ``variant`` (ours
-        stores them raw: their BN (batch statistics) + ReLU is applied here)."""
+        """The layer's new channels (post-activation) after one ``fwd`` of ``variant``."""
         c_s = self.spec.in_channels
         out = self.callables(variant)[0]()
         if variant != "ours":
             return [out[:, c_s:].detach().clone()]
-        raw = self.ours_buffer.values[:, c_s:c_s + self.new].detach()
-        parts, start = [], 0
-        for unit in self.ours_units:
-            bn, n = unit.bn3, unit.conv3.out_channels
-            parts.append(torch.relu(F.batch_norm(raw[:, start:start + n], None, None,
-                                                 bn.weight.detach(), bn.bias.detach(), True,
-                                                 0.0, bn.eps)))
-            start += n
-        return [torch.cat(parts, 1)]
+        return [self.ours_buffer.values[:, c_s:c_s + self.new].detach().clone()]
+
+    param_grads = LayerBench.param_grads
 
 
 # =========================================================================== models

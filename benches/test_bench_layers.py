@@ -4,8 +4,8 @@ forward+backward, ours vs plain PyTorch, channels_last and torchvision memory_ef
 
     python -m pytest benches/test_bench_layers.py --benchmark-only --benchmark-group-by=group
 
-Small batches. Each case is first checked (outputs and, for DenseNet layers, parameter
-gradients agree with plain); no test asserts anything about speed.
+Small batches. Each case is first checked (outputs and parameter gradients agree with plain);
+no test asserts anything about speed.
 """
 import functools
 
