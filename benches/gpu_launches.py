@@ -8,10 +8,11 @@ instead of run. A launch becomes a :class:`Specialisation`: what ``triton.compil
 autotune candidate config. Values computed by the skipped kernels are garbage; nothing here
 depends on them.
 
-The convolution of activated buffer channels (``conv_into``/``conv_backward_``, the
-``TRANSFORM=False`` kernels) is not launched by the models yet: each convolution launch the
-models make gets its ``TRANSFORM=False`` twin (placeholders in place of the vectors, as the
-launchers pass them), marked ``twin`` in ``used_by``.
+MSDNet convolves activated buffer channels (``conv_into``/``conv_backward_``, the
+``TRANSFORM=False`` kernels); DenseNet always transforms as it reads. Each ``TRANSFORM=True``
+launch also gets its ``TRANSFORM=False`` twin (placeholders in place of the vectors, as the
+launchers pass them), marked ``twin`` in ``used_by``, so that a plain ``msdnet_ops.conv`` on
+any of those shapes compiles spill-free as well.
 """
 from __future__ import annotations
 

@@ -283,6 +283,22 @@ def _to_bfloat16_kernel(x_ptr, cast_ptr, stored_ptr, rtz_ptr, n, BLOCK: tl.const
     tl.store(rtz_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtz"), mask=mask)
 
 
+def test_split_float_parts_are_pytorchs_float32_roundings():
+    """The two float32 parts of a float64 scalar (eps of float64 kernels) are what PyTorch's
+    float64 -> float32 conversion gives (nearest, ties to even), and add up to the value to
+    ~2**-48: random magnitudes, exact float32 ties, 1/3."""
+    gen = torch.Generator().manual_seed(0)
+    values = (torch.rand(300, generator=gen, dtype=torch.float64) * 10.0
+              ** torch.randint(-8, 3, (300,), generator=gen)).tolist()
+    values += [1.0 + 2.0 ** -24, 1.0 + 3 * 2.0 ** -24, 1e-5, 1.0 / 3.0]  # ties up and down
+    for v in values:
+        hi, lo = _runtime.split_float(v)
+        want_hi = torch.tensor(v, dtype=torch.float64).to(torch.float32).item()
+        assert hi == want_hi, v
+        assert lo == torch.tensor(v - want_hi, dtype=torch.float64).to(torch.float32).item(), v
+        assert abs((hi + lo) - v) <= abs(v) * 2.0 ** -45, v
+
+
 def test_float32_to_bfloat16_rounds_to_nearest_even_like_pytorch():
     """Kernels round float32 -> bfloat16 as PyTorch and GPUs do (to nearest, ties to even; in
     the interpreter through ``msdnet_ops.triton._interpreter``, whose own conversion truncates):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import struct
 
 import torch
 import triton
@@ -143,10 +144,15 @@ def sm_count(device: torch.device) -> int:
 
 def split_float(v: float) -> tuple[float, float]:
     """``v`` as two float32-representable parts (Triton passes Python floats as float32): a
-    float64 kernel adds both to recover ``v`` to ~2**-48 relative."""
-    hi = float(torch.tensor(v, dtype=torch.float32))
-    lo = float(torch.tensor(v - hi, dtype=torch.float32))
-    return hi, lo
+    float64 kernel adds both to recover ``v`` to ~2**-48 relative. Rounded on the host in
+    Python (no tensor: a statistics launch would otherwise cost two small tensors)."""
+    hi = _float32(v)
+    return hi, _float32(v - hi)
+
+
+def _float32(v: float) -> float:
+    """``v`` rounded to the nearest float32 (ties to even, as the hardware does)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
 
 
 def next_pow2(n: int) -> int:

@@ -46,7 +46,8 @@ def _backward(grad_out, x, scale, shift, weight, g: Geometry, grad_x, grad_scale
             grad_x.zero_()
             accumulate = True
     sdt = rt.stats_dtype(x.dtype)
-    grad_w = torch.zeros(weight.shape, dtype=sdt, device=x.device)
+    # in weight's strides (the kernel writes any): returned as they are, no copy to match them
+    grad_w = torch.zeros_like(weight, dtype=sdt, device=x.device)
     if x.numel() == 0 or grad_out.numel() == 0:
         if grad_x is not None and not accumulate:
             grad_x.zero_()  # no output: no gradient, written as zeros

@@ -1,0 +1,51 @@
+"""benches/launch_count.py: the kernel launches of a training step, counted on the CPU.
+
+The counts are checked against what the models are built of (their ``Conv2d`` modules), and
+ours must not read a tensor value on the host (``.item()``, ``float(t)``): on a GPU each such
+read waits for every queued kernel.
+"""
+import os
+import sys
+
+import pytest
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benches import cases  # noqa: E402
+from benches.launch_count import count_launches  # noqa: E402
+
+NAME = "msdnet-cifar100-anytime"
+
+
+def _convolutions(name: str) -> int:
+    model, _ = cases.build_model(name, "plain", "cpu")
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def test_plain_launches_one_forward_and_one_backward_per_convolution():
+    counts = count_launches(NAME, "plain")
+    convs = _convolutions(NAME)
+    assert counts["aten.convolution"] == convs
+    assert counts["aten.convolution_backward"] == convs
+    assert counts["aten.native_batch_norm"] == convs  # MSDNet: every conv is followed by a BN
+
+
+def test_ours_launches_a_triton_convolution_per_conv_and_never_reads_values_on_the_host():
+    counts = count_launches(NAME, "ours")
+    forward = sum(n for k, n in counts.items() if k.startswith("triton._conv_fwd"))
+    assert forward == _convolutions(NAME)
+    assert counts["aten.convolution"] == 0  # no convolution left to cuDNN at these sizes
+    assert counts["aten._local_scalar_dense"] == 0
+
+
+def test_ours_densenet_never_reads_values_on_the_host():
+    counts = count_launches("densenet-bc100", "ours")
+    assert sum(n for k, n in counts.items() if k.startswith("triton.")) > 0  # it did capture
+    assert counts["aten._local_scalar_dense"] == 0
+
+
+def test_bad_variant_is_named():
+    with pytest.raises(ValueError, match="variant"):
+        count_launches(NAME, "channels_last")
