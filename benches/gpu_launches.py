@@ -16,6 +16,7 @@ any of those shapes compiles spill-free as well.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -133,34 +134,40 @@ class Recorder:
             spec.used_by.add(label)
 
 
-def capture(models=MODELS, dtypes=DTYPES, sms: int = 132, log=print) -> list:
-    """Every specialisation that ``models`` launch in a training step and an inference forward
-    (one per autotune candidate config), for each of ``dtypes``."""
-    from benches import cases
-    from msdnet_ops.triton import _runtime
-    rec = Recorder()
+@contextlib.contextmanager
+def triton_backend_on_cpu():
+    """Within the block, msdnet_ops runs the ``triton`` backend on CPU tensors (the interpreter
+    flag it requires is set; under ``capturing`` nothing is interpreted: every launch is
+    recorded, not run). The environment is restored after."""
     saved = {k: os.environ.get(k) for k in ("MSDNET_OPS_BACKEND", "TRITON_INTERPRET")}
-    # the triton backend on CPU tensors requires the interpreter flag; nothing is interpreted
-    # while capturing (every launch is recorded, not run)
     os.environ.update(MSDNET_OPS_BACKEND="triton", TRITON_INTERPRET="1")
     try:
-        with _runtime.capturing(rec, sms=sms):
-            for name, batch, image in models:
-                for dtype in dtypes:
-                    before = len(rec.specs)
-                    model, fmt = cases.build_model(name, "ours", "cpu", dtype)
-                    x, y = cases.model_input(name, batch, "cpu", dtype, fmt, image=image)
-                    rec.label = f"{name} train {str(dtype)[6:]}"
-                    model.train()
-                    cases.loss_of(model(x), y).backward()
-                    rec.label = f"{name} infer {str(dtype)[6:]}"
-                    cases.infer_fn(model, x)()
-                    log(f"[capture] {name} {str(dtype)[6:]}: {len(rec.specs) - before} new specialisations")
-                    del model, x, y
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def capture(models=MODELS, dtypes=DTYPES, sms: int = 132, log=print) -> list:
+    """Every specialisation that ``models`` launch in a training step and an inference forward
+    (one per autotune candidate config), for each of ``dtypes``."""
+    from benches import cases
+    from msdnet_ops.triton import _runtime
+    rec = Recorder()
+    with triton_backend_on_cpu(), _runtime.capturing(rec, sms=sms):
+        for name, batch, image in models:
+            for dtype in dtypes:
+                before = len(rec.specs)
+                model, fmt = cases.build_model(name, "ours", "cpu", dtype)
+                x, y = cases.model_input(name, batch, "cpu", dtype, fmt, image=image)
+                rec.label = f"{name} train {str(dtype)[6:]}"
+                model.train()
+                cases.loss_of(model(x), y).backward()
+                rec.label = f"{name} infer {str(dtype)[6:]}"
+                cases.infer_fn(model, x)()
+                log(f"[capture] {name} {str(dtype)[6:]}: {len(rec.specs) - before} new specialisations")
+                del model, x, y
     return list(rec.specs.values())

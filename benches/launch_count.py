@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -58,29 +57,23 @@ def count_launches(name: str, variant: str, batch: int = 2, image: int | None = 
     """Kernel launches, by operation, of one training forward + backward of model ``name``
     (``variant``: ``plain`` or ``ours``) at ``batch`` (counts do not depend on it)."""
     from benches import cases
+    from benches.gpu_launches import triton_backend_on_cpu
     from msdnet_ops.triton import _runtime
     if variant not in ("plain", "ours"):
         raise ValueError(f"variant: expected 'plain' or 'ours', got {variant!r}")
-    saved = {k: os.environ.get(k) for k in ("MSDNET_OPS_BACKEND", "TRITON_INTERPRET")}
-    if variant == "ours":  # the triton backend accepts CPU tensors under the interpreter flag;
-        # nothing is interpreted while capturing
-        os.environ.update(MSDNET_OPS_BACKEND="triton", TRITON_INTERPRET="1")
-    try:
+    counter = _CountOps()
+    if variant == "ours":
+        env = triton_backend_on_cpu()
+        capture = _runtime.capturing(_CountTriton(counter.counts))
+    else:
+        env = capture = contextlib.nullcontext()
+    with env:
         model, fmt = cases.build_model(name, variant, "cpu")
         x, y = cases.model_input(name, batch, "cpu", torch.float32, fmt, image=image)
         model.train()
-        counter = _CountOps()
-        capture = _runtime.capturing(_CountTriton(counter.counts)) if variant == "ours" \
-            else contextlib.nullcontext()
         with capture, counter:
             cases.loss_of(model(x), y).backward()
-        return counter.counts
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return counter.counts
 
 
 def main() -> None:
