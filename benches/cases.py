@@ -407,11 +407,10 @@ class MSDLayerBench:
         unit = layer.layers[self.position]
         cell = next(c for c in model.plan.cells if c.module is unit)
         image = torch.empty((s.batch, 3, s.image, s.image), device=dev, dtype=dt)
-        sizes = model.scale_sizes(s.image, s.image)
+        setup = GridRun(model, model.plan, image, None)
         buffers = {}
         for (key, width), post in zip(cell.reads, self.inputs):  # the inputs, written once
-            buf = FeatureBuffer(s.batch, model.plan.capacity[key], *sizes[key[0]], dtype=dt,
-                                device=dev, track_stats=False)
+            buf = setup._buffer(key)  # the scale buffer as the model makes it
             with torch.no_grad():
                 buf.values[:, :width] = post
             buf.filled = width
