@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
+import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -85,4 +87,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if ROOT not in sys.path:  # run as a script: python benches/launch_count.py
+        sys.path.insert(0, ROOT)
     main()

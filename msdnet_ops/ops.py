@@ -5,7 +5,11 @@ Ops (semantics in :mod:`msdnet_ops.reference`):
 
 =============================  ===========================================================
 ``channel_stats``              per-channel batch mean and invstd of a (strided) NCHW view
+``channel_stats_into_``        the same, written into given vectors (slices of a buffer's)
 ``channel_stats_backward_``    finalize: add the statistics part of the BN gradient, in place
+``bn_scale_shift``             a BatchNorm's ``(scale, shift)`` from weight, bias, mean, invstd
+``bn_scale_shift_backward_``   its backward: the weight's gradient; the statistics' gradients
+                               accumulated in place (one launch each on the GPU)
 ``affine_relu`` / ``_into_``   ``relu(scale*x+shift)``, allocated / written into ``out``
 ``affine_relu_backward_``      its backward, accumulated into shared gradient buffers (or
                                written, for a sole consumer: no zero-filled buffer)
@@ -104,6 +108,28 @@ def _(x, eps):
     return x.new_empty((c,), dtype=dt), x.new_empty((c,), dtype=dt)
 
 
+def _check_channel_stats_into(x, eps, mean, invstd):
+    _check_channel_stats(x, eps)
+    check.check_channel_vector(mean, "mean", x)
+    check.check_channel_vector(invstd, "invstd", x)
+    for v, name in ((mean, "mean"), (invstd, "invstd")):
+        if x.shape[1] > 1 and v.stride(0) != 1:
+            raise ValueError(f"{name}: expected unit stride, got stride {v.stride(0)}")
+
+
+@_custom_op("channel_stats_into_", mutates_args=("mean", "invstd"),
+            checks=_check_channel_stats_into)
+def channel_stats_into_(x: Tensor, eps: float, mean: Tensor, invstd: Tensor) -> None:
+    """:func:`channel_stats` written into ``mean``/``invstd`` (unit-stride vectors, e.g. the
+    slices of a buffer's statistics for the channels a layer appends: no copy afterwards)."""
+    _kernels(x).channel_stats_into(x, eps, mean, invstd)
+
+
+@_fake(channel_stats_into_)
+def _(x, eps, mean, invstd):
+    return None
+
+
 def _check_channel_stats_backward(x, mean, invstd, grad_mean, grad_invstd, grad_x):
     check.check_features(x, "x")
     for v, name in ((mean, "mean"), (invstd, "invstd"), (grad_mean, "grad_mean"), (grad_invstd, "grad_invstd")):
@@ -140,6 +166,85 @@ def _channel_stats_backward(ctx, grad_mean, grad_invstd):
 
 
 channel_stats.register_autograd(_channel_stats_backward, setup_context=_channel_stats_setup)
+
+
+# --------------------------------------------------------------------------- BatchNorm vectors
+
+def _check_bn_scale_shift(mean, invstd, weight, bias):
+    check.check_bn_mean(mean)
+    check.check_bn_vector(invstd, "invstd", mean, mean.dtype)
+    check.check_bn_vector(weight, "weight", mean, optional=True)
+    check.check_bn_vector(bias, "bias", mean, optional=True)
+
+
+@_custom_op("bn_scale_shift", mutates_args=(), checks=_check_bn_scale_shift)
+def bn_scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor | None,
+                   bias: Tensor | None) -> Tensor:
+    """A BatchNorm as the per-channel transform the kernels apply: ``[2, C]`` rows
+    ``scale = weight * invstd`` and ``shift = bias - mean * scale`` in ``mean``'s dtype
+    (``weight`` None: 1, ``bias`` None: 0). One launch on the GPU."""
+    out = mean.new_empty((2,) + tuple(mean.shape))
+    _kernels(mean).bn_scale_shift_into(mean, invstd, weight, bias, out)
+    return out
+
+
+@_fake(bn_scale_shift)
+def _(mean, invstd, weight, bias):
+    return mean.new_empty((2,) + tuple(mean.shape))
+
+
+def _check_bn_scale_shift_backward(grad, mean, invstd, weight, grad_mean, grad_invstd,
+                                   accumulate=True):
+    _check_bn_scale_shift(mean, invstd, weight, None)
+    if not isinstance(grad, torch.Tensor) or tuple(grad.shape) != (2,) + tuple(mean.shape) \
+            or grad.dtype != mean.dtype or grad.device != mean.device:
+        raise ValueError(f"grad: expected a [2, {mean.shape[0]}] {mean.dtype} tensor on "
+                         f"{mean.device} (grad_scale, grad_shift), got "
+                         f"{getattr(grad, 'shape', type(grad).__name__)}")
+    if (grad_mean is None) != (grad_invstd is None):
+        raise ValueError("grad_mean, grad_invstd: expected both (batch statistics) or neither")
+    check.check_bn_vector(grad_mean, "grad_mean", mean, mean.dtype, optional=True)
+    check.check_bn_vector(grad_invstd, "grad_invstd", mean, mean.dtype, optional=True)
+
+
+@_custom_op("bn_scale_shift_backward_", mutates_args=("grad_mean", "grad_invstd"),
+            checks=_check_bn_scale_shift_backward)
+def bn_scale_shift_backward_(grad: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+                             grad_mean: Tensor | None, grad_invstd: Tensor | None,
+                             accumulate: bool = True) -> Tensor:
+    """Backward of :func:`bn_scale_shift` for ``grad`` = rows ``(grad_scale, grad_shift)``:
+    returns the weight's gradient (the bias's is ``grad_shift``); adds the statistics'
+    gradients to ``grad_mean``/``grad_invstd`` when given (batch statistics), or with
+    ``accumulate=False`` writes them, never reading them (the statistics' sole consumer).
+    One launch on the GPU."""
+    return _kernels(mean).bn_scale_shift_backward_(grad, mean, invstd, weight, grad_mean,
+                                                   grad_invstd, accumulate)
+
+
+@_fake(bn_scale_shift_backward_)
+def _(grad, mean, invstd, weight, grad_mean, grad_invstd, accumulate=True):
+    return mean.new_empty(mean.shape)
+
+
+def _bn_scale_shift_setup(ctx, inputs, output):
+    mean, invstd, weight, bias = inputs
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(mean, invstd, weight)
+
+
+def _bn_scale_shift_autograd_backward(ctx, grad):
+    mean, invstd, weight = ctx.saved_tensors
+    grad_mean, grad_invstd = torch.empty_like(mean), torch.empty_like(invstd)
+    grad_weight = bn_scale_shift_backward_(grad.contiguous(), mean, invstd, weight, grad_mean,
+                                           grad_invstd, False)
+    return (grad_mean, grad_invstd,
+            None if ctx.weight_dtype is None else grad_weight.to(ctx.weight_dtype),
+            None if ctx.bias_dtype is None else grad[1].to(ctx.bias_dtype))
+
+
+bn_scale_shift.register_autograd(_bn_scale_shift_autograd_backward,
+                                 setup_context=_bn_scale_shift_setup)
 
 
 # --------------------------------------------------------------------------- transform

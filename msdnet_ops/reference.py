@@ -69,6 +69,37 @@ def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shif
     grad_shift.add_(dpre.sum(dim=(0, 2, 3)))
 
 
+def bn_scale_shift(mean, invstd, weight, bias) -> torch.Tensor:
+    """A BatchNorm's per-channel transform as ``[2, C]`` rows ``(scale, shift)``:
+    ``scale = weight * invstd``, ``shift = bias - mean * scale`` (``weight`` None: 1, ``bias``
+    None: 0), in ``mean``'s dtype."""
+    out = mean.new_empty((2,) + tuple(mean.shape))
+    bn_scale_shift_into(mean, invstd, weight, bias, out)
+    return out
+
+
+def bn_scale_shift_backward_(grad, mean, invstd, weight, grad_mean, grad_invstd,
+                             accumulate: bool = True) -> torch.Tensor:
+    """Backward of :func:`bn_scale_shift` for ``grad`` = rows ``(grad_scale, grad_shift)``:
+    returns ``grad_weight = invstd * centred`` with ``centred = grad_scale - grad_shift * mean``
+    (``grad_bias`` is ``grad_shift``); given ``grad_mean`` and ``grad_invstd`` (both or
+    neither: batch statistics), accumulates ``grad_invstd += weight * centred`` and
+    ``grad_mean -= grad_shift * weight * invstd``; ``accumulate=False``: writes them instead,
+    their old values never read (the statistics' sole consumer: no zero-filled vectors)."""
+    grad_scale, grad_shift = grad[0], grad[1]
+    centred = torch.addcmul(grad_scale, grad_shift, mean, value=-1)
+    if grad_invstd is not None:
+        w = None if weight is None else weight.to(mean.dtype)
+        scale = invstd if w is None else w * invstd
+        if accumulate:
+            grad_invstd.add_(centred) if w is None else grad_invstd.addcmul_(w, centred)
+            grad_mean.addcmul_(grad_shift, scale, value=-1)
+        else:
+            grad_invstd.copy_(centred) if w is None else torch.mul(w, centred, out=grad_invstd)
+            torch.mul(grad_shift, scale, out=grad_mean).neg_()
+    return invstd * centred
+
+
 def transform_conv(x, scale, shift, weight, stride: int, padding: int, pool: int) -> torch.Tensor:
     """``conv2d(avg_pool(relu(scale*x+shift), pool), weight, stride, padding)`` (no bias).
 
@@ -128,8 +159,26 @@ def gather_batch(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 # "_into" forms: the signatures the compiled and Triton kernels share (write into ``out``).
 
+def channel_stats_into(x, eps, mean, invstd) -> None:
+    m, i = channel_stats(x, eps)
+    mean.copy_(m)
+    invstd.copy_(i)
+
+
 def affine_relu_into(x, scale, shift, out) -> None:
     out.copy_(affine_relu(x, scale, shift))
+
+
+def bn_scale_shift_into(mean, invstd, weight, bias, out) -> None:
+    scale, shift = out[0], out[1]
+    if weight is None:
+        scale.copy_(invstd)
+    else:
+        torch.mul(weight.to(mean.dtype), invstd, out=scale)
+    if bias is None:
+        torch.mul(mean, scale, out=shift).neg_()
+    else:
+        torch.addcmul(bias.to(mean.dtype), mean, scale, value=-1, out=shift)
 
 
 def transform_conv_into(x, scale, shift, weight, stride, padding, pool, out) -> None:

@@ -46,6 +46,32 @@ def check_channel_vector(v, name: str, x: torch.Tensor, x_name: str = "x") -> No
         raise ValueError(f"{name}: expected a tensor on {x.device} like {x_name}, got {v.device}")
 
 
+def check_bn_mean(mean) -> None:
+    """A BatchNorm's statistics vector: 1-D, float32 or float64 (the stats dtypes)."""
+    if not isinstance(mean, torch.Tensor):
+        raise TypeError(f"mean: expected a torch.Tensor, got {type(mean).__name__}")
+    if mean.dim() != 1 or mean.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"mean: expected 1-D float32 or float64 statistics, got shape "
+                        f"{tuple(mean.shape)} {mean.dtype}")
+
+
+def check_bn_vector(v, name: str, mean: torch.Tensor, dtype=None, optional: bool = False) -> None:
+    """A BatchNorm per-channel vector beside ``mean`` (checked by :func:`check_bn_mean`):
+    ``mean``'s length and device, ``dtype`` if given (else any floating dtype); None allowed
+    when ``optional``."""
+    if v is None and optional:
+        return
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(v).__name__}")
+    if tuple(v.shape) != tuple(mean.shape):
+        raise ValueError(f"{name}: expected shape {tuple(mean.shape)} (one value per channel, as "
+                         f"mean), got {tuple(v.shape)}")
+    if not v.dtype.is_floating_point or (dtype is not None and v.dtype != dtype):
+        raise TypeError(f"{name}: expected dtype {dtype or 'floating'}, got {v.dtype}")
+    if v.device != mean.device:
+        raise ValueError(f"{name}: expected a tensor on {mean.device} like mean, got {v.device}")
+
+
 def check_not_overlapping(out: torch.Tensor, out_name: str, *inputs: tuple[torch.Tensor, str]) -> None:
     """A written tensor must not share memory with a tensor the same kernel reads. Channel views
     of one NCHW buffer interleave in memory, so for those compare channel ranges."""

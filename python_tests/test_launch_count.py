@@ -46,6 +46,29 @@ def test_ours_densenet_never_reads_values_on_the_host():
     assert counts["aten._local_scalar_dense"] == 0
 
 
+def _batchnorms(name: str) -> int:
+    model, _ = cases.build_model(name, "plain", "cpu")
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", [NAME, "densenet-bc100"])
+def test_ours_batchnorm_vectors_are_one_launch_each_way_per_batchnorm(name):
+    """Each BatchNorm's (scale, shift) and their backward are one kernel each: no per-channel
+    PyTorch arithmetic (which took 6 launches per BatchNorm), no copy of statistics into a
+    buffer's vectors, and the running-statistics counters in one launch; in all, DenseNet
+    launches no more kernels than plain."""
+    counts = count_launches(name, "ours")
+    bns = _batchnorms(name)
+    assert counts["triton._bn_scale_shift_kernel"] == bns
+    assert counts["triton._bn_scale_shift_backward_kernel"] == bns
+    # per BatchNorm these would number about bns (>= 99); the few left are the loss's and the
+    # stem's copy into its first buffer
+    for op in ("aten.mul", "aten.addcmul", "aten.addcmul_", "aten.copy_", "aten.add_"):
+        assert counts[op] <= 3, (op, counts[op])
+    if name == "densenet-bc100":
+        assert sum(counts.values()) <= sum(count_launches(name, "plain").values())
+
+
 def test_bad_variant_is_named():
     with pytest.raises(ValueError, match="variant"):
         count_launches(NAME, "channels_last")

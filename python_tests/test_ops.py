@@ -52,6 +52,17 @@ def test_opcheck_every_op(backend, use_backend):
         xd, scale.detach(), shift.detach(), torch.randn_like(xd), torch.zeros_like(xd),
         torch.zeros(5, dtype=F64, device=dev), torch.zeros(5, dtype=F64, device=dev)))
     torch.library.opcheck(ops.gather_batch, (xd, torch.tensor([2, 0], device=dev)))
+    stats = torch.zeros(2, 7, dtype=F64, device=dev)
+    torch.library.opcheck(ops.channel_stats_into_, (xd, 1e-5, stats[0, 1:6], stats[1, 2:7]))
+    w, b = _vec(5, device=dev).requires_grad_(), _vec(5, device=dev).requires_grad_()
+    for weight, bias in ((w, b), (w, None), (None, None)):
+        torch.library.opcheck(ops.bn_scale_shift, (mean.clone().requires_grad_(),
+                                                   invstd.clone().requires_grad_(), weight, bias))
+        grad = torch.randn(2, 5, dtype=F64, device=dev)
+        torch.library.opcheck(ops.bn_scale_shift_backward_, (
+            grad, mean, invstd, None if weight is None else weight.detach(),
+            _vec(5, device=dev), _vec(5, device=dev)))
+        torch.library.opcheck(ops.bn_scale_shift_backward_, (grad, mean, invstd, None, None, None))
 
 
 CONV_GEOMETRIES = [(1, 1, 1), (3, 1, 1), (3, 2, 1), (1, 2, 1), (1, 1, 2)]
@@ -87,6 +98,83 @@ def test_gradcheck_stats_and_affine(backend, use_backend):
     scale = _vec(3, device=dev).requires_grad_()
     shift = _vec(3, device=dev).requires_grad_()
     assert gradcheck(ops.affine_relu, (x, scale, shift))
+    mean = _vec(3, device=dev).requires_grad_()
+    invstd = _vec(3, device=dev, lo=0.5, hi=2.0).requires_grad_()
+    assert gradcheck(ops.bn_scale_shift, (mean, invstd, scale, shift))
+    assert gradcheck(lambda m, i: ops.bn_scale_shift(m, i, None, None), (mean, invstd))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_channel_stats_into_writes_slices_of_a_buffers_statistics(backend, use_backend, dtype):
+    """The statistics written into slices of longer vectors (a dense layer's channels of its
+    buffer's statistics) are ``reference.channel_stats``'s, the values around them untouched."""
+    dev = use_backend(backend)
+    if dtype == F64:
+        require_float64(backend, dev)
+    torch.manual_seed(5)
+    _, x = _buffer_prefix(3, 5, 5, 3, dtype=dtype, device=dev)
+    sdt = reference.stats_dtype(dtype)
+    mean, invstd = torch.full((9,), 7.0, dtype=sdt, device=dev), torch.full((9,), 7.0, dtype=sdt, device=dev)
+    ops.channel_stats_into_(x, 1e-5, mean[2:7], invstd[4:9])
+    want_mean, want_invstd = reference.channel_stats(x.cpu().to(F64), 1e-5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean[2:7].cpu().to(F64), want_mean, **tol)
+    torch.testing.assert_close(invstd[4:9].cpu().to(F64), want_invstd, **tol)
+    assert (mean[:2] == 7).all() and (mean[7:] == 7).all() and (invstd[:4] == 7).all()
+
+
+def _strided_vec(c, dtype, dev, lo=-1.0, hi=1.0):
+    """Every other value of a longer vector: per-channel vectors read through their stride."""
+    return torch.empty(2 * c, dtype=dtype, device=dev).uniform_(lo, hi)[::2]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("params", ["weight+bias", "weight", "none"])
+def test_bn_scale_shift_is_batchnorms_transform_and_its_gradient(backend, use_backend, dtype,
+                                                                  params):
+    """``scale*x + shift`` is ``F.batch_norm`` with the same statistics and parameters; the
+    backward's gradients (weight returned, statistics accumulated onto what was there) are
+    autograd's of the plain formula. 67 channels: more than one Triton block in the
+    interpreter; strided vectors."""
+    dev = use_backend(backend)
+    if dtype == F64:
+        require_float64(backend, dev)
+    torch.manual_seed(3)
+    c, eps = 67, 1e-5
+    mean = _strided_vec(c, dtype, dev)
+    var = _strided_vec(c, dtype, dev, 0.2, 3.0)
+    invstd = torch.rsqrt(var + eps)
+    weight = _strided_vec(c, dtype, dev) if params != "none" else None
+    bias = _strided_vec(c, dtype, dev) if params == "weight+bias" else None
+    got = ops.bn_scale_shift(mean, invstd, weight, bias)
+    x = torch.randn(2, c, 3, 2, dtype=dtype, device=dev)
+    want = F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(x * got[0].view(1, -1, 1, 1) + got[1].view(1, -1, 1, 1), want,
+                               **tol)
+
+    leaves = [t.detach().clone().requires_grad_() for t in (mean, invstd)]
+    w_leaf = torch.ones(c, dtype=dtype, device=dev) if weight is None else weight.detach().clone()
+    w_leaf.requires_grad_()
+    scale = w_leaf * leaves[1]
+    shift = -leaves[0] * scale + (0 if bias is None else bias)
+    grad = torch.randn(2, c, dtype=dtype, device=dev)
+    want_mean, want_invstd, want_weight = torch.autograd.grad(
+        (scale * grad[0]).sum() + (shift * grad[1]).sum(), leaves + [w_leaf])
+    before_mean, before_invstd = _strided_vec(c, dtype, dev), _strided_vec(c, dtype, dev)
+    grad_mean, grad_invstd = before_mean.clone(), before_invstd.clone()
+    grad_weight = ops.bn_scale_shift_backward_(grad, mean, invstd, weight, grad_mean, grad_invstd)
+    torch.testing.assert_close(grad_weight, want_weight, **tol)
+    torch.testing.assert_close(grad_mean - before_mean, want_mean, **tol)
+    torch.testing.assert_close(grad_invstd - before_invstd, want_invstd, **tol)
+    again = ops.bn_scale_shift_backward_(grad, mean, invstd, weight, None, None)
+    torch.testing.assert_close(again, want_weight, **tol)
+    written = torch.full((2, c), float("nan"), dtype=dtype, device=dev)  # never read
+    ops.bn_scale_shift_backward_(grad, mean, invstd, weight, written[0], written[1], False)
+    torch.testing.assert_close(written[0], want_mean, **tol)
+    torch.testing.assert_close(written[1], want_invstd, **tol)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -140,6 +228,20 @@ def test_bad_input_is_rejected_before_any_kernel(use_backend):
         ops.channel_stats(torch.randn(1, 3, 1, 1), 1e-5)
     with pytest.raises(ValueError, match="index: expected values in"):
         ops.gather_batch(x, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="mean: expected unit stride"):
+        ops.channel_stats_into_(x, 1e-5, torch.zeros(10)[::2], torch.zeros(5))
+    with pytest.raises(TypeError, match="invstd: expected dtype torch.float32"):
+        ops.channel_stats_into_(x, 1e-5, torch.zeros(5), torch.zeros(5, dtype=F64))
+    with pytest.raises(ValueError, match=r"weight: expected shape \(5,\)"):
+        ops.bn_scale_shift(s, s, torch.ones(4), None)
+    with pytest.raises(TypeError, match="invstd: expected dtype torch.float32"):
+        ops.bn_scale_shift(s, s.double(), None, None)
+    with pytest.raises(TypeError, match="mean: expected 1-D float32 or float64"):
+        ops.bn_scale_shift(s.half(), s.half(), None, None)
+    with pytest.raises(ValueError, match=r"grad: expected a \[2, 5\]"):
+        ops.bn_scale_shift_backward_(torch.zeros(5), s, s, None, None, None)
+    with pytest.raises(ValueError, match="grad_mean, grad_invstd: expected both"):
+        ops.bn_scale_shift_backward_(torch.zeros(2, 5), s, s, None, torch.zeros(5), None)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "cuda", pytest.param(
@@ -463,3 +565,44 @@ def test_transform_conv_backward_writes_without_reading_when_not_accumulating(
     assert (gx_buf[:, 6:] == 3.0).all()
     for got, want in ((gs, want_gs), (gh, want_gh), (got_w, want_w)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("k,stride,pool", [(1, 1, 2), (3, 2, 1)])
+def test_conv_backwards_read_a_channel_slice_of_a_gradient(backend, use_backend, layout, k,
+                                                            stride, pool):
+    """``grad_out`` may be a channel slice of a bigger gradient (a dense layer's share of its
+    buffer's shared gradient, which DenseNet's backward passes as it is): both convolution
+    backwards give the reference's gradients for the same values held densely."""
+    dev = use_backend(backend)
+    require_float64(backend, dev)
+    torch.manual_seed(29)
+    prefix = _nhwc_prefix if layout == "nhwc" else _buffer_prefix
+    _, x = prefix(2, 5, 7, 5, device=dev)
+    scale, shift = _vec(5, device=dev, lo=0.5, hi=1.5), _vec(5, device=dev)
+    w = torch.randn(3, 5, k, k, dtype=F64, device=dev)
+    pad = (k - 1) // 2
+    out_shape = ops.conv(x, w, stride, pad, pool).shape
+    n, _, ho, wo = out_shape
+    grad_buf, _ = prefix(n, 7, ho, wo, cap_extra=0, device=dev)
+    grad_out = grad_buf[:, 2:5]
+    assert not grad_out.is_contiguous() and not grad_out.is_contiguous(
+        memory_format=torch.channels_last)
+    dense_grad = grad_out.cpu().contiguous()
+    xc, sc, hc, wc = x.cpu(), scale.cpu(), shift.cpu(), w.cpu()
+
+    want_gx, want_gs, want_gh = torch.zeros_like(xc), torch.zeros(5, dtype=F64), torch.zeros(5, dtype=F64)
+    want_gw = reference.transform_conv_backward_(dense_grad, xc, sc, hc, wc, stride, pad, pool,
+                                                 want_gx, want_gs, want_gh)
+    gx, gs, gh = torch.zeros_like(x), torch.zeros(5, dtype=F64, device=dev), torch.zeros(5, dtype=F64, device=dev)
+    gw = ops.transform_conv_backward_(grad_out, x, scale, shift, w, stride, pad, pool, gx, gs, gh)
+    for got, want in ((gw, want_gw), (gx, want_gx), (gs, want_gs), (gh, want_gh)):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+
+    want_gx = torch.zeros_like(xc)
+    want_gw = reference.conv_backward_(dense_grad, xc, wc, stride, pad, pool, want_gx)
+    gx = torch.zeros_like(x)
+    gw = ops.conv_backward_(grad_out, x, w, stride, pad, pool, gx)
+    torch.testing.assert_close(gw.cpu(), want_gw, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx.cpu(), want_gx, rtol=1e-10, atol=1e-10)

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 from ..kernels import cpu as _kernels
 from ..kernels import cpu_conv
+from .. import reference as _ref
 from . import composed
 
 channel_stats = _kernels.channel_stats
+channel_stats_into = _kernels.channel_stats_into
 channel_stats_backward_ = _kernels.channel_stats_backward_
 affine_relu_into = _kernels.affine_relu_into
 affine_relu_backward_ = _kernels.affine_relu_backward_
 gather_batch_into = _kernels.gather_batch_into
+# a BatchNorm's per-channel vectors (C values): PyTorch's own ops
+bn_scale_shift_into = _ref.bn_scale_shift_into
+bn_scale_shift_backward_ = _ref.bn_scale_shift_backward_
 conv_backward_ = cpu_conv.conv_backward_
 conv_bias_relu = cpu_conv.conv_bias_relu
 

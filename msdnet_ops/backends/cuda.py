@@ -4,13 +4,18 @@ cuDNN on dense inputs, the transform-convolutions composed with the transform ke
 from __future__ import annotations
 
 from ..kernels import cuda as _kernels
+from .. import reference as _ref
 from . import composed
 
 channel_stats = _kernels.channel_stats
+channel_stats_into = _kernels.channel_stats_into
 channel_stats_backward_ = _kernels.channel_stats_backward_
 affine_relu_into = _kernels.affine_relu_into
 affine_relu_backward_ = _kernels.affine_relu_backward_
 gather_batch_into = _kernels.gather_batch_into
+# a BatchNorm's per-channel vectors (C values): PyTorch's own ops
+bn_scale_shift_into = _ref.bn_scale_shift_into
+bn_scale_shift_backward_ = _ref.bn_scale_shift_backward_
 conv_backward_ = composed.conv_backward_
 conv_bias_relu = composed.conv_bias_relu
 

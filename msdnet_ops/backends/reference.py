@@ -6,10 +6,13 @@ from .. import reference as _ref
 from . import composed
 
 channel_stats = _ref.channel_stats
+channel_stats_into = _ref.channel_stats_into
 channel_stats_backward_ = _ref.channel_stats_backward_
 affine_relu_into = _ref.affine_relu_into
 affine_relu_backward_ = _ref.affine_relu_backward_
 gather_batch_into = _ref.gather_batch_into
+bn_scale_shift_into = _ref.bn_scale_shift_into
+bn_scale_shift_backward_ = _ref.bn_scale_shift_backward_
 transform_conv_into = _ref.transform_conv_into
 transform_conv_backward_ = _ref.transform_conv_backward_
 conv_into = _ref.conv_into

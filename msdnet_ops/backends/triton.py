@@ -13,10 +13,13 @@ from .. import triton as _kernels
 from . import composed
 
 channel_stats = _kernels.channel_stats
+channel_stats_into = _kernels.channel_stats_into
 channel_stats_backward_ = _kernels.channel_stats_backward_
 affine_relu_into = _kernels.affine_relu_into
 affine_relu_backward_ = _kernels.affine_relu_backward_
 gather_batch_into = _kernels.gather_batch_into
+bn_scale_shift_into = _kernels.bn_scale_shift_into
+bn_scale_shift_backward_ = _kernels.bn_scale_shift_backward_
 conv_into = _kernels.conv_into
 conv_backward_ = _kernels.conv_backward_
 

@@ -11,6 +11,7 @@ Both modules have the same functions with the same signatures, taking torch tens
     available() -> bool
     load_error() -> str | None
     channel_stats(x, eps) -> (mean, invstd)
+    channel_stats_into(x, eps, mean, invstd) -> None
     channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x) -> None
     affine_relu_into(x, scale, shift, out) -> None
     affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift,

@@ -33,12 +33,15 @@ def _code(t: torch.Tensor) -> int:
 
 
 def channel_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    m = _module()
-    code = _code(x)
     mean = torch.empty(x.shape[1], dtype=stats_dtype(x.dtype))
     invstd = torch.empty_like(mean)
-    m.channel_stats(code, view(x), float(eps), vec(mean), vec(invstd), torch.get_num_threads())
+    channel_stats_into(x, eps, mean, invstd)
     return mean, invstd
+
+
+def channel_stats_into(x, eps: float, mean, invstd) -> None:
+    _module().channel_stats(_code(x), view(x), float(eps), vec(mean), vec(invstd),
+                            torch.get_num_threads())
 
 
 def channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x) -> None:

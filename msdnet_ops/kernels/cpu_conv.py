@@ -37,7 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..layout import memory_format_of
+from ..layout import dense, memory_format_of
 from . import cpu as _kernels
 
 
@@ -132,6 +132,8 @@ def dense_conv_backward(grad_out, z, weight, stride: int, padding: int):
     oneDNN's combined backward, or on the CPU its input gradient alone with the weight
     gradient as an im2col GEMM (measured 1.2-1.7x faster for the classifiers' 3x3
     convolutions to 128 channels, slower for narrow outputs), chosen per shape by timing."""
+    grad_out = dense(grad_out)  # a buffer's channel slice: the engines take dense tensors
+
     def trial(impl):
         return lambda: impl(grad_out, z, weight, stride, padding)
     candidates = ("onednn", "gemm") if _split_applies(grad_out, z, weight) else ("onednn",)
@@ -350,6 +352,7 @@ def conv_bias_relu(x, weight, bias, stride: int, padding: int, out=None) -> torc
 
 def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.Tensor:
     """Accumulates the input gradient into ``grad_x`` (``+=``); returns ``grad_weight``."""
+    grad_out = dense(grad_out)  # a buffer's channel slice: the engines take dense tensors
     if not _gemm_applies(x, weight, stride, padding, pool, grad_out, grad_x):
         forced_choice()  # a bad setting is refused even where only oneDNN applies
         return _bwd_onednn(grad_out, x, weight, stride, padding, pool, grad_x)

@@ -42,15 +42,19 @@ def _workspace(m, code: int, x: torch.Tensor, device: int) -> torch.Tensor:
 
 
 def channel_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.empty(x.shape[1], dtype=stats_dtype(x.dtype), device=x.device)
+    invstd = torch.empty_like(mean)
+    channel_stats_into(x, eps, mean, invstd)
+    return mean, invstd
+
+
+def channel_stats_into(x, eps: float, mean, invstd) -> None:
     m = _module()
     code = DTYPE_CODES[x.dtype]
     device, stream = _launch(x)
-    mean = torch.empty(x.shape[1], dtype=stats_dtype(x.dtype), device=x.device)
-    invstd = torch.empty_like(mean)
     ws = _workspace(m, code, x, device)
     m.channel_stats(code, view(x), float(eps), vec(mean), vec(invstd), ws.data_ptr(), ws.numel(),
                     device, stream)
-    return mean, invstd
 
 
 def channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x) -> None:

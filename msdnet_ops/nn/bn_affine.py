@@ -13,32 +13,34 @@ import threading
 
 import torch
 
+from .. import ops
+
 
 class AffineParams:
     """scale/shift for one consumer of channels [0, c), with what backward needs."""
 
     def __init__(self, weight, bias, mean, invstd, batch_stats: bool):
-        dt = mean.dtype
-        mean, invstd = mean.detach(), invstd.detach()
-        self.weight = torch.ones_like(mean) if weight is None else weight.detach().to(dt)
-        bias = torch.zeros_like(mean) if bias is None else bias.detach().to(dt)
-        self.mean, self.invstd, self.batch_stats = mean, invstd, batch_stats
-        self.scale = (self.weight * invstd).contiguous()
-        self.shift = torch.addcmul(bias, mean, self.scale, value=-1).contiguous()
+        self.mean, self.invstd = mean.detach(), invstd.detach()
+        self.weight = None if weight is None else weight.detach()
+        self.batch_stats = batch_stats
+        self.scale, self.shift = ops.eager.bn_scale_shift(
+            self.mean, self.invstd, self.weight, None if bias is None else bias.detach())
 
     def zero_grads(self):
-        """Zeroed ``(grad_scale, grad_shift)`` for the kernels to accumulate into (one
-        allocation for the two)."""
+        """Zeroed rows ``(grad_scale, grad_shift)`` for the kernels to accumulate into (one
+        allocation, the form :meth:`backward` takes)."""
         return self.scale.new_zeros((2,) + self.scale.shape)
 
-    def backward(self, grad_scale, grad_shift, state, channels: int):
-        """Returns (grad_weight, grad_bias); in training adds the statistics gradients to the
-        buffer's ``grad_mean``/``grad_invstd`` (applied once per channel at finalize)."""
-        centred = torch.addcmul(grad_scale, grad_shift, self.mean, value=-1)
-        if self.batch_stats:
-            state.grad_invstd[:channels].addcmul_(self.weight, centred)
-            state.grad_mean[:channels].addcmul_(grad_shift, self.scale, value=-1)
-        return self.invstd * centred, grad_shift
+    def backward(self, grads, state, channels: int, accumulate: bool = True):
+        """Returns (grad_weight, grad_bias) for ``grads`` from :meth:`zero_grads`; in training
+        adds the statistics gradients to the buffer's ``grad_mean``/``grad_invstd`` (applied
+        once per channel at finalize), or writes them (``accumulate=False``: this consumer is
+        the only one of the statistics)."""
+        stats_grads = ((state.grad_mean[:channels], state.grad_invstd[:channels])
+                       if self.batch_stats else (None, None))
+        grad_weight = ops.eager.bn_scale_shift_backward_(grads, self.mean, self.invstd,
+                                                         self.weight, *stats_grads, accumulate)
+        return grad_weight, grads[1]
 
 
 class _Deferred(threading.local):
@@ -72,9 +74,10 @@ def _apply_running_stats(updates) -> None:
         variances = torch._foreach_pow([u[2] for u in updates], -2)
         torch._foreach_sub_(variances, [u[3] for u in updates])
         torch._foreach_mul_(variances, [u[4] for u in updates])
+        # one launch for all the counters (a module appears at most once in ``updates``)
+        torch._foreach_add_([u[0].num_batches_tracked for u in updates], 1)
         groups: dict = {}
         for (bn, mean, *_), var in zip(updates, variances):
-            bn.num_batches_tracked.add_(1)
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
             group = groups.setdefault(factor, ([], [], [], []))
             for store, value in zip(group, (bn.running_mean, bn.running_var, mean, var)):

@@ -52,16 +52,21 @@ class BufferState:
         if not self.track_stats:
             return
         x = self.values[:, start:stop]
+        channels = self.values.shape[1]
+        whole = start == 0 and stop == channels  # the only write (a unit's or a bottleneck's)
+        if self.mean is None and not whole:
+            self.mean = x.new_zeros(channels, dtype=stats_dtype(x.dtype))
+            self.invstd = torch.ones_like(self.mean)
+        if self.sync_group is None and not whole:  # straight into the buffer's vectors
+            ops.eager.channel_stats_into_(x, self.eps, self.mean[start:stop],
+                                          self.invstd[start:stop])
+            return
         mean, invstd = ops.eager.channel_stats(x, self.eps)
         if self.sync_group is not None:
             mean, invstd = self._all_reduce_stats(mean, invstd)
-        channels = self.values.shape[1]
-        if start == 0 and stop == channels:  # the only write (a unit's or a bottleneck's output)
+        if whole:
             self.mean, self.invstd = mean, invstd
             return
-        if self.mean is None:
-            self.mean = mean.new_zeros(channels)
-            self.invstd = invstd.new_ones(channels)
         self.mean[start:stop] = mean
         self.invstd[start:stop] = invstd
 
@@ -131,15 +136,17 @@ class BufferState:
         self.restore_values()
         return self.sole_reader and channels == self.values.shape[1]
 
-    def ensure_grads(self, uninitialised: bool = False) -> None:
+    def ensure_grads(self, uninitialised: bool = False, stats_uninitialised: bool = False) -> None:
         """Allocates the shared gradient (zeros) the first time a consumer needs it.
         ``uninitialised``: the caller's first kernel writes every value rather than adding to
-        it (a sole consumer), so no zero fill."""
+        it (a sole consumer), so no zero fill; ``stats_uninitialised``: the same for the
+        statistics' gradients (a sole consumer normalizing with these batch statistics)."""
         if self.grad is None:
             self.restore_values()  # the gradient takes the values' shape and layout
             self.grad = (torch.empty_like if uninitialised else torch.zeros_like)(self.values)
             if self.track_stats:  # one allocation for the two vectors
-                self.grad_mean, self.grad_invstd = self.values.new_zeros(
+                self.grad_mean, self.grad_invstd = (
+                    self.values.new_empty if stats_uninitialised else self.values.new_zeros)(
                     (2, self.values.shape[1]), dtype=stats_dtype(self.values.dtype))
 
     def finalize(self, start: int, stop: int, with_stats: bool = True) -> torch.Tensor:

@@ -97,11 +97,11 @@ class TransformRead(torch.autograd.Function):
         src, c, affine = ctx.src, ctx.channels, ctx.affine
         accumulate = not src.sole_gradient(c)
         src.ensure_grads(uninitialised=not accumulate)
-        grad_scale, grad_shift = affine.zero_grads()
+        grads = affine.zero_grads()
         ops.eager.affine_relu_backward_(src.values[:, :c], affine.scale, affine.shift,
-                                        dense(grad_z), src.grad[:, :c], grad_scale,
-                                        grad_shift, accumulate)
-        grad_w, grad_b = affine.backward(grad_scale, grad_shift, src, c)
+                                        dense(grad_z), src.grad[:, :c], grads[0], grads[1],
+                                        accumulate)
+        grad_w, grad_b = affine.backward(grads, src, c)
         _release(ctx, "src", "affine")
         return (None, None, None, grad_w, grad_b, None, None,
                 grad_z.new_empty(0) if ctx.has_token else None)
@@ -136,11 +136,11 @@ def _read_conv_backward(grad_out, src, channels: int, affine, weight, conv):
     x, grad_x = src.values[:, :channels], src.grad[:, :channels]
     if affine is None:
         return ops.eager.conv_backward_(grad_out, x, weight, *conv, grad_x), None, None
-    grad_scale, grad_shift = affine.zero_grads()
+    grads = affine.zero_grads()
     grad_weight = ops.eager.transform_conv_backward_(grad_out, x, affine.scale, affine.shift,
-                                                     weight, *conv, grad_x, grad_scale,
-                                                     grad_shift, accumulate)
-    return (grad_weight,) + affine.backward(grad_scale, grad_shift, src, channels)
+                                                     weight, *conv, grad_x, grads[0], grads[1],
+                                                     accumulate)
+    return (grad_weight,) + affine.backward(grads, src, channels)
 
 
 class TransformConvWrite(torch.autograd.Function):
@@ -188,7 +188,9 @@ class TransformConvWrite(torch.autograd.Function):
             grad_out = grad_out * ctx.mask
         if start == 0 and src is not dst:
             dst.release_grads()  # the first writer of a buffer runs backward last
-        grad_weight, grad_w, grad_b = _read_conv_backward(dense(grad_out), src, ctx.channels,
+        # grad_out may be a channel slice of dst's gradient: the Triton kernels read it in
+        # place; engines that take dense tensors only (oneDNN, cuDNN) copy it themselves
+        grad_weight, grad_w, grad_b = _read_conv_backward(grad_out, src, ctx.channels,
                                                           ctx.affine, weight, ctx.conv)
         grad_weight = grad_weight.to(ctx.weight_dtype)
         _release(ctx, "src", "dst", "affine", "mask")
@@ -252,11 +254,13 @@ class ConvBNReLUWrite(torch.autograd.Function):
         grad_z = dst.finalize(start, start + channels, with_stats=False)
         if start == 0:
             dst.release_grads()  # the first writer of a buffer runs backward last
-        y.ensure_grads(uninitialised=True)  # this unit is y's sole consumer: written, not added
-        grad_scale, grad_shift = affine.zero_grads()
+        # this unit is the sole consumer of y and of y's statistics (y tracks them exactly
+        # when bn normalizes with them): their gradients are written, not added
+        y.ensure_grads(uninitialised=True, stats_uninitialised=True)
+        grads = affine.zero_grads()
         ops.eager.affine_relu_backward_(y.values, affine.scale, affine.shift, grad_z, y.grad,
-                                        grad_scale, grad_shift, False)
-        grad_bn_w, grad_bn_b = affine.backward(grad_scale, grad_shift, y, channels)
+                                        grads[0], grads[1], False)
+        grad_bn_w, grad_bn_b = affine.backward(grads, y, channels, accumulate=False)
         grad_y = y.finalize(0, channels)
         grad_weight, grad_in_w, grad_in_b = _read_conv_backward(grad_y, src, ctx.channels,
                                                                 ctx.read, weight, ctx.conv)

@@ -112,16 +112,29 @@ def channel_stats(x, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean, invstd)`` of each channel of ``x`` (NCHW, any strides) over (N, H, W), as
     ``reference.channel_stats``; vectors in float32 (float64 for float64 ``x``)."""
     rt.check_features("x", x)
+    sdt = rt.stats_dtype(x.dtype)
+    mean = torch.empty(x.shape[1], dtype=sdt, device=x.device)
+    invstd = torch.empty_like(mean)
+    channel_stats_into(x, eps, mean, invstd)
+    return mean, invstd
+
+
+def channel_stats_into(x, eps: float, mean, invstd) -> None:
+    """:func:`channel_stats` written into ``mean``/``invstd`` (unit stride: e.g. a slice of a
+    buffer's statistics)."""
+    rt.check_features("x", x)
     N, C, H, W = x.shape
     L = N * H * W
     if L == 0:
         raise ValueError(f"x: channel statistics need at least one value per channel, got shape {tuple(x.shape)}")
     sdt = rt.stats_dtype(x.dtype)
     dev = x.device
-    mean = torch.empty(C, dtype=sdt, device=dev)
-    invstd = torch.empty(C, dtype=sdt, device=dev)
+    for name, v in (("mean", mean), ("invstd", invstd)):
+        rt.check_vector(name, v, C, dev, sdt)
+        if C > 1 and v.stride(0) != 1:
+            raise ValueError(f"{name}: expected unit stride, got stride {v.stride(0)}")
     if C == 0:
-        return mean, invstd
+        return
     interp = rt.interpreting(_channel_stats_partial_kernel, dev)
     block = INTERPRET_BLOCK if interp else GPU_BLOCK
     blocks = triton.cdiv(L, block)
@@ -141,7 +154,6 @@ def channel_stats(x, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         rt.launch(_channel_stats_merge_kernel, (C,),
                   (part, mean, invstd, n_chunks, *rt.split_float(eps)),
                   dict(ACC_DTYPE=acc), dict(CHUNKS=rt.next_pow2(n_chunks)), dev)
-    return mean, invstd
 
 
 # ----------------------------------------------------------------------------- backward
