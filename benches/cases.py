@@ -596,6 +596,28 @@ def infer_fn(model, x):
     return infer
 
 
+def cuda_graphed(fn, device, warmup: int = 3):
+    """``fn`` (a training step or an inference call on fixed tensors, as above) captured whole
+    in a CUDA graph; returns a callable that replays it. ``warmup`` eager calls on a side stream
+    come first, so that what runs once (the fused/unfused choices, autotuning, the optimizer's
+    state) is done before the capture (the whole-network recipe of PyTorch's CUDA-graph
+    notes). Replays launch the captured kernels with no Python or launch cost per kernel; the
+    step must never read a tensor value on the host (ours does not: test_launch_count.py)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device: CUDA graphs need a CUDA device, got {device}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 # =========================================================================== dense blocks
 
 def build_dense_block(variant: str, layers: int, device, dtype=torch.float32, cin: int = 24,

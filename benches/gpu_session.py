@@ -9,7 +9,8 @@
    step, inference and peak training memory, ours (``MSDNET_OPS_BACKEND=auto``: per shape the
    fused Triton kernel or materialise-then-cuDNN, timed once and cached by
    ``msdnet_ops.conv_choice``) against plain cuDNN, channels_last, memory_efficient and, as
-   time allows, torch.compile;
+   time allows, plain and ours with each step captured in a CUDA graph (no per-kernel launch
+   cost: what the roofline's "launches free" column predicts) and torch.compile;
 4. writes ``RESULTS-gpu.md`` and ``results-gpu.json``.
 
 Every step has an estimate; a step that would overrun the budget is skipped and the report says
@@ -46,8 +47,10 @@ class Params:
     dtypes: tuple = (torch.float32, torch.bfloat16)
     variants: tuple = ("plain", "channels_last", "memory_efficient", "ours")
     compile: bool = True             # torch.compile baseline, after everything else, as time allows
+    graphs: bool = True              # plain and ours with each step captured in a CUDA graph
     model_estimate_s: float = 35.0   # one model in the variants above, both dtypes
     compile_estimate_s: float = 75.0
+    graphs_estimate_s: float = 30.0
     time_budget_s: float = 2.0       # per timed group
     bandwidth_shape: tuple = (64, 512, 32, 56)   # batch, prefix channels, growth, side
     run_tests: bool = True
@@ -81,6 +84,10 @@ class Session:
     def __init__(self, clock: Clock, log=print):
         self.clock, self.log = clock, log
         self.steps: list = []
+
+    def skip(self, name: str, reason: str) -> None:
+        self.log(f"[gpu] {name}: skipped: {reason}")
+        self.steps.append(dict(name=name, status=f"skipped: {reason}", result=None))
 
     def step(self, name: str, estimate_s: float, fn, *args):
         if not self.clock.fits(estimate_s):
@@ -174,8 +181,13 @@ def peak_train_memory(step, device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+GRAPHED = "_graph"  # a variant name's suffix: its training step and inference in CUDA graphs
+
+
 def model_rows(device, name, batch, image, variants, dtype, budget_s) -> dict:
-    """Training step, inference and peak memory of each variant of one model."""
+    """Training step, inference and peak memory of each variant of one model (a variant named
+    ``<base>_graph``: ``<base>`` with each step captured in a CUDA graph and replayed; its
+    peak memory, held by the graph's own memory pool, is not measured)."""
     from benches import cases, harness
     from msdnet_ops import conv_choice
     kind = cases.MODEL_CASES[name].kind
@@ -183,11 +195,14 @@ def model_rows(device, name, batch, image, variants, dtype, budget_s) -> dict:
     out = {"name": name, "batch": batch, "dtype": str(dtype)[6:], "variants": {}}
     chosen_before = len(conv_choice.timings)
     for v in variants:
-        model, fmt = cases.build_model(name, v, device, dtype)
+        graphed = v.endswith(GRAPHED)
+        model, fmt = cases.build_model(name, v[:-len(GRAPHED)] if graphed else v, device, dtype)
         x, y = cases.model_input(name, batch, device, dtype, fmt, image=image)
         step, infer = cases.train_step_fn(model, x, y), cases.infer_fn(model, x)
+        if graphed:
+            step, infer = cases.cuda_graphed(step, device), cases.cuda_graphed(infer, device)
         step()  # warm-up: compilation, autotuning, the fused/unfused choice
-        mem = peak_train_memory(step, device)
+        mem = None if graphed else peak_train_memory(step, device)
         st = harness.time_interleaved({"train": step}, device, warmup=1, min_reps=3, max_reps=15,
                                       budget_s=budget_s)["train"]
         si = harness.time_interleaved({"infer": infer}, device, warmup=1, min_reps=3, max_reps=15,
@@ -224,6 +239,15 @@ def run(device, params: Params, out_dir: str, log=print) -> dict:
         for dtype in params.dtypes:
             s.step(f"model {name} {str(dtype)[6:]}", params.model_estimate_s / len(params.dtypes),
                    model_rows, device, name, batch, image, params.variants, dtype, params.time_budget_s)
+    if params.graphs:  # after the eager measurements: a failed capture cannot spoil them
+        for name, batch, image in params.models:
+            step_name = f"model {name} float32 cuda graphs"
+            if device.type != "cuda":
+                s.skip(step_name, "CUDA graphs need a CUDA device")
+                continue
+            s.step(step_name, params.graphs_estimate_s, model_rows, device, name, batch, image,
+                   ("plain", "plain" + GRAPHED, "ours", "ours" + GRAPHED), torch.float32,
+                   params.time_budget_s)
     if params.compile:
         for name, batch, image in params.models:
             s.step(f"model {name} float32 compile", params.compile_estimate_s, model_rows, device,

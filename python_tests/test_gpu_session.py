@@ -78,4 +78,33 @@ def test_whole_run_on_cpu_with_tiny_shapes(tmp_path, monkeypatch):
     md = (tmp_path / "RESULTS-gpu.md").read_text()
     for section in ("Op parity", "achieved bandwidth", "densenet-bc100, batch 2", "msdnet-cifar100-anytime"):
         assert section in md
-    assert "failed" not in md and "skipped" not in md
+    assert "failed" not in md
+    skipped = [line for line in md.splitlines() if "skipped" in line]
+    assert skipped and all("cuda graphs" in line and "need a CUDA device" in line
+                           for line in skipped)  # the only steps a CPU cannot run
+
+
+def test_cuda_graph_steps_are_planned_after_the_eager_ones(monkeypatch, tmp_path):
+    """On a CUDA device the plan times plain and ours, eager and captured in CUDA graphs, per
+    model, after every eager measurement (the steps themselves stubbed: no GPU here)."""
+    calls = []
+    monkeypatch.setattr(gpu_session, "op_parity", lambda *a: [])
+    monkeypatch.setattr(gpu_session, "bandwidth", lambda *a: [])
+    monkeypatch.setattr(gpu_session, "model_rows", lambda *a: calls.append((a[1], a[4], a[5])))
+    from benches import harness
+    monkeypatch.setattr(harness, "machine", lambda device: {"device": "stub"})
+    params = gpu_session.quick_params()
+    params.compile = False
+    results = gpu_session.run(torch.device("cuda"), params, str(tmp_path), log=lambda *_: None)
+    graphs = [c for c in calls if any(v.endswith("_graph") for v in c[1])]
+    assert [c[0] for c in graphs] == [m[0] for m in params.models]
+    assert all(c[1] == ("plain", "plain_graph", "ours", "ours_graph") and c[2] == torch.float32
+               for c in graphs)
+    assert calls.index(graphs[0]) == len(params.models) * len(params.dtypes)  # after the eager
+    assert all(st["status"] == "ok" for st in results["steps"])
+
+
+def test_cuda_graph_capture_needs_a_cuda_device():
+    from benches import cases
+    with pytest.raises(ValueError, match="device: CUDA graphs need a CUDA device"):
+        cases.cuda_graphed(lambda: None, "cpu")
