@@ -69,18 +69,24 @@ def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shif
     grad_shift.add_(dpre.sum(dim=(0, 2, 3)))
 
 
-def bn_scale_shift(mean, invstd, weight, bias) -> torch.Tensor:
-    """A BatchNorm's per-channel transform as ``[2, C]`` rows ``(scale, shift)``:
-    ``scale = weight * invstd``, ``shift = bias - mean * scale`` (``weight`` None: 1, ``bias``
-    None: 0), in ``mean``'s dtype."""
-    out = mean.new_empty((2,) + tuple(mean.shape))
-    bn_scale_shift_into(mean, invstd, weight, bias, out)
-    return out
+def bn_scale_shift_into(mean, invstd, weight, bias, out) -> None:
+    """A BatchNorm's per-channel transform written into the ``[2, C]`` rows ``out`` (of
+    ``mean``'s dtype): ``scale = weight * invstd``, ``shift = bias - mean * scale``
+    (``weight`` None: 1, ``bias`` None: 0)."""
+    scale, shift = out[0], out[1]
+    if weight is None:
+        scale.copy_(invstd)
+    else:
+        torch.mul(weight.to(mean.dtype), invstd, out=scale)
+    if bias is None:
+        torch.mul(mean, scale, out=shift).neg_()
+    else:
+        torch.addcmul(bias.to(mean.dtype), mean, scale, value=-1, out=shift)
 
 
 def bn_scale_shift_backward_(grad, mean, invstd, weight, grad_mean, grad_invstd,
                              accumulate: bool = True) -> torch.Tensor:
-    """Backward of :func:`bn_scale_shift` for ``grad`` = rows ``(grad_scale, grad_shift)``:
+    """Backward of :func:`bn_scale_shift_into` for ``grad`` = rows ``(grad_scale, grad_shift)``:
     returns ``grad_weight = invstd * centred`` with ``centred = grad_scale - grad_shift * mean``
     (``grad_bias`` is ``grad_shift``); given ``grad_mean`` and ``grad_invstd`` (both or
     neither: batch statistics), accumulates ``grad_invstd += weight * centred`` and
@@ -167,18 +173,6 @@ def channel_stats_into(x, eps, mean, invstd) -> None:
 
 def affine_relu_into(x, scale, shift, out) -> None:
     out.copy_(affine_relu(x, scale, shift))
-
-
-def bn_scale_shift_into(mean, invstd, weight, bias, out) -> None:
-    scale, shift = out[0], out[1]
-    if weight is None:
-        scale.copy_(invstd)
-    else:
-        torch.mul(weight.to(mean.dtype), invstd, out=scale)
-    if bias is None:
-        torch.mul(mean, scale, out=shift).neg_()
-    else:
-        torch.addcmul(bias.to(mean.dtype), mean, scale, value=-1, out=shift)
 
 
 def transform_conv_into(x, scale, shift, weight, stride, padding, pool, out) -> None:
