@@ -1,17 +1,20 @@
 """One command for the day a GPU comes (``python benches/gpu.py``): within a fixed time budget
 (8 minutes by default) it
 
-1. runs the GPU tests (``pytest`` on the CUDA/Triton tests, a subprocess with a timeout) and an
+1. runs the GPU tests (``pytest`` on the CUDA/Triton tests, a subprocess with a timeout, in
+   parallel with pytest-xdist where installed; the whole output in ``gpu-tests.log``) and an
    in-process parity check of every op on every GPU backend against the reference, float32
    and bfloat16;
 2. measures the copy bandwidth achieved by each memory-bound kernel (against a device copy);
 3. times DenseNet-BC-100, DenseNet-121, MSDNet cifar100-anytime and imagenet-step4: training
    step, inference and peak training memory, ours (``MSDNET_OPS_BACKEND=auto``: per shape the
    fused Triton kernel or materialise-then-cuDNN, timed once and cached by
-   ``msdnet_ops.conv_choice``) against plain cuDNN, channels_last, memory_efficient and, as
-   time allows, plain and ours with each step captured in a CUDA graph (no per-kernel launch
-   cost: what the roofline's "launches free" column predicts) and torch.compile;
-4. writes ``RESULTS-gpu.md`` and ``results-gpu.json``.
+   ``msdnet_ops.conv_choice``) against plain cuDNN (``cudnn.benchmark`` on, for both),
+   channels_last and memory_efficient in float32; then, as time allows, against
+   torch.compile, plain and ours with each step captured in a CUDA graph (no per-kernel launch
+   cost: what the roofline's "launches free" column predicts), and the same in bfloat16;
+4. writes ``RESULTS-gpu.md`` and ``results-gpu.json``, after every step (a run cut short
+   leaves the report of what it did).
 
 Every step has an estimate; a step that would overrun the budget is skipped and the report says
 so, a step that fails is recorded and the others still run. The planning, deadlines and report
@@ -24,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -32,10 +36,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MODELS = (("densenet-bc100", 64, None), ("densenet121", 32, None),
-          ("msdnet-cifar100-anytime", 64, None), ("msdnet-imagenet-step4", 32, None))
+MODELS = (("msdnet-cifar100-anytime", 64, None), ("densenet-bc100", 64, None),
+          ("msdnet-imagenet-step4", 32, None), ("densenet121", 32, None))  # the headline first
 GPU_TESTS = ["python_tests/test_triton_kernels.py", "python_tests/test_triton_conv_activated.py",
-             "python_tests/test_ops.py", "python_tests/test_conv_choice.py"]
+             "python_tests/test_ops.py", "python_tests/test_op_properties.py",
+             "python_tests/test_native_kernels.py", "python_tests/test_conv_choice.py"]
+TESTS_LOG = "gpu-tests.log"  # the tests' whole output, beside the report
 
 
 @dataclass
@@ -81,13 +87,14 @@ class Clock:
 class Session:
     """Runs named steps against a :class:`Clock`; records each one's status and result."""
 
-    def __init__(self, clock: Clock, log=print):
-        self.clock, self.log = clock, log
+    def __init__(self, clock: Clock, log=print, on_step=lambda: None):
+        self.clock, self.log, self.on_step = clock, log, on_step
         self.steps: list = []
 
     def skip(self, name: str, reason: str) -> None:
         self.log(f"[gpu] {name}: skipped: {reason}")
         self.steps.append(dict(name=name, status=f"skipped: {reason}", result=None))
+        self.on_step()
 
     def step(self, name: str, estimate_s: float, fn, *args):
         if not self.clock.fits(estimate_s):
@@ -103,23 +110,53 @@ class Session:
                 result, status = None, f"failed: {type(e).__name__}: {e}"
             self.log(f"[gpu] {name}: {status} ({time.perf_counter() - t0:.1f} s)")
         self.steps.append(dict(name=name, status=status, result=result))
+        self.on_step()
         return result
 
 
 # --------------------------------------------------------------------------- steps
 
-def run_tests(timeout_s: float, files=GPU_TESTS) -> dict:
-    """The test files in a subprocess (compiled kernels: TRITON_INTERPRET unset)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "--no-header", *files]
+def _xdist_workers() -> int:
+    """Test processes to run in parallel: Triton compiles on the CPU, so a many-core GPU host
+    finishes the tests several times sooner with pytest-xdist (if installed)."""
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"tests did not finish within {timeout_s:.0f} s")
-    tail = (p.stdout + p.stderr).strip().splitlines()[-15:]
+        import xdist  # noqa: F401
+    except ImportError:
+        return 0
+    cores = os.cpu_count() or 1
+    return min(8, cores // 2) if cores >= 8 else 0
+
+
+def run_tests(timeout_s: float, files=GPU_TESTS, log_path: str | None = None) -> dict:
+    """The test files in a subprocess (compiled kernels: TRITON_INTERPRET unset), every failure
+    reported (up to 25), the whole output in ``log_path`` (kept also when time runs out)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rsfE", "--maxfail=25", "--no-header",
+           "-p", "no:cacheprovider", *files]
+    workers = _xdist_workers()
+    if workers:
+        cmd[3:3] = ["-n", str(workers)]
+    if log_path is None:
+        fd, log_path = tempfile.mkstemp(suffix=".log")
+        os.close(fd)
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            raise RuntimeError(f"tests did not finish within {timeout_s:.0f} s")
+    tail = _tail(log_path, 15)
     if p.returncode != 0:
-        raise RuntimeError(f"pytest exit {p.returncode}: " + " | ".join(tail[-3:]))
-    return {"summary": tail[-1] if tail else ""}
+        failed = [line for line in tail if line.startswith(("FAILED", "ERROR"))]
+        raise RuntimeError(f"pytest exit {p.returncode}: " + " | ".join((failed or tail)[-3:]))
+    return {"summary": tail[-1] if tail else "", "workers": workers}
+
+
+def _tail(path: str, n: int) -> list:
+    with open(path) as f:
+        return f.read().strip().splitlines()[-n:]
 
 
 BACKENDS = {"cuda": ("auto", "triton", "cuda"), "cpu": ("auto", "cpu")}
@@ -184,6 +221,27 @@ def peak_train_memory(step, device) -> int | None:
 GRAPHED = "_graph"  # a variant name's suffix: its training step and inference in CUDA graphs
 
 
+def _variant_row(device, name, batch, image, v, dtype, budget_s) -> dict:
+    from benches import cases, harness
+    graphed = v.endswith(GRAPHED)
+    model, fmt = cases.build_model(name, v[:-len(GRAPHED)] if graphed else v, device, dtype)
+    x, y = cases.model_input(name, batch, device, dtype, fmt, image=image)
+    step, infer = cases.train_step_fn(model, x, y), cases.infer_fn(model, x)
+    if graphed:
+        step, infer = cases.cuda_graphed(step, device), cases.cuda_graphed(infer, device)
+    t0 = time.perf_counter()
+    step()  # warm-up: compilation, autotuning, the fused/unfused choice
+    harness.sync(device)
+    first_step_s = time.perf_counter() - t0
+    mem = None if graphed else peak_train_memory(step, device)
+    st = harness.time_interleaved({"train": step}, device, warmup=1, min_reps=3, max_reps=15,
+                                  budget_s=budget_s)["train"]
+    si = harness.time_interleaved({"infer": infer}, device, warmup=1, min_reps=3, max_reps=15,
+                                  budget_s=budget_s / 2)["infer"]
+    return dict(train_s=st.median, train_iqr=(st.q1, st.q3), infer_s=si.median,
+                infer_img_s=batch / si.median, peak_bytes=mem, first_step_s=first_step_s)
+
+
 def model_rows(device, name, batch, image, variants, dtype, budget_s) -> dict:
     """Training step, inference and peak memory of each variant of one model (a variant named
     ``<base>_graph``: ``<base>`` with each step captured in a CUDA graph and replayed; its
@@ -195,25 +253,17 @@ def model_rows(device, name, batch, image, variants, dtype, budget_s) -> dict:
     out = {"name": name, "batch": batch, "dtype": str(dtype)[6:], "variants": {}}
     chosen_before = len(conv_choice.timings)
     for v in variants:
-        graphed = v.endswith(GRAPHED)
-        model, fmt = cases.build_model(name, v[:-len(GRAPHED)] if graphed else v, device, dtype)
-        x, y = cases.model_input(name, batch, device, dtype, fmt, image=image)
-        step, infer = cases.train_step_fn(model, x, y), cases.infer_fn(model, x)
-        if graphed:
-            step, infer = cases.cuda_graphed(step, device), cases.cuda_graphed(infer, device)
-        step()  # warm-up: compilation, autotuning, the fused/unfused choice
-        mem = None if graphed else peak_train_memory(step, device)
-        st = harness.time_interleaved({"train": step}, device, warmup=1, min_reps=3, max_reps=15,
-                                      budget_s=budget_s)["train"]
-        si = harness.time_interleaved({"infer": infer}, device, warmup=1, min_reps=3, max_reps=15,
-                                      budget_s=budget_s / 2)["infer"]
-        out["variants"][v] = dict(train_s=st.median, train_iqr=(st.q1, st.q3), infer_s=si.median,
-                                  infer_img_s=batch / si.median, peak_bytes=mem)
-        del model, x, y, step, infer
+        try:  # one variant failing (a capture, a compile) must not lose the others' numbers
+            out["variants"][v] = _variant_row(device, name, batch, image, v, dtype, budget_s)
+        except Exception as e:
+            traceback.print_exc()
+            out["variants"][v] = {"error": f"{type(e).__name__}: {e}"}
         harness.free_memory()
     plain = out["variants"].get("plain")
-    if plain:
+    if plain and "error" not in plain:
         for r in out["variants"].values():
+            if "error" in r:
+                continue
             r["train_vs_plain"] = plain["train_s"] / r["train_s"]
             r["infer_vs_plain"] = plain["infer_s"] / r["infer_s"]
             if r["peak_bytes"] and plain["peak_bytes"]:
@@ -227,18 +277,40 @@ def model_rows(device, name, batch, image, variants, dtype, budget_s) -> dict:
 # --------------------------------------------------------------------------- plan
 
 def run(device, params: Params, out_dir: str, log=print) -> dict:
-    """Runs the plan; writes the report; returns the results."""
+    """Runs the plan, in order of what matters most should time run out: tests and parity,
+    bandwidth, the float32 models, torch.compile, CUDA graphs, then the other dtypes. The
+    report is rewritten after every step, so a run cut short still leaves one."""
     from benches import harness
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the strongest cuDNN baseline, for plain and ours
     clock = Clock(params.budget_s, params.reserve_s)
-    s = Session(clock, log)
+    meta = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                machine=harness.machine(device), versions=harness.versions(), budget_s=params.budget_s,
+                cudnn_benchmark=torch.backends.cudnn.benchmark)
+    results = {"meta": meta, "steps": []}
+
+    def report():
+        meta["seconds"] = round(time.perf_counter() - clock.start, 1)
+        write_report(results, out_dir)
+
+    s = Session(clock, log, on_step=report)
+    results["steps"] = s.steps
     if params.run_tests:
-        s.step("tests", params.tests_timeout_s, run_tests, min(params.tests_timeout_s, clock.left() - params.reserve_s))
+        s.step("tests", params.tests_timeout_s, run_tests, min(params.tests_timeout_s, clock.left() - params.reserve_s),
+               GPU_TESTS, os.path.join(out_dir, TESTS_LOG))
     s.step("op parity", 20.0 if device.type == "cuda" else 5.0, op_parity, device, params.dtypes)
     s.step("bandwidth", 10.0, bandwidth, device, params.bandwidth_shape, params.time_budget_s / 4)
-    for name, batch, image in params.models:
-        for dtype in params.dtypes:
+    first, *others = params.dtypes
+
+    def models(dtype):
+        for name, batch, image in params.models:
             s.step(f"model {name} {str(dtype)[6:]}", params.model_estimate_s / len(params.dtypes),
                    model_rows, device, name, batch, image, params.variants, dtype, params.time_budget_s)
+    models(first)
+    if params.compile:
+        for name, batch, image in params.models:
+            s.step(f"model {name} float32 compile", params.compile_estimate_s, model_rows, device,
+                   name, batch, image, ("plain", "compile"), torch.float32, params.time_budget_s)
     if params.graphs:  # after the eager measurements: a failed capture cannot spoil them
         for name, batch, image in params.models:
             step_name = f"model {name} float32 cuda graphs"
@@ -248,16 +320,9 @@ def run(device, params: Params, out_dir: str, log=print) -> dict:
             s.step(step_name, params.graphs_estimate_s, model_rows, device, name, batch, image,
                    ("plain", "plain" + GRAPHED, "ours", "ours" + GRAPHED), torch.float32,
                    params.time_budget_s)
-    if params.compile:
-        for name, batch, image in params.models:
-            s.step(f"model {name} float32 compile", params.compile_estimate_s, model_rows, device,
-                   name, batch, image, ("plain", "compile"), torch.float32, params.time_budget_s)
-    results = {"meta": dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                            machine=harness.machine(device), versions=harness.versions(),
-                            budget_s=params.budget_s,
-                            seconds=round(time.perf_counter() - clock.start, 1)),
-               "steps": s.steps}
-    write_report(results, out_dir)
+    for dtype in others:
+        models(dtype)
+    report()
     return results
 
 
@@ -272,14 +337,18 @@ def markdown(results: dict) -> str:
     lines = ["# GPU results (measured)", "",
              f"{m['date']}; {m['machine'].get('gpu', m['machine'].get('device'))}; torch "
              f"{m['versions'].get('torch')}, triton {m['versions'].get('triton')}; "
-             f"{m['seconds']} s of a {m['budget_s']:.0f} s budget. `python benches/gpu.py`.", "",
+             f"{m['seconds']} s of a {m['budget_s']:.0f} s budget; cudnn.benchmark "
+             f"{m.get('cudnn_benchmark')}. `python benches/gpu.py`.", "",
              "| step | status |", "| --- | --- |"]
     lines += [f"| {st['name']} | {st['status']} |" for st in results["steps"]]
     for st in results["steps"]:
         r = st["result"]
         if not r:
             continue
-        if st["name"] == "op parity":
+        if st["name"] == "tests":
+            lines += ["", f"Tests: {r['summary']} ({r['workers'] or 'no'} parallel workers); "
+                      f"the whole output: `{TESTS_LOG}`."]
+        elif st["name"] == "op parity":
             worst = {}
             for row in r:
                 k = (row["backend"], row["dtype"])
@@ -295,13 +364,17 @@ def markdown(results: dict) -> str:
         elif st["name"].startswith("model "):
             lines += ["", f"## {r['name']}, batch {r['batch']}, {r['dtype']}", "",
                       f"Fused/unfused transform-conv choices made here: {r['conv_choices']}.", "",
-                      "| variant | train step ms | vs plain | inference img/s | vs plain | peak MiB | vs plain |",
-                      "| --- | --- | --- | --- | --- | --- | --- |"]
+                      "| variant | train step ms | vs plain | inference img/s | vs plain | peak MiB | vs plain "
+                      "| first step s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
             for v, row in r["variants"].items():
+                if "error" in row:
+                    lines.append(f"| {v} | failed: {row['error'][:200]} | | | | | | |")
+                    continue
                 peak = row["peak_bytes"] / 2**20 if row["peak_bytes"] else None
                 lines.append(f"| {v} | {row['train_s'] * 1e3:.1f} | {_fmt(row.get('train_vs_plain'))}x | "
                              f"{row['infer_img_s']:.0f} | {_fmt(row.get('infer_vs_plain'))}x | "
-                             f"{_fmt(peak, '.0f')} | {_fmt(row.get('memory_vs_plain'))} |")
+                             f"{_fmt(peak, '.0f')} | {_fmt(row.get('memory_vs_plain'))} | "
+                             f"{_fmt(row.get('first_step_s'), '.1f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -48,8 +48,10 @@ def test_test_step_times_out(tmp_path):
 def test_test_step_reports_failures(tmp_path):
     bad = tmp_path / "test_bad.py"
     bad.write_text("def test_bad():\n    assert 1 == 2\n")
-    with pytest.raises(RuntimeError, match="pytest exit 1"):
-        gpu_session.run_tests(60.0, [str(bad)])
+    log = tmp_path / "tests.log"
+    with pytest.raises(RuntimeError, match="pytest exit 1: FAILED .*test_bad"):
+        gpu_session.run_tests(60.0, [str(bad)], str(log))
+    assert "assert 1 == 2" in log.read_text()  # the whole output is kept
 
 
 def test_report_of_skipped_and_failed_steps(tmp_path):
@@ -68,7 +70,7 @@ def test_report_of_skipped_and_failed_steps(tmp_path):
     md = (tmp_path / "RESULTS-gpu.md").read_text()
     assert "| tests | failed: RuntimeError: x |" in md
     assert "skipped: needs ~75 s" in md
-    assert "| ours | 50.0 | 2.00x | 6400 | 1.00x | 512 | 0.50 |" in md
+    assert "| ours | 50.0 | 2.00x | 6400 | 1.00x | 512 | 0.50 | - |" in md
     assert (tmp_path / "results-gpu.json").exists()
 
 
@@ -84,24 +86,64 @@ def test_whole_run_on_cpu_with_tiny_shapes(tmp_path, monkeypatch):
                            for line in skipped)  # the only steps a CPU cannot run
 
 
-def test_cuda_graph_steps_are_planned_after_the_eager_ones(monkeypatch, tmp_path):
-    """On a CUDA device the plan times plain and ours, eager and captured in CUDA graphs, per
-    model, after every eager measurement (the steps themselves stubbed: no GPU here)."""
+def test_plan_on_a_cuda_device_puts_what_matters_first(monkeypatch, tmp_path):
+    """On a CUDA device (the steps themselves stubbed: no GPU here) the plan runs the float32
+    models eager, then torch.compile, then plain and ours eager and captured in CUDA graphs,
+    then the other dtypes; cudnn.benchmark is on for the whole run."""
     calls = []
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
     monkeypatch.setattr(gpu_session, "op_parity", lambda *a: [])
     monkeypatch.setattr(gpu_session, "bandwidth", lambda *a: [])
-    monkeypatch.setattr(gpu_session, "model_rows", lambda *a: calls.append((a[1], a[4], a[5])))
+    monkeypatch.setattr(gpu_session, "model_rows",
+                        lambda *a: calls.append((a[1], a[4], a[5], torch.backends.cudnn.benchmark)))
     from benches import harness
     monkeypatch.setattr(harness, "machine", lambda device: {"device": "stub"})
     params = gpu_session.quick_params()
-    params.compile = False
+    params.dtypes, params.compile = (torch.float32, torch.bfloat16), True
     results = gpu_session.run(torch.device("cuda"), params, str(tmp_path), log=lambda *_: None)
-    graphs = [c for c in calls if any(v.endswith("_graph") for v in c[1])]
-    assert [c[0] for c in graphs] == [m[0] for m in params.models]
-    assert all(c[1] == ("plain", "plain_graph", "ours", "ours_graph") and c[2] == torch.float32
-               for c in graphs)
-    assert calls.index(graphs[0]) == len(params.models) * len(params.dtypes)  # after the eager
+    names = [m[0] for m in params.models]
+    eager = [(n, params.variants, torch.float32, True) for n in names]
+    compiled = [(n, ("plain", "compile"), torch.float32, True) for n in names]
+    graphs = [(n, ("plain", "plain_graph", "ours", "ours_graph"), torch.float32, True) for n in names]
+    bf16 = [(n, params.variants, torch.bfloat16, True) for n in names]
+    assert calls == eager + compiled + graphs + bf16
     assert all(st["status"] == "ok" for st in results["steps"])
+    assert results["meta"]["cudnn_benchmark"] is True
+
+
+def test_report_is_rewritten_after_every_step(monkeypatch, tmp_path):
+    """A run cut short (the device's time limit) still leaves the report of the steps done."""
+    seen = []
+
+    def bandwidth(*a):
+        seen.append((tmp_path / "RESULTS-gpu.md").read_text())
+        raise KeyboardInterrupt  # the run is killed here
+    monkeypatch.setattr(gpu_session, "op_parity", lambda *a: [])
+    monkeypatch.setattr(gpu_session, "bandwidth", bandwidth)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_session.run(torch.device("cpu"), gpu_session.quick_params(), str(tmp_path), log=lambda *_: None)
+    assert "| op parity | ok |" in seen[0] and "bandwidth" not in seen[0]
+    assert "| op parity | ok |" in (tmp_path / "RESULTS-gpu.md").read_text()
+
+
+def test_a_failing_variant_keeps_the_others_numbers(monkeypatch):
+    from benches import cases
+    real_build = cases.build_model
+
+    def build(name, variant, *a, **kw):
+        if variant == "channels_last":
+            raise RuntimeError("capture failed")
+        return real_build(name, variant, *a, **kw)
+    monkeypatch.setattr(cases, "build_model", build)
+    r = gpu_session.model_rows(torch.device("cpu"), "densenet-bc100", 2, None,
+                               ("plain", "channels_last", "ours"), torch.float32, 0.0)
+    assert r["variants"]["channels_last"] == {"error": "RuntimeError: capture failed"}
+    assert r["variants"]["ours"]["train_s"] > 0 and r["variants"]["ours"]["train_vs_plain"] > 0
+    md = gpu_session.markdown({"meta": dict(date="d", machine={"device": "cpu"}, versions={}, budget_s=1,
+                                            seconds=1.0),
+                               "steps": [dict(name="model densenet-bc100 float32", status="ok", result=r)]})
+    assert "| channels_last | failed: RuntimeError: capture failed |" in md
+    assert "| ours | " in md
 
 
 def test_cuda_graph_capture_needs_a_cuda_device():
