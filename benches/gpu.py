@@ -131,11 +131,27 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=480.0, help="the whole run's time budget")
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu to try the logic")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (trying the logic)")
+    ap.add_argument("--models", help="comma-separated model names (default: all four)")
+    ap.add_argument("--variants", help="comma-separated eager variants (default: all)")
+    ap.add_argument("--no-tests", action="store_true", help="skip the pytest step")
+    ap.add_argument("--no-extras", action="store_true", help="float32 eager only: no compile, graphs, bf16")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device (use --device cpu --quick to try the logic)")
     params = gpu_session.quick_params(args.budget_s) if args.quick else gpu_session.Params(budget_s=args.budget_s)
+    if args.models:
+        known = {m[0]: m for m in (*gpu_session.MODELS, *params.models)}  # --quick's batches win
+        unknown = [n for n in args.models.split(",") if n not in known]
+        if unknown:
+            ap.error(f"--models: unknown {', '.join(unknown)} (expected some of {', '.join(known)})")
+        params.models = tuple(known[n] for n in args.models.split(","))
+    if args.variants:
+        params.variants = tuple(args.variants.split(","))
+    if args.no_tests:
+        params.run_tests = False
+    if args.no_extras:
+        params.compile, params.graphs, params.dtypes = False, False, (torch.float32,)
     results = gpu_session.run(device, params, args.out)
     failed = [st["name"] for st in results["steps"] if st["status"].startswith("failed")]
     print(f"[gpu] wrote {os.path.join(args.out, 'RESULTS-gpu.md')}; failed: {', '.join(failed) or 'none'}")

@@ -39,5 +39,6 @@ fi
 echo "[gpu_device] installed in $(( $(date +%s) - start )) s (CUDA archs $MSDNET_OPS_CUDA_ARCHS)"
 
 left=$(( limit - ($(date +%s) - start) ))
-timeout -s INT -k 15 "$left" "$python" benches/gpu.py --out "$out" --budget-s $(( left - 20 )) "$@" \
+# SIGINT 15 s before the limit, SIGKILL at it: the report of every step done is on disk by then
+timeout -s INT -k 15 $(( left - 15 )) "$python" benches/gpu.py --out "$out" --budget-s $(( left - 35 )) "$@" \
   2>&1 | tee "$out/gpu.log"

@@ -150,3 +150,15 @@ def test_cuda_graph_capture_needs_a_cuda_device():
     from benches import cases
     with pytest.raises(ValueError, match="device: CUDA graphs need a CUDA device"):
         cases.cuda_graphed(lambda: None, "cpu")
+
+
+def test_a_short_run_of_chosen_models_and_variants(tmp_path, monkeypatch):
+    """What a short second GPU call runs: no tests, float32 eager only, chosen models/variants."""
+    monkeypatch.delenv("MSDNET_OPS_BACKEND", raising=False)
+    assert gpu.main(["--device", "cpu", "--quick", "--no-tests", "--no-extras", "--models",
+                     "msdnet-cifar100-anytime", "--variants", "plain,ours", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "RESULTS-gpu.md").read_text()
+    assert "## msdnet-cifar100-anytime, batch 2, float32" in md and "densenet-bc100" not in md
+    assert "| ours |" in md and "channels_last" not in md and "graphs" not in md
+    with pytest.raises(SystemExit):
+        gpu.main(["--device", "cpu", "--quick", "--models", "resnet50", "--out", str(tmp_path)])

@@ -378,6 +378,23 @@ def test_gather_batch_into():
     check_untouched(obuf, 2, 3)
 
 
+def test_autotuner_prunes_configs_by_problem_width():
+    """The GPU autotuner's pruning hook (never reached in the interpreter, which does not
+    autotune; it broke the first GPU run): called as Triton calls it, with its Config objects
+    and the launch's arguments, it keeps the table's entries whose column tile suits the width."""
+    from msdnet_ops.triton import _autotune as A
+    from msdnet_ops.triton.conv.forward import _conv_fwd_kernel
+    tuning = A.Tuning("conv_fwd", "tf32", "1x1", ("Cout", "BLOCK_N"), ("M",))
+    tuner = A.autotuned(_conv_fwd_kernel, tuning)
+    table = A.configs(tuning)
+    for width in (12, 40, 200):
+        kept = tuner.early_config_prune(tuner.configs, {"Cout": width})
+        assert all(isinstance(c, triton.Config) for c in kept)
+        expected = [c for c in table if c["BLOCK_N"] <= max(32, 1 << (width - 1).bit_length())]
+        assert [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept] == expected
+    assert len(tuner.early_config_prune(tuner.configs, {"Cout": 12})) < len(table)
+
+
 # ----------------------------------------------------------------------------- GPU (compiled)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")

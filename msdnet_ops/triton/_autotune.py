@@ -93,7 +93,7 @@ def autotuned(kernel, tuning: Tuning):
         return triton.Config(blocks, num_warps=d["num_warps"], num_stages=d["num_stages"])
 
     def prune(configs, named_args, **kwargs):
-        kept = [_as_dict(c) for c in candidates(tuning, named_args)]
+        kept = candidates(tuning, named_args)  # dicts, as _as_dict makes of a Config
         return [c for c in configs if _as_dict(c) in kept]
 
     return triton.autotune(configs=[as_config(c) for c in configs(tuning)], key=list(tuning.key),
