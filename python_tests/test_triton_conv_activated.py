@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+from conftest import interpreter_only  # noqa: E402
 
 from msdnet_ops import reference as R  # noqa: E402
 from msdnet_ops import triton as T  # noqa: E402
@@ -70,6 +71,7 @@ def conv_case(case, dtype, layout, seed=0):
     return x, weight, (s, p, pool), (N, Cout, Ho, Wo), gen
 
 
+@interpreter_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -82,6 +84,7 @@ def test_conv_into(case, dtype, layout):
     assert (obuf[:, :2] == SENTINEL).all() and (obuf[:, 2 + Cout:] == SENTINEL).all(), "wrote outside out"
 
 
+@interpreter_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -100,6 +103,7 @@ def test_conv_backward(case, dtype, layout):
     assert torch.equal(gbuf[:, x.shape[1]:], gbuf0[:, x.shape[1]:]), "grad_x: wrote outside the prefix"
 
 
+@interpreter_only
 def test_conv_backward_without_grad_x():
     x, weight, (s, p, pool), (N, Cout, Ho, Wo), gen = conv_case(CASES[2], torch.float32, "nhwc")
     grad_out = torch.randn(N, Cout, Ho, Wo, generator=gen)
@@ -109,6 +113,7 @@ def test_conv_backward_without_grad_x():
     assert rel_err(gw, ref) < TOL[torch.float32]
 
 
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_conv_low_precision(dtype):
     """Within 2x PyTorch's own error in that dtype (plus one ulp for the final rounding)."""
@@ -143,6 +148,7 @@ def test_conv_bad_input():
 
 # ----------------------------------------------------------------------------- NHWC everywhere
 
+@interpreter_only
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_transform_conv_nhwc(case):
     """The transform-conv forward and backward on NHWC prefix views (x, out, grad_out, grad_x)."""
@@ -166,6 +172,7 @@ def test_transform_conv_nhwc(case):
         torch.testing.assert_close(a, b)
 
 
+@interpreter_only
 def test_memory_bound_kernels_nhwc():
     """Statistics, their backward, affine+ReLU and its backward, batch gather: inputs and
     outputs all channel-prefix (or slice) views of NHWC buffers, odd sizes."""

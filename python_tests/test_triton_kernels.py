@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from conftest import interpreter_only  # noqa: E402
 
 from msdnet_ops import reference as R  # noqa: E402
 from msdnet_ops import triton as T  # noqa: E402
@@ -128,6 +129,7 @@ def run_backward(case, dtype, device, with_grad_x=True, seed=1):
 
 # ----------------------------------------------------------------------------- transform-conv
 
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
 def test_transform_conv_forward(case, dtype):
@@ -138,6 +140,7 @@ def test_transform_conv_forward(case, dtype):
     check_untouched(obuf, 2, weight.shape[0])
 
 
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CONV_IDS)
 def test_transform_conv_backward(case, dtype):
@@ -147,6 +150,7 @@ def test_transform_conv_backward(case, dtype):
         assert rel_err(got, ref) < TOL[dtype], name
 
 
+@interpreter_only
 def test_transform_conv_backward_without_grad_x():
     case = CONV_CASES[2]
     r = run_backward(case, torch.float32, CPU, with_grad_x=False)
@@ -155,6 +159,7 @@ def test_transform_conv_backward_without_grad_x():
         assert rel_err(got, ref) < TOL[torch.float32], name
 
 
+@interpreter_only
 def test_transform_conv_allocating_and_relu_zero():
     """``transform_conv`` allocates; pre-activations of exactly 0 give a zero ReLU derivative;
     a whole image of padding-only taps still writes every output."""
@@ -179,6 +184,7 @@ def test_transform_conv_allocating_and_relu_zero():
 LOWP_CASES = [CONV_CASES[2], CONV_CASES[6]]
 
 
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", LOWP_CASES, ids=[c[0] for c in LOWP_CASES])
 def test_transform_conv_low_precision(case, dtype):
@@ -236,6 +242,7 @@ def test_transform_conv_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,layout", [((3, 5, 5, 7), "nchw"), ((1, 7, 5, 5), "nhwc")],
                          ids=["chunked-nchw", "single-nhwc"])
+@interpreter_only
 def test_channel_stats(shape, layout, dtype):
     gen = torch.Generator().manual_seed(4)
     N, C, H, W = shape
@@ -248,6 +255,7 @@ def test_channel_stats(shape, layout, dtype):
     assert rel_err(mean, rm) < tol and rel_err(invstd, ri) < tol
 
 
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_channel_stats_backward(dtype):
     gen = torch.Generator().manual_seed(5)
@@ -327,6 +335,7 @@ def test_float32_to_bfloat16_rounds_to_nearest_even_like_pytorch():
 
 # ----------------------------------------------------------------------------- affine + ReLU
 
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_affine_relu_into(dtype):
     gen = torch.Generator().manual_seed(6)
@@ -342,6 +351,7 @@ def test_affine_relu_into(dtype):
                                rtol=0, atol=0)
 
 
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_grad_x", [True, False], ids=["grad_x", "no-grad_x"])
 def test_affine_relu_backward(dtype, with_grad_x):
@@ -368,6 +378,7 @@ def test_affine_relu_backward(dtype, with_grad_x):
     assert rel_err(gs, rs) < TOL[dtype] and rel_err(gh, rh) < TOL[dtype]
 
 
+@interpreter_only
 def test_gather_batch_into():
     gen = torch.Generator().manual_seed(8)
     _, src = prefix_view(5, 3, 5, 7, torch.float32, CPU, "nhwc", gen=gen)
