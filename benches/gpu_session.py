@@ -23,6 +23,7 @@ writing are tested on the CPU (``python_tests/test_gpu_session.py``) with tiny s
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import subprocess
@@ -119,9 +120,7 @@ class Session:
 def _xdist_workers() -> int:
     """Test processes to run in parallel: Triton compiles on the CPU, so a many-core GPU host
     finishes the tests several times sooner with pytest-xdist (if installed)."""
-    try:
-        import xdist  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("xdist") is None:  # optional: not among the package's extras
         return 0
     cores = os.cpu_count() or 1
     return min(8, cores // 2) if cores >= 8 else 0
