@@ -140,11 +140,13 @@ def representatives(specs) -> list:
     return out
 
 
-def triton_records(specs, jobs: int, log=print) -> list:
-    """One record per (specialisation, arch)."""
+def triton_records(specs, jobs: int, log=print, archs=ARCHS) -> list:
+    """One record per (specialisation, arch); each compile also lands in Triton's own cache,
+    where a GPU process launching that specialisation finds it (``benches/gpu.py`` warms the
+    cache so, in parallel, instead of compiling one kernel at a time in its first steps)."""
     work, meta = [], []
     for s in specs:
-        for arch in ARCHS:
+        for arch in archs:
             work.append(dict(kernel=s.kernel, signature=s.signature, constexprs=s.constexprs,
                              attrs=s.attrs, config=s.config, arch=arch))
             meta.append(dict(kernel=s.kernel.split(":")[1], arch=f"sm_{arch}", dtype=s.dtype,
@@ -271,6 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=None,
                     help="comma-separated subset of " + ",".join(m[0] for m in gpu_launches.MODELS))
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
+    ap.add_argument("--archs", default=",".join(map(str, ARCHS)),
+                    help="comma-separated compute capabilities (default: %(default)s)")
     ap.add_argument("--skip-extension", action="store_true", help="do not inspect the CUDA extension")
     ap.add_argument("--all", action="store_true",
                     help="every specialisation, not one per group differing only in divisibility attributes")
@@ -284,13 +288,16 @@ def main(argv=None) -> int:
             ap.error(f"--models: unknown {', '.join(sorted(unknown))}")
         models = tuple(m for m in models if m[0] in wanted)
     dtypes = tuple(getattr(torch, d) for d in args.dtypes.split(","))
+    archs = tuple(int(a) for a in args.archs.split(","))
+    if not set(archs) <= set(SHARED_LIMIT):
+        ap.error(f"--archs: expected some of {','.join(map(str, SHARED_LIMIT))}, got {args.archs}")
     specs = gpu_launches.capture(models, dtypes)
     found = len(specs)
     if not args.all:
         specs = representatives(specs)
     print(f"[gpu_compile] {found} Triton specialisations launched; compiling {len(specs)} x "
-          f"{len(ARCHS)} archs ({time.perf_counter() - t0:.0f} s to capture)", flush=True)
-    records = triton_records(specs, max(1, args.jobs))
+          f"{len(archs)} archs ({time.perf_counter() - t0:.0f} s to capture)", flush=True)
+    records = triton_records(specs, max(1, args.jobs), archs=archs)
     if not args.skip_extension:
         records += extension_records()
     if args.json:

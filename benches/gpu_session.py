@@ -5,7 +5,10 @@
    parallel with pytest-xdist where installed; the whole output in ``gpu-tests.log``) and an
    in-process parity check of every op on every GPU backend against the reference, float32
    and bfloat16;
-2. measures the copy bandwidth achieved by each memory-bound kernel (against a device copy);
+2. measures the copy bandwidth achieved by each memory-bound kernel (against a device copy),
+   then compiles every Triton specialisation the models launch in parallel processes
+   (``benches/gpu_compile.py``) into Triton's cache, so that ours' first steps do not compile
+   ~200 kernels one at a time (the first H200 run spent its time there);
 3. times DenseNet-BC-100, DenseNet-121, MSDNet cifar100-anytime and imagenet-step4: training
    step, inference and peak training memory, ours (``MSDNET_OPS_BACKEND=auto``: per shape the
    fused Triton kernel or materialise-then-cuDNN, timed once and cached by
@@ -26,6 +29,7 @@ import datetime
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +47,7 @@ GPU_TESTS = ["python_tests/test_triton_kernels.py", "python_tests/test_triton_co
              "python_tests/test_ops.py", "python_tests/test_op_properties.py",
              "python_tests/test_native_kernels.py", "python_tests/test_conv_choice.py"]
 TESTS_LOG = "gpu-tests.log"  # the tests' whole output, beside the report
+WARM_JSON = "gpu-compile.json"  # the cache warm-up's compile records, beside the report
 
 
 @dataclass
@@ -57,6 +62,7 @@ class Params:
     graphs: bool = True              # plain and ours with each step captured in a CUDA graph
     model_estimate_s: float = 35.0   # one model in the variants above, both dtypes
     compile_estimate_s: float = 75.0
+    warm_estimate_s: float = 120.0   # the Triton cache warm-up (compiles in parallel)
     graphs_estimate_s: float = 30.0
     time_budget_s: float = 2.0       # per timed group
     bandwidth_shape: tuple = (64, 512, 32, 56)   # batch, prefix channels, growth, side
@@ -68,6 +74,7 @@ def quick_params(budget_s: float = 120.0) -> Params:
     return Params(budget_s=budget_s, reserve_s=2.0, tests_timeout_s=30.0,
                   models=(("densenet-bc100", 2, None), ("msdnet-cifar100-anytime", 2, None)),
                   dtypes=(torch.float32,), variants=("plain", "ours"), compile=False, model_estimate_s=5.0,
+                  warm_estimate_s=5.0,
                   time_budget_s=0.0, bandwidth_shape=(2, 16, 8, 8), run_tests=False)
 
 
@@ -205,6 +212,34 @@ def bandwidth(device, shape, budget_s) -> list:
     return op_rows(_Ctx(device, budget_s), bench, tuple(cases.MEMORY_BOUND_TRAFFIC), budget_s)
 
 
+def warm_triton_cache(arch: str, models, dtypes, timeout_s: float, out_dir: str) -> dict:
+    """Compiles every Triton specialisation the models launch (training and inference, each
+    autotune candidate, every divisibility variant) for this GPU, in parallel processes
+    (``benches/gpu_compile.py``), into Triton's cache, where the models' first steps find them
+    instead of compiling one kernel at a time (serially: minutes per model on the first H200
+    run). Its records (registers, spills, tensor cores with this Triton) go to ``WARM_JSON``."""
+    cmd = [sys.executable, os.path.join(ROOT, "benches", "gpu_compile.py"), "--all", "--skip-extension",
+           "--archs", arch, "--models", ",".join(m[0] for m in models),
+           "--dtypes", ",".join(str(d)[6:] for d in dtypes), "--json", os.path.join(out_dir, WARM_JSON)]
+    env = dict(os.environ, MSDNET_OPS_COMPILE_CACHE=tempfile.mkdtemp())  # compile, not reuse records
+    t0 = time.perf_counter()
+    # its own process group: at the timeout its compile workers go too (else they would compile
+    # on beside the timed steps); what they compiled by then stays in the cache
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        output, _ = p.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise RuntimeError(f"did not finish within {timeout_s:.0f} s (what it compiled stays cached)")
+    lines = output.strip().splitlines()
+    done = [line for line in lines if line.startswith("[gpu_compile]")]
+    if not done:  # 1 (spills found) still warmed the cache; anything else did not get that far
+        raise RuntimeError(f"gpu_compile exit {p.returncode}: " + " | ".join(lines[-3:]))
+    return {"summary": done[-1], "exit": p.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def peak_train_memory(step, device) -> int | None:
     """Peak bytes allocated during one training step, above what was allocated before it."""
     if device.type != "cuda":
@@ -299,6 +334,12 @@ def run(device, params: Params, out_dir: str, log=print) -> dict:
                GPU_TESTS, os.path.join(out_dir, TESTS_LOG))
     s.step("op parity", 20.0 if device.type == "cuda" else 5.0, op_parity, device, params.dtypes)
     s.step("bandwidth", 10.0, bandwidth, device, params.bandwidth_shape, params.time_budget_s / 4)
+    if device.type != "cuda":
+        s.skip("warm Triton cache", "compiles for a CUDA GPU (CI runs benches/gpu_compile.py itself)")
+    elif "ours" in params.variants:
+        arch = "".join(map(str, torch.cuda.get_device_capability(device)))
+        s.step("warm Triton cache", params.warm_estimate_s, warm_triton_cache, arch, params.models,
+               params.dtypes, min(params.warm_estimate_s, clock.left() - params.reserve_s), out_dir)
     first, *others = params.dtypes
 
     def models(dtype):
@@ -344,7 +385,10 @@ def markdown(results: dict) -> str:
         r = st["result"]
         if not r:
             continue
-        if st["name"] == "tests":
+        if st["name"] == "warm Triton cache":
+            lines += ["", f"Triton cache warm-up: {r['summary']} (exit {r['exit']}, {r['seconds']} s); "
+                      f"records: `{WARM_JSON}`."]
+        elif st["name"] == "tests":
             lines += ["", f"Tests: {r['summary']} ({r['workers'] or 'no'} parallel workers); "
                       f"the whole output: `{TESTS_LOG}`."]
         elif st["name"] == "op parity":

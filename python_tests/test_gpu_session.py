@@ -82,7 +82,8 @@ def test_whole_run_on_cpu_with_tiny_shapes(tmp_path, monkeypatch):
         assert section in md
     assert "failed" not in md
     skipped = [line for line in md.splitlines() if "skipped" in line]
-    assert skipped and all("cuda graphs" in line and "need a CUDA device" in line
+    assert skipped and all(("cuda graphs" in line and "need a CUDA device" in line)
+                           or ("warm Triton cache" in line and "compiles for a CUDA GPU" in line)
                            for line in skipped)  # the only steps a CPU cannot run
 
 
@@ -92,8 +93,12 @@ def test_plan_on_a_cuda_device_puts_what_matters_first(monkeypatch, tmp_path):
     then the other dtypes; cudnn.benchmark is on for the whole run."""
     calls = []
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(gpu_session, "op_parity", lambda *a: [])
     monkeypatch.setattr(gpu_session, "bandwidth", lambda *a: [])
+    monkeypatch.setattr(gpu_session, "warm_triton_cache",
+                        lambda arch, models, dtypes, *a: calls.append(("warm", arch, models, dtypes)) or
+                        {"summary": "stub", "exit": 0, "seconds": 0.0})
     monkeypatch.setattr(gpu_session, "model_rows",
                         lambda *a: calls.append((a[1], a[4], a[5], torch.backends.cudnn.benchmark)))
     from benches import harness
@@ -106,7 +111,8 @@ def test_plan_on_a_cuda_device_puts_what_matters_first(monkeypatch, tmp_path):
     compiled = [(n, ("plain", "compile"), torch.float32, True) for n in names]
     graphs = [(n, ("plain", "plain_graph", "ours", "ours_graph"), torch.float32, True) for n in names]
     bf16 = [(n, params.variants, torch.bfloat16, True) for n in names]
-    assert calls == eager + compiled + graphs + bf16
+    warm = [("warm", "90", params.models, params.dtypes)]  # every model and dtype, before the first
+    assert calls == warm + eager + compiled + graphs + bf16
     assert all(st["status"] == "ok" for st in results["steps"])
     assert results["meta"]["cudnn_benchmark"] is True
 
@@ -162,3 +168,23 @@ def test_a_short_run_of_chosen_models_and_variants(tmp_path, monkeypatch):
     assert "| ours |" in md and "channels_last" not in md and "graphs" not in md
     with pytest.raises(SystemExit):
         gpu.main(["--device", "cpu", "--quick", "--models", "resnet50", "--out", str(tmp_path)])
+
+
+def test_gpu_compile_takes_only_known_archs():
+    from benches import gpu_compile
+    with pytest.raises(SystemExit):
+        gpu_compile.main(["--archs", "75", "--models", "densenet-bc100"])
+
+
+def test_cache_warm_up_stops_with_its_workers_at_its_timeout(tmp_path):
+    """Compiling for sm_90 works without a GPU; stopped at the timeout, no compile worker may
+    run on beside the timed steps that follow."""
+    import subprocess
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="did not finish within 6 s"):
+        gpu_session.warm_triton_cache("90", (("densenet-bc100", 2, None),), (torch.float32,), 6.0,
+                                      str(tmp_path))
+    assert time.perf_counter() - t0 < 30
+    time.sleep(1)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "gpu_compile.py --all" not in ps
