@@ -19,6 +19,7 @@ Variants
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -235,35 +236,43 @@ class OpBench:
     composition of the same math, ``msdnet_ops.reference``) for every op, on a strided prefix
     view of a feature buffer (as the fused modules call them)."""
 
-    def __init__(self, shape: OpShape, device, dtype=torch.float32, seed: int = 0):
+    def __init__(self, shape: OpShape, device, dtype=torch.float32, seed: int = 0, layout: str = "nchw"):
+        if layout not in ("nchw", "nhwc"):
+            raise ValueError(f"layout: expected 'nchw' or 'nhwc', got {layout!r}")
         self.shape = s = shape
+        self.layout = layout
         dev = torch.device(device)
         sdt = reference.stats_dtype(dtype)
         cap = s.c + s.growth
-        buf = randn((s.batch, cap, s.hw, s.hw), dev, dtype, seed)
+        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+
+        def feature(shape, dev, dtype, seed):  # every feature map in the bench's layout
+            return randn(shape, dev, dtype, seed).contiguous(memory_format=fmt)
+        buf = feature((s.batch, cap, s.hw, s.hw), dev, dtype, seed)
         self.x = x = buf[:, :s.c]
         self.prefix_bytes = x.numel() * x.element_size()
         mean, invstd = reference.channel_stats(x, EPS)
         scale = torch.rand(s.c, generator=_gen(seed + 1)).to(dev, sdt) + 0.5
         shift = (torch.rand(s.c, generator=_gen(seed + 2)).to(dev, sdt) - 0.5) * 0.2
         scale, shift = (scale * invstd).contiguous(), (shift - scale * mean).contiguous()
-        gz = randn(x.shape, dev, dtype, seed + 3)
+        gz = feature(x.shape, dev, dtype, seed + 3)
         gx = torch.zeros_like(buf)[:, :s.c]
         gs, gh = torch.zeros(s.c, device=dev, dtype=sdt), torch.zeros(s.c, device=dev, dtype=sdt)
         gm, gi = torch.randn(s.c, generator=_gen(seed + 4)).to(dev, sdt), \
             torch.randn(s.c, generator=_gen(seed + 5)).to(dev, sdt)
         w1 = randn((s.bottleneck, s.c, 1, 1), dev, dtype, seed + 6) * 0.05
-        inner = randn((s.batch, s.bottleneck, s.hw, s.hw), dev, dtype, seed + 7)
+        inner = feature((s.batch, s.bottleneck, s.hw, s.hw), dev, dtype, seed + 7)
         isc = torch.rand(s.bottleneck, generator=_gen(seed + 8)).to(dev, sdt) + 0.5
         ish = torch.rand(s.bottleneck, generator=_gen(seed + 9)).to(dev, sdt) - 0.5
         w3 = randn((s.growth, s.bottleneck, 3, 3), dev, dtype, seed + 10) * 0.05
         wt = randn((s.c // 2, s.c, 1, 1), dev, dtype, seed + 11) * 0.05
-        out1 = torch.empty((s.batch, s.bottleneck, s.hw, s.hw), device=dev, dtype=dtype)
-        out3_buf = torch.empty((s.batch, s.c + s.growth, s.hw, s.hw), device=dev, dtype=dtype)
+        empty = functools.partial(torch.empty, device=dev, dtype=dtype, memory_format=fmt)
+        out1 = empty((s.batch, s.bottleneck, s.hw, s.hw))
+        out3_buf = empty((s.batch, s.c + s.growth, s.hw, s.hw))
         out3 = out3_buf[:, s.c:]
-        outt = torch.empty((s.batch, s.c // 2, s.hw // 2, s.hw // 2), device=dev, dtype=dtype)
-        go1 = randn(out1.shape, dev, dtype, seed + 12)
-        go3 = randn(out3.shape, dev, dtype, seed + 13)
+        outt = empty((s.batch, s.c // 2, s.hw // 2, s.hw // 2))
+        go1 = feature(out1.shape, dev, dtype, seed + 12)
+        go3 = feature(out3.shape, dev, dtype, seed + 13)
         gin = torch.zeros_like(inner)
         gis, gih = torch.zeros_like(isc), torch.zeros_like(ish)
         half = torch.arange(0, s.batch, 2, device=dev)

@@ -204,12 +204,17 @@ class _Ctx:
 
 def bandwidth(device, shape, budget_s) -> list:
     """Achieved copy bandwidth of each memory-bound kernel (bytes it must move / time), against
-    ``copy_`` of the same bytes."""
+    ``copy_`` of the same bytes, on an NCHW buffer and on an NHWC one (the models' layout)."""
     from benches import cases
     from benches.micro import op_rows
     batch, c, growth, hw = shape
-    bench = cases.OpBench(cases.OpShape("bandwidth", batch, c, growth, hw, 4 * growth), device)
-    return op_rows(_Ctx(device, budget_s), bench, tuple(cases.MEMORY_BOUND_TRAFFIC), budget_s)
+    rows = []
+    for layout in ("nchw", "nhwc"):
+        bench = cases.OpBench(cases.OpShape("bandwidth", batch, c, growth, hw, 4 * growth), device,
+                              layout=layout)
+        rows += [dict(r, layout=layout) for r in
+                 op_rows(_Ctx(device, budget_s), bench, tuple(cases.MEMORY_BOUND_TRAFFIC), budget_s)]
+    return rows
 
 
 def warm_triton_cache(arch: str, models, dtypes, timeout_s: float, out_dir: str) -> dict:
@@ -333,7 +338,7 @@ def run(device, params: Params, out_dir: str, log=print) -> dict:
         s.step("tests", params.tests_timeout_s, run_tests, min(params.tests_timeout_s, clock.left() - params.reserve_s),
                GPU_TESTS, os.path.join(out_dir, TESTS_LOG))
     s.step("op parity", 20.0 if device.type == "cuda" else 5.0, op_parity, device, params.dtypes)
-    s.step("bandwidth", 10.0, bandwidth, device, params.bandwidth_shape, params.time_budget_s / 4)
+    s.step("bandwidth", 20.0, bandwidth, device, params.bandwidth_shape, params.time_budget_s / 4)
     if device.type != "cuda":
         s.skip("warm Triton cache", "compiles for a CUDA GPU (CI runs benches/gpu_compile.py itself)")
     elif "ours" in params.variants:
@@ -401,8 +406,9 @@ def markdown(results: dict) -> str:
             lines += [f"| {b} | {d} | {e:.2e} |" for (b, d), e in sorted(worst.items())]
         elif st["name"] == "bandwidth":
             lines += ["", "## Memory-bound kernels: achieved bandwidth", "",
-                      "| op | bytes | ours GB/s | fraction of copy | plain GB/s |", "| --- | --- | --- | --- | --- |"]
-            lines += [f"| {row['op']} | {row['bytes'] / 2**20:.0f} MiB | {row['ours_gbps']:.0f} | "
+                      "| op | layout | bytes | ours GB/s | fraction of copy | plain GB/s |",
+                      "| --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {row['op']} | {row.get('layout', 'nchw')} | {row['bytes'] / 2**20:.0f} MiB | {row['ours_gbps']:.0f} | "
                       f"{row['ours_frac_copy']:.2f} | {row['plain_gbps']:.0f} |" for row in r]
         elif st["name"].startswith("model "):
             lines += ["", f"## {r['name']}, batch {r['batch']}, {r['dtype']}", "",

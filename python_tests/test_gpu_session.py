@@ -78,7 +78,8 @@ def test_whole_run_on_cpu_with_tiny_shapes(tmp_path, monkeypatch):
     monkeypatch.delenv("MSDNET_OPS_BACKEND", raising=False)
     assert gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "RESULTS-gpu.md").read_text()
-    for section in ("Op parity", "achieved bandwidth", "densenet-bc100, batch 2", "msdnet-cifar100-anytime"):
+    for section in ("Op parity", "achieved bandwidth", "densenet-bc100, batch 2", "msdnet-cifar100-anytime",
+                    "| gather_batch | nchw |", "| gather_batch | nhwc |"):  # both layouts, checked
         assert section in md
     assert "failed" not in md
     skipped = [line for line in md.splitlines() if "skipped" in line]
