@@ -60,10 +60,12 @@ class Params:
     variants: tuple = ("plain", "channels_last", "memory_efficient", "ours")
     compile: bool = True             # torch.compile baseline, after everything else, as time allows
     graphs: bool = True              # plain and ours with each step captured in a CUDA graph
-    model_estimate_s: float = 35.0   # one model in the variants above, both dtypes
-    compile_estimate_s: float = 75.0
+    # estimates from the first H200 run (2026-12-04): the eager baselines of one model took
+    # 19-45 s (cuDNN's algorithm search in each first step: 7-20 s), torch.compile 121-131 s
+    model_estimate_s: float = 60.0   # one model, one dtype, in the variants above
+    compile_estimate_s: float = 130.0
     warm_estimate_s: float = 120.0   # the Triton cache warm-up (compiles in parallel)
-    graphs_estimate_s: float = 30.0
+    graphs_estimate_s: float = 45.0
     time_budget_s: float = 2.0       # per timed group
     bandwidth_shape: tuple = (64, 512, 32, 56)   # batch, prefix channels, growth, side
     run_tests: bool = True
@@ -74,7 +76,7 @@ def quick_params(budget_s: float = 120.0) -> Params:
     return Params(budget_s=budget_s, reserve_s=2.0, tests_timeout_s=30.0,
                   models=(("densenet-bc100", 2, None), ("msdnet-cifar100-anytime", 2, None)),
                   dtypes=(torch.float32,), variants=("plain", "ours"), compile=False, model_estimate_s=5.0,
-                  warm_estimate_s=5.0,
+                  warm_estimate_s=5.0, compile_estimate_s=5.0, graphs_estimate_s=5.0,
                   time_budget_s=0.0, bandwidth_shape=(2, 16, 8, 8), run_tests=False)
 
 
@@ -349,7 +351,7 @@ def run(device, params: Params, out_dir: str, log=print) -> dict:
 
     def models(dtype):
         for name, batch, image in params.models:
-            s.step(f"model {name} {str(dtype)[6:]}", params.model_estimate_s / len(params.dtypes),
+            s.step(f"model {name} {str(dtype)[6:]}", params.model_estimate_s,
                    model_rows, device, name, batch, image, params.variants, dtype, params.time_budget_s)
     models(first)
     if params.compile:
