@@ -404,6 +404,7 @@ def test_autotuner_prunes_configs_by_problem_width():
         expected = [c for c in table if c["BLOCK_N"] <= max(32, 1 << (width - 1).bit_length())]
         assert [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept] == expected
     assert len(tuner.early_config_prune(tuner.configs, {"Cout": 12})) < len(table)
+    assert tuner.do_bench is A.bench_candidate  # the shorter per-candidate timing
 
 
 # ----------------------------------------------------------------------------- GPU (compiled)
