@@ -177,7 +177,10 @@ def _geometry(spec) -> str:
         v = spec.meta(name)
         if v is not None:
             parts.append(f"{name.lower()}={int(v) if isinstance(v, bool) else v}")
-    layout = "nhwc" if spec.meta("sxc") == 1 else "nchw"
+    if "sxp" in spec.signature:  # pixel_rows kernels: NHWC read as rows, channels contiguous
+        layout = "nhwc rows"
+    else:
+        layout = "nhwc" if spec.meta("sxc") == 1 else "nchw"
     return " ".join(parts + [layout]) if parts else layout
 
 

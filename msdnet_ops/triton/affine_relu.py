@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime as rt
+from . import pixel_rows
 from ._math import relu
 
 
@@ -65,6 +66,10 @@ def affine_relu_into(x, scale, shift, out) -> None:
         raise TypeError(f"out: expected dtype {x.dtype} (as x), got {out.dtype}")
     rt.check_device("out", out, dev)
     if x.numel() == 0:
+        return
+    sxp, sop = pixel_rows.row_stride(x), pixel_rows.row_stride(out)
+    if sxp is not None and sop is not None:  # NHWC: tiles of pixel rows, loads along channels
+        pixel_rows.affine_relu_into(x, scale, shift, out, sxp, sop)
         return
     interp = rt.interpreting(_affine_relu_kernel, dev)
     block = INTERPRET_BLOCK if interp else min(GPU_BLOCK, rt.next_pow2(H * W))

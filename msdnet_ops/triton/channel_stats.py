@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime as rt
+from . import pixel_rows
 
 
 @triton.jit(do_not_specialize=["chunk"])
@@ -135,21 +136,29 @@ def channel_stats_into(x, eps: float, mean, invstd) -> None:
             raise ValueError(f"{name}: expected unit stride, got stride {v.stride(0)}")
     if C == 0:
         return
-    interp = rt.interpreting(_channel_stats_partial_kernel, dev)
-    block = INTERPRET_BLOCK if interp else GPU_BLOCK
-    blocks = triton.cdiv(L, block)
-    if interp:
-        n_chunks = min(INTERPRET_CHUNKS, blocks)
-    else:  # enough programs to fill the GPU, each reducing at least 8 blocks
-        n_chunks = max(1, min(triton.cdiv(4 * rt.sm_count(dev), C), blocks // 8))
-    chunk = triton.cdiv(blocks, n_chunks) * block
-    n_chunks = triton.cdiv(L, chunk)
-    final = n_chunks == 1
-    part = mean if final else torch.empty(C * n_chunks * 3, dtype=sdt, device=dev)
     acc = rt.acc_tl_dtype(x.dtype)
-    rt.launch(_channel_stats_partial_kernel, (C, n_chunks),
-              (x, part, mean, invstd, N, C, H, W, *x.stride(), chunk, *rt.split_float(eps)),
-              dict(FINAL=final, ACC_DTYPE=acc), dict(BLOCK=block, num_warps=4), dev)
+    sxp = pixel_rows.row_stride(x)
+    if sxp is not None:  # NHWC: tiles of pixel rows, loads along channels
+        blocks = pixel_rows.stats_chunks(L, C, dev)
+        n_chunks = blocks[3]
+        final = n_chunks == 1
+        part = None if final else torch.empty(C * n_chunks * 3, dtype=sdt, device=dev)
+        pixel_rows.channel_stats_partials(x, sxp, eps, mean, invstd, part, blocks)
+    else:
+        interp = rt.interpreting(_channel_stats_partial_kernel, dev)
+        block = INTERPRET_BLOCK if interp else GPU_BLOCK
+        blocks = triton.cdiv(L, block)
+        if interp:
+            n_chunks = min(INTERPRET_CHUNKS, blocks)
+        else:  # enough programs to fill the GPU, each reducing at least 8 blocks
+            n_chunks = max(1, min(triton.cdiv(4 * rt.sm_count(dev), C), blocks // 8))
+        chunk = triton.cdiv(blocks, n_chunks) * block
+        n_chunks = triton.cdiv(L, chunk)
+        final = n_chunks == 1
+        part = mean if final else torch.empty(C * n_chunks * 3, dtype=sdt, device=dev)
+        rt.launch(_channel_stats_partial_kernel, (C, n_chunks),
+                  (x, part, mean, invstd, N, C, H, W, *x.stride(), chunk, *rt.split_float(eps)),
+                  dict(FINAL=final, ACC_DTYPE=acc), dict(BLOCK=block, num_warps=4), dev)
     if not final:
         rt.launch(_channel_stats_merge_kernel, (C,),
                   (part, mean, invstd, n_chunks, *rt.split_float(eps)),
@@ -206,6 +215,10 @@ def channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x) -> 
         rt.check_vector("grad_invstd", grad_invstd, C, dev)
     rt.check_writable_grad("grad_x", grad_x, x.shape, dev)
     if x.numel() == 0 or (grad_mean is None and grad_invstd is None):
+        return
+    sxp, sdp = pixel_rows.row_stride(x), pixel_rows.row_stride(grad_x)
+    if sxp is not None and sdp is not None:  # NHWC: tiles of pixel rows, loads along channels
+        pixel_rows.channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x, sxp, sdp)
         return
     interp = rt.interpreting(_channel_stats_backward_kernel, dev)
     block = INTERPRET_BLOCK if interp else min(GPU_BLOCK, rt.next_pow2(H * W))

@@ -1,0 +1,190 @@
+"""Memory-bound kernels on NHWC (channels_last) feature maps, read as a matrix of pixel rows:
+affine-ReLU, the statistics' backward (finalize) and the statistics themselves.
+
+The plane kernels of ``affine_relu`` and ``channel_stats`` give each program one (image,
+channel) plane. On NHWC buffers, the layout of every feature map in the models, a plane's
+neighbouring pixels lie a whole row of channels apart, so a warp's loads touch one 32-byte
+sector per element. Here a tensor whose pixels are equally spaced rows with unit-stride
+channels (a channel prefix or slice of an NHWC buffer) is a ``[N*H*W, C]`` matrix with row
+stride ``rs``; each program takes ``[BLOCK_P, BLOCK_C]`` tiles, loading along the contiguous
+channels (16-byte loads on sm_90, where the plane kernels load 4 bytes at a time from these
+views), with the per-channel vectors loaded once per tile.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _runtime as rt
+from ._math import relu
+
+
+def row_stride(t: torch.Tensor) -> int | None:
+    """``rs`` when ``t[n, c, h, w]`` lies at ``((n*H + h)*W + w) * rs + c`` (unit-stride
+    channels, pixels equally spaced), else None. Dimensions of size 1 do not constrain it."""
+    N, C, H, W = t.shape
+    sn, sc, sh, sw = t.stride()
+    if C > 1 and sc != 1:
+        return None
+    rs = sw if W > 1 else sh if H > 1 else sn if N > 1 else max(C, 1)
+    if (H > 1 and sh != W * rs) or (N > 1 and sn != H * W * rs):
+        return None
+    return rs if rs >= max(C, 1) else None  # rows must not overlap
+
+
+def tiles(P: int, C: int, interp: bool) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C): channels as wide as the tensor (up to 64), about 2048 elements a tile."""
+    if interp:
+        return 8, min(8, rt.next_pow2(C))
+    block_c = min(64, rt.next_pow2(C))
+    return max(16, 2048 // block_c), block_c
+
+
+@triton.jit
+def _tile(P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    return rows.to(tl.int64), cols, mask_c, (rows < P)[:, None] & mask_c[None, :]
+
+
+@triton.jit
+def _affine_relu_rows_kernel(
+    x_ptr, scale_ptr, shift_ptr, out_ptr,
+    P, C, sxp, sop, s_scale, s_shift,
+    ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows, cols, mask_c, m = _tile(P, C, BLOCK_P, BLOCK_C)
+    sc = tl.load(scale_ptr + cols * s_scale, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    sh = tl.load(shift_ptr + cols * s_shift, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    xv = tl.load(x_ptr + rows[:, None] * sxp + cols[None, :], mask=m, other=0.0).to(ACC_DTYPE)
+    z = relu(xv * sc[None, :] + sh[None, :])
+    tl.store(out_ptr + rows[:, None] * sop + cols[None, :], z.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def affine_relu_into(x, scale, shift, out, sxp: int, sop: int) -> None:
+    """``out = relu(scale * x + shift)`` for pixel-row tensors (checked by the caller)."""
+    N, C, H, W = x.shape
+    P = N * H * W
+    interp = rt.interpreting(_affine_relu_rows_kernel, x.device)
+    bp, bc = tiles(P, C, interp)
+    rt.launch(_affine_relu_rows_kernel, (triton.cdiv(P, bp), triton.cdiv(C, bc)),
+              (x, scale, shift, out, P, C, sxp, sop, scale.stride(0), shift.stride(0)),
+              dict(ACC_DTYPE=rt.acc_tl_dtype(x.dtype)), dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=4),
+              x.device)
+
+
+@triton.jit
+def _channel_stats_backward_rows_kernel(
+    x_ptr, mean_ptr, invstd_ptr, gmean_ptr, ginvstd_ptr, gx_ptr,
+    P, C, sxp, sdp, s_mean, s_invstd, s_gmean, s_ginvstd,
+    HAS_GMEAN: tl.constexpr, HAS_GINVSTD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows, cols, mask_c, m = _tile(P, C, BLOCK_P, BLOCK_C)
+    inv_n = 1.0 / (tl.zeros((), dtype=ACC_DTYPE) + P)
+    mean = tl.load(mean_ptr + cols * s_mean, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    invstd = tl.load(invstd_ptr + cols * s_invstd, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    a = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    b = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    if HAS_GMEAN:
+        a = tl.load(gmean_ptr + cols * s_gmean, mask=mask_c, other=0.0).to(ACC_DTYPE) * inv_n
+    if HAS_GINVSTD:
+        b = tl.load(ginvstd_ptr + cols * s_ginvstd, mask=mask_c, other=0.0).to(ACC_DTYPE) \
+            * invstd * invstd * invstd * inv_n
+    x_ptrs = x_ptr + rows[:, None] * sxp + cols[None, :]
+    g_ptrs = gx_ptr + rows[:, None] * sdp + cols[None, :]
+    xv = tl.load(x_ptrs, mask=m, other=0.0).to(ACC_DTYPE)
+    g = tl.load(g_ptrs, mask=m, other=0.0).to(ACC_DTYPE)
+    g = g + (a[None, :] - b[None, :] * (xv - mean[None, :]))
+    tl.store(g_ptrs, g.to(gx_ptr.dtype.element_ty), mask=m)
+
+
+def channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x, sxp: int, sdp: int) -> None:
+    """The finalize step for pixel-row tensors (checked by the caller; one gradient may be None)."""
+    N, C, H, W = x.shape
+    P = N * H * W
+    interp = rt.interpreting(_channel_stats_backward_rows_kernel, x.device)
+    bp, bc = tiles(P, C, interp)
+    gm = grad_mean if grad_mean is not None else mean
+    gi = grad_invstd if grad_invstd is not None else invstd
+    rt.launch(_channel_stats_backward_rows_kernel, (triton.cdiv(P, bp), triton.cdiv(C, bc)),
+              (x, mean, invstd, gm, gi, grad_x, P, C, sxp, sdp,
+               mean.stride(0), invstd.stride(0), gm.stride(0), gi.stride(0)),
+              dict(HAS_GMEAN=grad_mean is not None, HAS_GINVSTD=grad_invstd is not None,
+                   ACC_DTYPE=rt.acc_tl_dtype(x.dtype)),
+              dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=4), x.device)
+
+
+@triton.jit(do_not_specialize=["chunk"])
+def _channel_stats_rows_kernel(
+    x_ptr, part_ptr, mean_ptr, invstd_ptr,
+    P, C, sxp, chunk, eps_hi, eps_lo,
+    FINAL: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Statistics of ``BLOCK_C`` channels over one chunk of rows: each tile's count, mean and
+    sum of squared deviations (two passes over the registers), merged into the running ones
+    with Chan's formula. Writes ``mean``/``invstd`` (one chunk) or ``(count, mean, M2)``
+    partials at ``(channel * n_chunks + chunk) * 3``, as the plane kernel does."""
+    j = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    start = j * chunk
+    end = tl.minimum(start + chunk, P)
+    cnt = tl.zeros((), dtype=ACC_DTYPE)
+    mean = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    m2 = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    for r0 in range(start, end, BLOCK_P):
+        rows = r0 + tl.arange(0, BLOCK_P)
+        mask_r = rows < end
+        m = mask_r[:, None] & mask_c[None, :]
+        xv = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxp + cols[None, :], mask=m, other=0.0).to(ACC_DTYPE)
+        nb = tl.sum(mask_r.to(ACC_DTYPE), axis=0)
+        mb = tl.sum(xv, axis=0) / nb
+        d = tl.where(m, xv - mb[None, :], 0.0)
+        tot = cnt + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + tl.sum(d * d, axis=0) + delta * delta * (cnt * nb / tot)
+        cnt = tot
+    if FINAL:
+        var = m2 / cnt + ((tl.zeros((), dtype=ACC_DTYPE) + eps_hi) + eps_lo)
+        if ACC_DTYPE == tl.float64:
+            std = tl.sqrt(var)  # IEEE-rounded in float64
+        else:
+            std = tl.sqrt_rn(var)
+        tl.store(mean_ptr + cols, mean.to(mean_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(invstd_ptr + cols, (1.0 / std).to(invstd_ptr.dtype.element_ty), mask=mask_c)
+    else:
+        p = part_ptr + (cols * tl.num_programs(0) + j) * 3
+        tl.store(p, (cnt + tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)).to(part_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(p + 1, mean.to(part_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(p + 2, m2.to(part_ptr.dtype.element_ty), mask=mask_c)
+
+
+def stats_chunks(P: int, C: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, chunk, n_chunks) of :func:`channel_stats_partials`: enough programs to
+    fill the GPU, each reducing at least 8 row tiles."""
+    interp = rt.interpreting(_channel_stats_rows_kernel, device)
+    bp, bc = tiles(P, C, interp)
+    row_tiles = triton.cdiv(P, bp)
+    if interp:
+        n_chunks = min(2, row_tiles)
+    else:
+        n_chunks = max(1, min(triton.cdiv(4 * rt.sm_count(device), triton.cdiv(C, bc)), row_tiles // 8))
+    chunk = triton.cdiv(row_tiles, n_chunks) * bp
+    return bp, bc, chunk, triton.cdiv(P, chunk)
+
+
+def channel_stats_partials(x, sxp, eps, mean, invstd, part, blocks) -> None:
+    """Launches :func:`_channel_stats_rows_kernel` with ``blocks = stats_chunks(...)``; ``part``
+    is None when there is one chunk (``mean``/``invstd`` written directly)."""
+    N, C, H, W = x.shape
+    P = N * H * W
+    bp, bc, chunk, n_chunks = blocks
+    final = part is None
+    rt.launch(_channel_stats_rows_kernel, (n_chunks, triton.cdiv(C, bc)),
+              (x, mean if final else part, mean, invstd, P, C, sxp, chunk, *rt.split_float(eps)),
+              dict(FINAL=final, ACC_DTYPE=rt.acc_tl_dtype(x.dtype)),
+              dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=4), x.device)
