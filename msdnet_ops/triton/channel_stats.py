@@ -23,6 +23,7 @@ import triton.language as tl
 
 from . import _runtime as rt
 from . import pixel_rows
+from ._math import invstd_of
 
 
 @triton.jit(do_not_specialize=["chunk"])
@@ -65,13 +66,8 @@ def _channel_stats_partial_kernel(
     dev = mean - mu
     M2 = tl.sum(m2, axis=0) + tl.sum(cnt * dev * dev, axis=0)
     if FINAL:
-        var = M2 / tot + ((tl.zeros((), dtype=ACC_DTYPE) + eps_hi) + eps_lo)
-        if ACC_DTYPE == tl.float64:
-            std = tl.sqrt(var)  # IEEE-rounded in float64
-        else:
-            std = tl.sqrt_rn(var)
         tl.store(mean_ptr + c, mu.to(mean_ptr.dtype.element_ty))
-        tl.store(invstd_ptr + c, (1.0 / std).to(invstd_ptr.dtype.element_ty))
+        tl.store(invstd_ptr + c, invstd_of(M2, tot, eps_hi, eps_lo, ACC_DTYPE).to(invstd_ptr.dtype.element_ty))
     else:
         p = part_ptr + (c * n_chunks + j) * 3
         tl.store(p, tot)
@@ -95,13 +91,8 @@ def _channel_stats_merge_kernel(
     mu = tl.sum(cnt * mu_j, axis=0) / tot
     dev = mu_j - mu
     M2 = tl.sum(m2_j, axis=0) + tl.sum(cnt * dev * dev, axis=0)
-    var = M2 / tot + ((tl.zeros((), dtype=ACC_DTYPE) + eps_hi) + eps_lo)
-    if ACC_DTYPE == tl.float64:
-        std = tl.sqrt(var)  # IEEE-rounded in float64
-    else:
-        std = tl.sqrt_rn(var)
     tl.store(mean_ptr + c, mu.to(mean_ptr.dtype.element_ty))
-    tl.store(invstd_ptr + c, (1.0 / std).to(invstd_ptr.dtype.element_ty))
+    tl.store(invstd_ptr + c, invstd_of(M2, tot, eps_hi, eps_lo, ACC_DTYPE).to(invstd_ptr.dtype.element_ty))
 
 
 GPU_BLOCK = 1024

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime as rt
-from ._math import relu
+from ._math import invstd_of, relu
 
 
 def row_stride(t: torch.Tensor) -> int | None:
@@ -149,13 +149,9 @@ def _channel_stats_rows_kernel(
         m2 = m2 + tl.sum(d * d, axis=0) + delta * delta * (cnt * nb / tot)
         cnt = tot
     if FINAL:
-        var = m2 / cnt + ((tl.zeros((), dtype=ACC_DTYPE) + eps_hi) + eps_lo)
-        if ACC_DTYPE == tl.float64:
-            std = tl.sqrt(var)  # IEEE-rounded in float64
-        else:
-            std = tl.sqrt_rn(var)
+        invstd = invstd_of(m2, cnt, eps_hi, eps_lo, ACC_DTYPE)
         tl.store(mean_ptr + cols, mean.to(mean_ptr.dtype.element_ty), mask=mask_c)
-        tl.store(invstd_ptr + cols, (1.0 / std).to(invstd_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(invstd_ptr + cols, invstd.to(invstd_ptr.dtype.element_ty), mask=mask_c)
     else:
         p = part_ptr + (cols * tl.num_programs(0) + j) * 3
         tl.store(p, (cnt + tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)).to(part_ptr.dtype.element_ty), mask=mask_c)
