@@ -9,8 +9,9 @@
 # LIMIT_S (default 570) bounds the whole script. gpu.py rewrites its report after every step
 # and is interrupted (SIGINT) at the limit, so a run cut short still leaves its report.
 set -uo pipefail
-out=${1:?usage: gpu_device.sh OUT_DIR [LIMIT_S] [gpu.py arguments...]}
+out=$(realpath -m "${1:?usage: gpu_device.sh OUT_DIR [LIMIT_S] [gpu.py arguments...]}")
 limit=${2:-570}
+cd "$(dirname "$0")/.."  # the repository root: what pip installs, where gpu.py runs
 shift $(( $# >= 2 ? 2 : 1 ))
 start=$(date +%s)
 python=${PYTHON:-python3}

@@ -115,3 +115,18 @@ def test_channel_stats_on_nhwc_rows(shape, dtype, monkeypatch):
     tol = 1e-13 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(mean.double(), rm, rtol=tol, atol=0)
     torch.testing.assert_close(invstd.double(), ri, rtol=tol, atol=0)
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_batch_on_nhwc_rows(dtype, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    N, C, H, W = 5, 13, 3, 7   # 21 pixels: 3 pixel tiles of 8; 13 channels: 2 channel tiles
+    _, src = nhwc(N, C, H, W, dtype, gen, lo=2)
+    index = torch.tensor([4, 0, 2, 2], dtype=torch.int64)
+    obuf, out = nhwc(4, C, H, W, dtype, gen, lo=1, fill=SENTINEL)
+    launched = _launched(monkeypatch)
+    T.gather_batch_into(src, index, out)
+    assert launched == ["_gather_batch_rows_kernel"]
+    torch.testing.assert_close(out, R.gather_batch(src, index), rtol=0, atol=0)
+    assert (obuf[:, :1] == SENTINEL).all() and (obuf[:, 1 + C:] == SENTINEL).all(), "wrote outside out"

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime as rt
+from . import pixel_rows
 
 
 @triton.jit
@@ -47,11 +48,15 @@ def gather_batch_into(src, index, out) -> None:
     rt.check_device("out", out, src.device)
     if out.numel() == 0:
         return
+    index = index.contiguous()
+    ssp, sop = pixel_rows.row_stride(src), pixel_rows.row_stride(out)
+    if ssp is not None and sop is not None:  # NHWC: tiles of pixel rows, copies along channels
+        pixel_rows.gather_batch_into(src, index, out, ssp, sop)
+        return
     _, C, H, W = src.shape
     dev = src.device
     interp = rt.interpreting(_gather_batch_kernel, dev)
     block = INTERPRET_BLOCK if interp else min(GPU_BLOCK, rt.next_pow2(H * W))
-    index = index.contiguous()
     grid = (index.shape[0] * C, triton.cdiv(H * W, block))
     rt.launch(_gather_batch_kernel, grid,
               (src, index, out, C, H, W, *src.stride(), *out.stride()), {},

@@ -1,5 +1,6 @@
 """Memory-bound kernels on NHWC (channels_last) feature maps, read as a matrix of pixel rows:
-affine-ReLU, the statistics' backward (finalize) and the statistics themselves.
+affine-ReLU, the statistics' backward (finalize), the statistics themselves and the batch
+gather of early exit.
 
 The plane kernels of ``affine_relu`` and ``channel_stats`` give each program one (image,
 channel) plane. On NHWC buffers, the layout of every feature map in the models, a plane's
@@ -184,3 +185,31 @@ def channel_stats_partials(x, sxp, eps, mean, invstd, part, blocks) -> None:
               (x, mean if final else part, mean, invstd, P, C, sxp, chunk, *rt.split_float(eps)),
               dict(FINAL=final, ACC_DTYPE=rt.acc_tl_dtype(x.dtype)),
               dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=4), x.device)
+
+
+@triton.jit
+def _gather_batch_rows_kernel(
+    src_ptr, index_ptr, out_ptr, HW, C, ssp, sop,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``out[i] = src[index[i]]``: program (i, pixel tile, channel tile) copies one tile of
+    image ``index[i]``'s pixel rows."""
+    i = tl.program_id(0)
+    px = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = (px < HW)[:, None] & (cols < C)[None, :]
+    src_row = tl.load(index_ptr + i).to(tl.int64) * HW + px
+    out_row = i.to(tl.int64) * HW + px
+    v = tl.load(src_ptr + src_row[:, None] * ssp + cols[None, :], mask=m)
+    tl.store(out_ptr + out_row[:, None] * sop + cols[None, :], v, mask=m)
+
+
+def gather_batch_into(src, index, out, ssp: int, sop: int) -> None:
+    """Batch compaction for pixel-row tensors (checked by the caller)."""
+    _, C, H, W = src.shape
+    HW = H * W
+    interp = rt.interpreting(_gather_batch_rows_kernel, src.device)
+    bp, bc = tiles(HW, C, interp)
+    rt.launch(_gather_batch_rows_kernel, (index.shape[0], triton.cdiv(HW, bp), triton.cdiv(C, bc)),
+              (src, index, out, HW, C, ssp, sop), {}, dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=4),
+              src.device)
