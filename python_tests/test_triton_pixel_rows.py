@@ -130,3 +130,41 @@ def test_gather_batch_on_nhwc_rows(dtype, monkeypatch):
     assert launched == ["_gather_batch_rows_kernel"]
     torch.testing.assert_close(out, R.gather_batch(src, index), rtol=0, atol=0)
     assert (obuf[:, :1] == SENTINEL).all() and (obuf[:, 1 + C:] == SENTINEL).all(), "wrote outside out"
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("form", ["accumulate", "write", "no-grad_x"])
+def test_affine_relu_backward_on_nhwc_rows(dtype, form, monkeypatch):
+    """grad_x accumulated into, written (its old values never read: NaN there) or skipped;
+    grad_scale/grad_shift accumulated (chunk sums added atomically) onto non-zero values."""
+    gen = torch.Generator().manual_seed(4)
+    N, C, H, W = 3, 11, 5, 7   # 105 rows: 2 chunks of 8-row tiles; 11 channels: 2 tiles
+    sdt = R.stats_dtype(dtype)
+    _, x = nhwc(N, C, H, W, dtype, gen)
+    scale = torch.randn(C, dtype=torch.float64, generator=gen).to(sdt)
+    shift = torch.randn(C, dtype=torch.float64, generator=gen).to(sdt)
+    x[:, 0, :2] = 0.0
+    shift[0] = 0.0  # pre-activation exactly 0: derivative 0
+    _, grad_z = nhwc(N, C, H, W, dtype, gen, lo=1)
+    gbuf, gx = nhwc(N, C, H, W, dtype, gen, lo=2)
+    if form == "write":
+        gx.fill_(float("nan"))
+    gbuf0 = gbuf.clone()
+    gs = torch.randn(C, dtype=torch.float64, generator=gen).to(sdt)
+    gh = torch.randn(C, dtype=torch.float64, generator=gen).to(sdt)
+    d = torch.float64
+    rx = torch.zeros(x.shape, dtype=d) if form == "write" else gx.to(d).clone()
+    rs, rh = gs.to(d).clone(), gh.to(d).clone()
+    R.affine_relu_backward_(x.to(d), scale.to(d), shift.to(d), grad_z.to(d), rx, rs, rh)
+    launched = _launched(monkeypatch)
+    T.affine_relu_backward_(x, scale, shift, grad_z, None if form == "no-grad_x" else gx, gs, gh,
+                            accumulate=form != "write")
+    assert launched == ["_affine_relu_backward_rows_kernel"]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    if form == "no-grad_x":
+        assert torch.equal(gbuf, gbuf0)
+    else:
+        torch.testing.assert_close(gx.to(d), rx, rtol=tol, atol=tol)
+        assert torch.equal(gbuf[:, :2], gbuf0[:, :2]) and torch.equal(gbuf[:, 2 + C:], gbuf0[:, 2 + C:])
+    torch.testing.assert_close((gs.to(d), gh.to(d)), (rs, rh), rtol=tol, atol=tol)

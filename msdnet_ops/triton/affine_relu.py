@@ -159,6 +159,12 @@ def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shif
     L = N * H * W
     if x.numel() == 0:
         return
+    rows = [pixel_rows.row_stride(t) for t in (x, grad_z)] + \
+        [pixel_rows.row_stride(grad_x) if grad_x is not None else 0]
+    if None not in rows:  # NHWC: tiles of pixel rows, loads along channels
+        pixel_rows.affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift,
+                                         accumulate, *rows)
+        return
     interp = rt.interpreting(_affine_relu_backward_kernel, dev)
     block = INTERPRET_BLOCK if interp else GPU_BLOCK
     blocks = triton.cdiv(L, block)

@@ -1,5 +1,5 @@
 """Memory-bound kernels on NHWC (channels_last) feature maps, read as a matrix of pixel rows:
-affine-ReLU, the statistics' backward (finalize), the statistics themselves and the batch
+affine-ReLU and its backward, the statistics and their backward (finalize), and the batch
 gather of early exit.
 
 The plane kernels of ``affine_relu`` and ``channel_stats`` give each program one (image,
@@ -161,8 +161,8 @@ def _channel_stats_rows_kernel(
 
 
 def stats_chunks(P: int, C: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_C, chunk, n_chunks) of :func:`channel_stats_partials`: enough programs to
-    fill the GPU, each reducing at least 8 row tiles."""
+    """(BLOCK_P, BLOCK_C, chunk, n_chunks) of the reducing kernels (statistics, affine-ReLU
+    backward): enough programs to fill the GPU, each reducing at least 8 row tiles."""
     interp = rt.interpreting(_channel_stats_rows_kernel, device)
     bp, bc = tiles(P, C, interp)
     row_tiles = triton.cdiv(P, bp)
@@ -213,3 +213,56 @@ def gather_batch_into(src, index, out, ssp: int, sop: int) -> None:
     rt.launch(_gather_batch_rows_kernel, (index.shape[0], triton.cdiv(HW, bp), triton.cdiv(C, bc)),
               (src, index, out, HW, C, ssp, sop), {}, dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=4),
               src.device)
+
+
+@triton.jit(do_not_specialize=["chunk"], do_not_specialize_on_alignment=["gscale_ptr", "gshift_ptr"])
+def _affine_relu_backward_rows_kernel(
+    x_ptr, scale_ptr, shift_ptr, gz_ptr, gx_ptr, gscale_ptr, gshift_ptr,
+    P, C, sxp, szp, sdp, s_scale, s_shift, s_gscale, s_gshift, chunk,
+    HAS_GX: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The backward of ``relu(scale * x + shift)`` over one chunk of rows and ``BLOCK_C``
+    channels: ``grad_x`` per element, the chunk's sums for ``grad_scale``/``grad_shift`` added
+    atomically once per program."""
+    j = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    sc = tl.load(scale_ptr + cols * s_scale, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    sh = tl.load(shift_ptr + cols * s_shift, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    start = j * chunk
+    end = tl.minimum(start + chunk, P)
+    sum_dx = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    sum_d = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    for r0 in range(start, end, BLOCK_P):
+        rows = (r0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        m = (rows < end)[:, None] & mask_c[None, :]
+        xv = tl.load(x_ptr + rows[:, None] * sxp + cols[None, :], mask=m, other=0.0).to(ACC_DTYPE)
+        gz = tl.load(gz_ptr + rows[:, None] * szp + cols[None, :], mask=m, other=0.0).to(ACC_DTYPE)
+        dpre = tl.where(m & (xv * sc[None, :] + sh[None, :] > 0), gz, 0.0)
+        if HAS_GX:
+            d_ptrs = gx_ptr + rows[:, None] * sdp + cols[None, :]
+            gx = sc[None, :] * dpre
+            if ACCUMULATE:  # else grad_x is only written: its old values are never read
+                gx += tl.load(d_ptrs, mask=m, other=0.0).to(ACC_DTYPE)
+            tl.store(d_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=m)
+        sum_dx += tl.sum(dpre * xv, axis=0)
+        sum_d += tl.sum(dpre, axis=0)
+    tl.atomic_add(gscale_ptr + cols * s_gscale, sum_dx.to(gscale_ptr.dtype.element_ty), mask=mask_c)
+    tl.atomic_add(gshift_ptr + cols * s_gshift, sum_d.to(gshift_ptr.dtype.element_ty), mask=mask_c)
+
+
+def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shift, accumulate,
+                          sxp: int, szp: int, sdp: int) -> None:
+    """The affine-ReLU backward for pixel-row tensors (checked by the caller; ``grad_x`` may
+    be None, then ``sdp`` is ignored)."""
+    N, C, H, W = x.shape
+    P = N * H * W
+    bp, bc, chunk, n_chunks = stats_chunks(P, C, x.device)
+    has_gx = grad_x is not None
+    rt.launch(_affine_relu_backward_rows_kernel, (n_chunks, triton.cdiv(C, bc)),
+              (x, scale, shift, grad_z, grad_x if has_gx else grad_z, grad_scale, grad_shift,
+               P, C, sxp, szp, sdp if has_gx else 0, scale.stride(0), shift.stride(0),
+               grad_scale.stride(0), grad_shift.stride(0), chunk),
+              dict(HAS_GX=has_gx, ACCUMULATE=bool(accumulate), ACC_DTYPE=rt.acc_tl_dtype(x.dtype)),
+              dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=4), x.device)
