@@ -41,8 +41,9 @@ def require_float64(backend: str, device: torch.device) -> None:
 # compiles (a GPU machine, TRITON_INTERPRET unset) a CPU tensor cannot reach a Triton kernel, so
 # they skip, saying so; there the GPU tests and the backend-parametrised tests run the compiled
 # kernels, and CI (no GPU) runs these.
-interpreter_only = pytest.mark.skipif(
-    "os.environ.get('TRITON_INTERPRET') != '1'",  # evaluated per test: a module may set it late
+interpreter_only = pytest.mark.skipif(  # evaluated per test (a module may set the flag late);
+    # never on a machine without CUDA, where a lost flag must fail these tests, not skip them
+    "torch.cuda.is_available() and os.environ.get('TRITON_INTERPRET') != '1'",
     reason="a Triton-interpreter test (CPU tensors; TRITON_INTERPRET=1, as CI runs it): this "
            "machine compiles Triton kernels, which its GPU tests cover")
 
