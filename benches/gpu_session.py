@@ -223,8 +223,8 @@ def warm_triton_cache(arch: str, models, dtypes, timeout_s: float, out_dir: str)
     """Compiles every Triton specialisation the models launch (training and inference, each
     autotune candidate, every divisibility variant) for this GPU, in parallel processes
     (``benches/gpu_compile.py``), into Triton's cache, where the models' first steps find them
-    instead of compiling one kernel at a time (serially: minutes per model on the first H200
-    run). Its records (registers, spills, tensor cores with this Triton) go to ``WARM_JSON``."""
+    instead of compiling them one at a time (on the first H200 run ours' first MSDNet step did
+    not finish in ~130 s). Its records (registers, spills, tensor cores with this Triton) go to ``WARM_JSON``."""
     cmd = [sys.executable, os.path.join(ROOT, "benches", "gpu_compile.py"), "--all", "--skip-extension",
            "--archs", arch, "--models", ",".join(m[0] for m in models),
            "--dtypes", ",".join(str(d)[6:] for d in dtypes), "--json", os.path.join(out_dir, WARM_JSON)]
