@@ -1,21 +1,23 @@
 """One command for the day a GPU comes (``python benches/gpu.py``): within a fixed time budget
 (8 minutes by default) it
 
-1. runs the GPU tests (``pytest`` on the CUDA/Triton tests, a subprocess with a timeout, in
-   parallel with pytest-xdist where installed; the whole output in ``gpu-tests.log``) and an
-   in-process parity check of every op on every GPU backend against the reference, float32
-   and bfloat16;
-2. measures the copy bandwidth achieved by each memory-bound kernel (against a device copy),
-   then compiles every Triton specialisation the models launch in parallel processes
+1. checks every op on every GPU backend against the reference in-process (float32 and
+   bfloat16), and measures the copy bandwidth achieved by each memory-bound kernel (against a
+   device copy, NCHW and NHWC);
+2. per dtype, compiles every Triton specialisation the models launch in parallel processes
    (``benches/gpu_compile.py``) into Triton's cache, so that ours' first steps do not compile
-   ~200 kernels one at a time (the first H200 run spent its time there);
-3. times DenseNet-BC-100, DenseNet-121, MSDNet cifar100-anytime and imagenet-step4: training
+   ~200 kernels one at a time (the first H200 run spent its time there), then times
+   MSDNet cifar100-anytime and imagenet-step4, DenseNet-BC-100 and DenseNet-121: training
    step, inference and peak training memory, ours (``MSDNET_OPS_BACKEND=auto``: per shape the
    fused Triton kernel or materialise-then-cuDNN, timed once and cached by
    ``msdnet_ops.conv_choice``) against plain cuDNN (``cudnn.benchmark`` on, for both),
-   channels_last and memory_efficient in float32; then, as time allows, against
-   torch.compile, plain and ours with each step captured in a CUDA graph (no per-kernel launch
-   cost: what the roofline's "launches free" column predicts), and the same in bfloat16;
+   channels_last and memory_efficient; ours' first step records how many kernels it still
+   had to compile;
+3. runs the GPU tests (``pytest`` on the CUDA/Triton tests, a subprocess with a timeout, in
+   parallel with pytest-xdist where installed; the whole output in ``gpu-tests.log``); then,
+   as time allows, torch.compile, plain and ours with each step captured in a CUDA graph (no
+   per-kernel launch cost: what the roofline's "launches free" column predicts), and the
+   models in bfloat16;
 4. writes ``RESULTS-gpu.md`` and ``results-gpu.json``, after every step (a run cut short
    leaves the report of what it did).
 
@@ -259,6 +261,20 @@ def peak_train_memory(step, device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache (one ``__grp__*.json`` per compiled kernel): the
+    difference over ours' first step is what it compiled itself, i.e. what the warm-up missed."""
+    try:
+        from triton import knobs
+        root = knobs.cache.dir
+    except (ImportError, AttributeError):
+        root = os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    if not os.path.isdir(root):
+        return 0
+    return sum(1 for d in os.scandir(root) if d.is_dir()
+               for f in os.scandir(d.path) if f.name.startswith("__grp__"))
+
+
 GRAPHED = "_graph"  # a variant name's suffix: its training step and inference in CUDA graphs
 
 
@@ -270,17 +286,20 @@ def _variant_row(device, name, batch, image, v, dtype, budget_s) -> dict:
     step, infer = cases.train_step_fn(model, x, y), cases.infer_fn(model, x)
     if graphed:
         step, infer = cases.cuda_graphed(step, device), cases.cuda_graphed(infer, device)
+    compiled_before = triton_cache_entries()
     t0 = time.perf_counter()
     step()  # warm-up: compilation, autotuning, the fused/unfused choice
     harness.sync(device)
     first_step_s = time.perf_counter() - t0
+    compiled = triton_cache_entries() - compiled_before
     mem = None if graphed else peak_train_memory(step, device)
     st = harness.time_interleaved({"train": step}, device, warmup=1, min_reps=3, max_reps=15,
                                   budget_s=budget_s)["train"]
     si = harness.time_interleaved({"infer": infer}, device, warmup=1, min_reps=3, max_reps=15,
                                   budget_s=budget_s / 2)["infer"]
     return dict(train_s=st.median, train_iqr=(st.q1, st.q3), infer_s=si.median,
-                infer_img_s=batch / si.median, peak_bytes=mem, first_step_s=first_step_s)
+                infer_img_s=batch / si.median, peak_bytes=mem, first_step_s=first_step_s,
+                compiled_in_first_step=compiled)
 
 
 def model_rows(device, name, batch, image, variants, dtype, budget_s) -> dict:
@@ -318,9 +337,10 @@ def model_rows(device, name, batch, image, variants, dtype, budget_s) -> dict:
 # --------------------------------------------------------------------------- plan
 
 def run(device, params: Params, out_dir: str, log=print) -> dict:
-    """Runs the plan, in order of what matters most should time run out: tests and parity,
-    bandwidth, the float32 models, torch.compile, CUDA graphs, then the other dtypes. The
-    report is rewritten after every step, so a run cut short still leaves one."""
+    """Runs the plan, in order of what matters most should time run out: op parity, bandwidth,
+    the float32 models (after warming Triton's cache for them), the tests, torch.compile, CUDA
+    graphs, then the other dtypes (each after its own warm-up). The report is rewritten after
+    every step, so a run cut short still leaves one."""
     from benches import harness
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the strongest cuDNN baseline, for plain and ours
@@ -336,24 +356,28 @@ def run(device, params: Params, out_dir: str, log=print) -> dict:
 
     s = Session(clock, log, on_step=report)
     results["steps"] = s.steps
-    if params.run_tests:
-        s.step("tests", params.tests_timeout_s, run_tests, min(params.tests_timeout_s, clock.left() - params.reserve_s),
-               GPU_TESTS, os.path.join(out_dir, TESTS_LOG))
     s.step("op parity", 20.0 if device.type == "cuda" else 5.0, op_parity, device, params.dtypes)
     s.step("bandwidth", 20.0, bandwidth, device, params.bandwidth_shape, params.time_budget_s / 4)
-    if device.type != "cuda":
-        s.skip("warm Triton cache", "compiles for a CUDA GPU (CI runs benches/gpu_compile.py itself)")
-    elif "ours" in params.variants:
-        arch = "".join(map(str, torch.cuda.get_device_capability(device)))
-        s.step("warm Triton cache", params.warm_estimate_s, warm_triton_cache, arch, params.models,
-               params.dtypes, min(params.warm_estimate_s, clock.left() - params.reserve_s), out_dir)
     first, *others = params.dtypes
 
+    def warm(dtype):
+        name = f"warm Triton cache {str(dtype)[6:]}"
+        if device.type != "cuda":
+            s.skip(name, "compiles for a CUDA GPU (CI runs benches/gpu_compile.py itself)")
+        elif "ours" in params.variants:
+            arch = "".join(map(str, torch.cuda.get_device_capability(device)))
+            s.step(name, params.warm_estimate_s, warm_triton_cache, arch, params.models, (dtype,),
+                   min(params.warm_estimate_s, clock.left() - params.reserve_s), out_dir)
+
     def models(dtype):
+        warm(dtype)
         for name, batch, image in params.models:
             s.step(f"model {name} {str(dtype)[6:]}", params.model_estimate_s,
                    model_rows, device, name, batch, image, params.variants, dtype, params.time_budget_s)
     models(first)
+    if params.run_tests:  # after ours' first timings (op parity above already ran every op)
+        s.step("tests", params.tests_timeout_s, run_tests, min(params.tests_timeout_s, clock.left() - params.reserve_s),
+               GPU_TESTS, os.path.join(out_dir, TESTS_LOG))
     if params.compile:
         for name, batch, image in params.models:
             s.step(f"model {name} float32 compile", params.compile_estimate_s, model_rows, device,
@@ -392,7 +416,7 @@ def markdown(results: dict) -> str:
         r = st["result"]
         if not r:
             continue
-        if st["name"] == "warm Triton cache":
+        if st["name"].startswith("warm Triton cache"):
             lines += ["", f"Triton cache warm-up: {r['summary']} (exit {r['exit']}, {r['seconds']} s); "
                       f"records: `{WARM_JSON}`."]
         elif st["name"] == "tests":
@@ -416,16 +440,16 @@ def markdown(results: dict) -> str:
             lines += ["", f"## {r['name']}, batch {r['batch']}, {r['dtype']}", "",
                       f"Fused/unfused transform-conv choices made here: {r['conv_choices']}.", "",
                       "| variant | train step ms | vs plain | inference img/s | vs plain | peak MiB | vs plain "
-                      "| first step s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                      "| first step s | kernels compiled in it |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             for v, row in r["variants"].items():
                 if "error" in row:
-                    lines.append(f"| {v} | failed: {row['error'][:200]} | | | | | | |")
+                    lines.append(f"| {v} | failed: {row['error'][:200]} | | | | | | | |")
                     continue
                 peak = row["peak_bytes"] / 2**20 if row["peak_bytes"] else None
                 lines.append(f"| {v} | {row['train_s'] * 1e3:.1f} | {_fmt(row.get('train_vs_plain'))}x | "
                              f"{row['infer_img_s']:.0f} | {_fmt(row.get('infer_vs_plain'))}x | "
                              f"{_fmt(peak, '.0f')} | {_fmt(row.get('memory_vs_plain'))} | "
-                             f"{_fmt(row.get('first_step_s'), '.1f')} |")
+                             f"{_fmt(row.get('first_step_s'), '.1f')} | {row.get('compiled_in_first_step', '-')} |")
     return "\n".join(lines) + "\n"
 
 

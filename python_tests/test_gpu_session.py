@@ -89,8 +89,8 @@ def test_whole_run_on_cpu_with_tiny_shapes(tmp_path, monkeypatch):
 
 
 def test_plan_on_a_cuda_device_puts_what_matters_first(monkeypatch, tmp_path):
-    """On a CUDA device (the steps themselves stubbed: no GPU here) the plan runs the float32
-    models eager, then torch.compile, then plain and ours eager and captured in CUDA graphs,
+    """On a CUDA device (the steps themselves stubbed: no GPU here) the plan warms Triton's cache
+    and runs the float32 models eager, then torch.compile, then plain and ours eager and captured in CUDA graphs,
     then the other dtypes; cudnn.benchmark is on for the whole run."""
     calls = []
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
@@ -112,8 +112,9 @@ def test_plan_on_a_cuda_device_puts_what_matters_first(monkeypatch, tmp_path):
     compiled = [(n, ("plain", "compile"), torch.float32, True) for n in names]
     graphs = [(n, ("plain", "plain_graph", "ours", "ours_graph"), torch.float32, True) for n in names]
     bf16 = [(n, params.variants, torch.bfloat16, True) for n in names]
-    warm = [("warm", "90", params.models, params.dtypes)]  # every model and dtype, before the first
-    assert calls == warm + eager + compiled + graphs + bf16
+    def warm(dtype):  # every model, before the first timing in that dtype
+        return [("warm", "90", params.models, (dtype,))]
+    assert calls == warm(torch.float32) + eager + compiled + graphs + warm(torch.bfloat16) + bf16
     assert all(st["status"] == "ok" for st in results["steps"])
     assert results["meta"]["cudnn_benchmark"] is True
 
