@@ -48,6 +48,18 @@ interpreter_only = pytest.mark.skipif(  # evaluated per test (a module may set t
            "machine compiles Triton kernels, which its GPU tests cover")
 
 
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """float32 results are checked against float64 references at float32 tolerances, so on a
+    GPU no test lets cuDNN, cuBLAS or our Triton GEMMs (which follow ``cudnn.allow_tf32``)
+    round operands to TF32; a test of TF32 itself sets it back. (TF32 accuracy: ``op parity``
+    in ``benches/gpu.py``.) No effect without CUDA."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture
 def use_backend(monkeypatch):
     """Select a backend for the rest of the test: ``use_backend("cpu")`` returns the device."""

@@ -4,6 +4,7 @@ results. On the CPU through the Triton interpreter (the policy is forced by envi
 import pytest
 import torch
 
+from conftest import interpreter_only
 from msdnet_ops import backends, conv_choice, ops, reference
 
 F64 = torch.float64
@@ -42,6 +43,7 @@ def test_policy_from_environment(monkeypatch):
         backends.transform_conv_policy(cuda)
 
 
+@interpreter_only
 def test_timed_once_per_shape_and_cached(timed_triton, monkeypatch):
     calls = []
     real = conv_choice.choose
@@ -64,6 +66,7 @@ def test_timed_once_per_shape_and_cached(timed_triton, monkeypatch):
     assert len(conv_choice.timings) == 2
 
 
+@interpreter_only
 @pytest.mark.parametrize("policy", ["timed", "fused", "unfused"])
 def test_backward_accumulates_exactly_once(timed_triton, monkeypatch, policy):
     monkeypatch.setenv("MSDNET_OPS_TRANSFORM_CONV", policy)
