@@ -72,3 +72,17 @@ def test_ours_batchnorm_vectors_are_one_launch_each_way_per_batchnorm(name):
 def test_bad_variant_is_named():
     with pytest.raises(ValueError, match="variant"):
         count_launches(NAME, "channels_last")
+
+
+def test_host_overhead_script_times_ours_with_launches_dropped():
+    """benches/host_overhead.py (a subprocess: it selects the triton backend for its process)
+    prints one row per model: host ms per step and the Triton launches it dropped."""
+    import re
+    import subprocess
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benches", "host_overhead.py"),
+                          "--models", "densenet-bc100", "--reps", "1"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    row = re.search(r"^\| densenet-bc100 \| 2 \| ([\d.]+) \| [\d.]+-[\d.]+ \| (\d+) \| (\d+) \|$", out, re.M)
+    assert row, out
+    ms, launches = float(row[1]), int(row[2])
+    assert ms > 0 and launches > 100  # a DenseNet-BC-100 step launches hundreds of kernels

@@ -7,6 +7,7 @@ Shapes are tiny and odd; inputs are channel-prefix views of bigger buffers (NCHW
 storage), outputs are channel slices of other buffers whose other channels must not change.
 The GPU tests at the end run the compiled kernels on larger shapes and skip without CUDA.
 """
+import contextlib
 import os
 
 import torch
@@ -405,6 +406,45 @@ def test_autotuner_prunes_configs_by_problem_width():
         assert [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept] == expected
     assert len(tuner.early_config_prune(tuner.configs, {"Cout": 12})) < len(table)
     assert tuner.do_bench is A.bench_candidate  # the shorter per-candidate timing
+
+
+# ----------------------------------------------------------------------------- host side
+
+def test_host_integer_helpers_match_tritons():
+    """``cdiv``/``next_pow2`` (plain Python: Triton's are slower ConstexprFunctions on the host)
+    give Triton's answers."""
+    for a in range(0, 300):
+        for b in range(1, 40):
+            assert _runtime.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    for n in range(0, 70000):
+        assert _runtime.next_pow2(n) == triton.next_power_of_2(max(n, 1)), n
+
+
+def test_check_features_bounds_one_images_span(monkeypatch):
+    """Kernels index within an image in int32: a view whose one image spans more elements than
+    that is refused by name, whatever its layout (the limit lowered to keep tensors small)."""
+    limit = 150
+    monkeypatch.setattr(_runtime, "INT32_MAX", limit)
+    wide = torch.zeros(2, 5, 4, 9).permute(0, 3, 1, 2)        # NHWC buffer of 9 channels
+    views = [torch.zeros(1, 3, 5, 7), torch.zeros(2, 2, 6, 6), torch.zeros(1, 4, 6, 6),
+             torch.zeros(2, 3, 5, 7).to(memory_format=torch.channels_last), wide, wide[:, 2:4],
+             wide[:1, :1], torch.zeros(3, 2, 5, 5)[1:]]
+    for v in views:
+        span = sum((size - 1) * stride for size, stride in zip(v.shape[1:], v.stride()[1:]))
+        if span > limit:
+            with pytest.raises(ValueError, match="x: one image spans more than 2"):
+                _runtime.check_features("x", v)
+        else:
+            _runtime.check_features("x", v)
+    assert {sum((z - 1) * st for z, st in zip(v.shape[1:], v.stride()[1:])) > limit for v in views} == {True, False}
+
+
+def test_launch_switches_device_only_when_needed(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert isinstance(_runtime.on_device(torch.device("cuda", 0)), contextlib.nullcontext)
+    assert isinstance(_runtime.on_device(torch.device("cuda")), contextlib.nullcontext)
+    other = _runtime.on_device(torch.device("cuda", 1))
+    assert isinstance(other, torch.cuda.device) and other.idx == 1
 
 
 # ----------------------------------------------------------------------------- GPU (compiled)

@@ -86,12 +86,24 @@ def launch(kernel, grid, args, meta, blocks, device: torch.device, tuning=None) 
     elif is_interpreted(device):
         _interpreted(kernel)[grid](*args, **meta, **blocks)
     elif interpreting(kernel, device) or tuning is None:
-        with torch.cuda.device(device):
+        with on_device(device):
             kernel[grid](*args, **meta, **blocks)
     else:
         from . import _autotune
-        with torch.cuda.device(device):
+        with on_device(device):
             _autotune.autotuned(kernel, tuning)[grid](*args, **meta)
+
+
+_CURRENT = contextlib.nullcontext()
+
+
+def on_device(device: torch.device):
+    """The context a launch on ``device`` runs in: Triton launches on the current CUDA device,
+    so switch only when ``device`` is another one (entering ``torch.cuda.device`` costs a few
+    microseconds, and a training step makes over a thousand launches)."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return _CURRENT
+    return torch.cuda.device(device)
 
 
 @contextlib.contextmanager
@@ -155,8 +167,15 @@ def _float32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
+# Host-side integer helpers in plain Python: triton.cdiv / triton.next_power_of_2 are
+# ConstexprFunctions (Triton 3.6, 3.8), a few microseconds per call on the host, and launches
+# make thousands of these calls per training step (host time is what a GPU step waits for).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -173,12 +192,14 @@ def check_features(name: str, t, dtypes=SUPPORTED_DTYPES) -> None:
         raise RuntimeError(f"{name}: Triton kernels need CUDA tensors (or CPU tensors under the "
                            f"interpreter), got device {t.device}")
     if t.numel() > 0:
-        # per-image offsets are computed in int32; the batch offset in int64
-        per_image = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
-        if per_image > INT32_MAX:
-            raise ValueError(f"{name}: one image spans more than 2**31 elements; not supported")
-        if any(st < 0 for st in t.stride()):
+        # per-image offsets are computed in int32; the batch offset in int64 (written out, not
+        # as a generator: this runs a few thousand times per training step, on the host)
+        _, c, h, w = t.shape
+        sn, sc, sh, sw = t.stride()
+        if sn < 0 or sc < 0 or sh < 0 or sw < 0:
             raise ValueError(f"{name}: negative strides are not supported")
+        if (c - 1) * sc + (h - 1) * sh + (w - 1) * sw > INT32_MAX:
+            raise ValueError(f"{name}: one image spans more than 2**31 elements; not supported")
 
 
 def check_same_shape(name: str, t, shape, ref_name: str) -> None:

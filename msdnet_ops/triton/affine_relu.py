@@ -74,7 +74,7 @@ def affine_relu_into(x, scale, shift, out) -> None:
     interp = rt.interpreting(_affine_relu_kernel, dev)
     block = INTERPRET_BLOCK if interp else min(GPU_BLOCK, rt.next_pow2(H * W))
     args = (x, scale, shift, out, C, H, W, *x.stride(), *out.stride(), scale.stride(0), shift.stride(0))
-    grid = (N * C, triton.cdiv(H * W, block))
+    grid = (N * C, rt.cdiv(H * W, block))
     rt.launch(_affine_relu_kernel, grid, args, dict(ACC_DTYPE=rt.acc_tl_dtype(x.dtype)),
               dict(BLOCK=block, num_warps=4 if block >= 512 else 2), dev)
 
@@ -167,13 +167,13 @@ def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shif
         return
     interp = rt.interpreting(_affine_relu_backward_kernel, dev)
     block = INTERPRET_BLOCK if interp else GPU_BLOCK
-    blocks = triton.cdiv(L, block)
+    blocks = rt.cdiv(L, block)
     if interp:
         n_chunks = min(INTERPRET_CHUNKS, blocks)
     else:
-        n_chunks = max(1, min(triton.cdiv(4 * rt.sm_count(dev), C), blocks // 8))
-    chunk = triton.cdiv(blocks, n_chunks) * block
-    n_chunks = triton.cdiv(L, chunk)
+        n_chunks = max(1, min(rt.cdiv(4 * rt.sm_count(dev), C), blocks // 8))
+    chunk = rt.cdiv(blocks, n_chunks) * block
+    n_chunks = rt.cdiv(L, chunk)
     has_gx = grad_x is not None
     gx = grad_x if has_gx else grad_z  # placeholder pointer, never dereferenced
     gx_strides = grad_x.stride() if has_gx else (0, 0, 0, 0)

@@ -87,7 +87,7 @@ def _check(mean, invstd, weight, bias):
 
 def _grid(C: int, device: torch.device):
     block = INTERPRET_BLOCK if rt.is_interpreted(device) else min(GPU_BLOCK, rt.next_pow2(C))
-    return block, (triton.cdiv(C, block),)
+    return block, (rt.cdiv(C, block),)
 
 
 def bn_scale_shift_into(mean, invstd, weight, bias, out) -> None:

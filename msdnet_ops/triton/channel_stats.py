@@ -138,13 +138,13 @@ def channel_stats_into(x, eps: float, mean, invstd) -> None:
     else:
         interp = rt.interpreting(_channel_stats_partial_kernel, dev)
         block = INTERPRET_BLOCK if interp else GPU_BLOCK
-        blocks = triton.cdiv(L, block)
+        blocks = rt.cdiv(L, block)
         if interp:
             n_chunks = min(INTERPRET_CHUNKS, blocks)
         else:  # enough programs to fill the GPU, each reducing at least 8 blocks
-            n_chunks = max(1, min(triton.cdiv(4 * rt.sm_count(dev), C), blocks // 8))
-        chunk = triton.cdiv(blocks, n_chunks) * block
-        n_chunks = triton.cdiv(L, chunk)
+            n_chunks = max(1, min(rt.cdiv(4 * rt.sm_count(dev), C), blocks // 8))
+        chunk = rt.cdiv(blocks, n_chunks) * block
+        n_chunks = rt.cdiv(L, chunk)
         final = n_chunks == 1
         part = mean if final else torch.empty(C * n_chunks * 3, dtype=sdt, device=dev)
         rt.launch(_channel_stats_partial_kernel, (C, n_chunks),
@@ -219,6 +219,6 @@ def channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x) -> 
             mean.stride(0), invstd.stride(0), gm.stride(0), gi.stride(0))
     meta = dict(HAS_GMEAN=grad_mean is not None, HAS_GINVSTD=grad_invstd is not None,
                 ACC_DTYPE=rt.acc_tl_dtype(x.dtype))
-    grid = (N * C, triton.cdiv(H * W, block))
+    grid = (N * C, rt.cdiv(H * W, block))
     rt.launch(_channel_stats_backward_kernel, grid, args, meta,
               dict(BLOCK=block, num_warps=4 if block >= 512 else 2), dev)

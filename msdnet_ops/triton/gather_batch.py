@@ -57,7 +57,7 @@ def gather_batch_into(src, index, out) -> None:
     dev = src.device
     interp = rt.interpreting(_gather_batch_kernel, dev)
     block = INTERPRET_BLOCK if interp else min(GPU_BLOCK, rt.next_pow2(H * W))
-    grid = (index.shape[0] * C, triton.cdiv(H * W, block))
+    grid = (index.shape[0] * C, rt.cdiv(H * W, block))
     rt.launch(_gather_batch_kernel, grid,
               (src, index, out, C, H, W, *src.stride(), *out.stride()), {},
               dict(BLOCK=block, num_warps=4 if block >= 512 else 2), dev)

@@ -70,7 +70,7 @@ def affine_relu_into(x, scale, shift, out, sxp: int, sop: int) -> None:
     P = N * H * W
     interp = rt.interpreting(_affine_relu_rows_kernel, x.device)
     bp, bc = tiles(P, C, interp)
-    rt.launch(_affine_relu_rows_kernel, (triton.cdiv(P, bp), triton.cdiv(C, bc)),
+    rt.launch(_affine_relu_rows_kernel, (rt.cdiv(P, bp), rt.cdiv(C, bc)),
               (x, scale, shift, out, P, C, sxp, sop, scale.stride(0), shift.stride(0)),
               dict(ACC_DTYPE=rt.acc_tl_dtype(x.dtype)), dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=4),
               x.device)
@@ -110,7 +110,7 @@ def channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x, sxp
     bp, bc = tiles(P, C, interp)
     gm = grad_mean if grad_mean is not None else mean
     gi = grad_invstd if grad_invstd is not None else invstd
-    rt.launch(_channel_stats_backward_rows_kernel, (triton.cdiv(P, bp), triton.cdiv(C, bc)),
+    rt.launch(_channel_stats_backward_rows_kernel, (rt.cdiv(P, bp), rt.cdiv(C, bc)),
               (x, mean, invstd, gm, gi, grad_x, P, C, sxp, sdp,
                mean.stride(0), invstd.stride(0), gm.stride(0), gi.stride(0)),
               dict(HAS_GMEAN=grad_mean is not None, HAS_GINVSTD=grad_invstd is not None,
@@ -165,13 +165,13 @@ def stats_chunks(P: int, C: int, device: torch.device) -> tuple[int, int, int, i
     backward): enough programs to fill the GPU, each reducing at least 8 row tiles."""
     interp = rt.interpreting(_channel_stats_rows_kernel, device)
     bp, bc = tiles(P, C, interp)
-    row_tiles = triton.cdiv(P, bp)
+    row_tiles = rt.cdiv(P, bp)
     if interp:
         n_chunks = min(2, row_tiles)
     else:
-        n_chunks = max(1, min(triton.cdiv(4 * rt.sm_count(device), triton.cdiv(C, bc)), row_tiles // 8))
-    chunk = triton.cdiv(row_tiles, n_chunks) * bp
-    return bp, bc, chunk, triton.cdiv(P, chunk)
+        n_chunks = max(1, min(rt.cdiv(4 * rt.sm_count(device), rt.cdiv(C, bc)), row_tiles // 8))
+    chunk = rt.cdiv(row_tiles, n_chunks) * bp
+    return bp, bc, chunk, rt.cdiv(P, chunk)
 
 
 def channel_stats_partials(x, sxp, eps, mean, invstd, part, blocks) -> None:
@@ -181,7 +181,7 @@ def channel_stats_partials(x, sxp, eps, mean, invstd, part, blocks) -> None:
     P = N * H * W
     bp, bc, chunk, n_chunks = blocks
     final = part is None
-    rt.launch(_channel_stats_rows_kernel, (n_chunks, triton.cdiv(C, bc)),
+    rt.launch(_channel_stats_rows_kernel, (n_chunks, rt.cdiv(C, bc)),
               (x, mean if final else part, mean, invstd, P, C, sxp, chunk, *rt.split_float(eps)),
               dict(FINAL=final, ACC_DTYPE=rt.acc_tl_dtype(x.dtype)),
               dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=4), x.device)
@@ -210,7 +210,7 @@ def gather_batch_into(src, index, out, ssp: int, sop: int) -> None:
     HW = H * W
     interp = rt.interpreting(_gather_batch_rows_kernel, src.device)
     bp, bc = tiles(HW, C, interp)
-    rt.launch(_gather_batch_rows_kernel, (index.shape[0], triton.cdiv(HW, bp), triton.cdiv(C, bc)),
+    rt.launch(_gather_batch_rows_kernel, (index.shape[0], rt.cdiv(HW, bp), rt.cdiv(C, bc)),
               (src, index, out, HW, C, ssp, sop), {}, dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=4),
               src.device)
 
@@ -260,7 +260,7 @@ def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shif
     P = N * H * W
     bp, bc, chunk, n_chunks = stats_chunks(P, C, x.device)
     has_gx = grad_x is not None
-    rt.launch(_affine_relu_backward_rows_kernel, (n_chunks, triton.cdiv(C, bc)),
+    rt.launch(_affine_relu_backward_rows_kernel, (n_chunks, rt.cdiv(C, bc)),
               (x, scale, shift, grad_z, grad_x if has_gx else grad_z, grad_scale, grad_shift,
                P, C, sxp, szp, sdp if has_gx else 0, scale.stride(0), shift.stride(0),
                grad_scale.stride(0), grad_shift.stride(0), chunk),

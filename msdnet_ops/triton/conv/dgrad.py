@@ -123,7 +123,7 @@ def launch_dgrad(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_
     dev = x.device
     transform = scale is not None
     if g.pool == 1:
-        Hq, Wq, phases = triton.cdiv(g.H, g.stride), triton.cdiv(g.W, g.stride), g.stride ** 2
+        Hq, Wq, phases = rt.cdiv(g.H, g.stride), rt.cdiv(g.W, g.stride), g.stride ** 2
     else:  # the input pixels of complete pooling windows (an odd last row/column gets none)
         Hq, Wq, phases = g.pool * g.Ho, g.pool * g.Wo, 1
     has_gx = grad_x is not None
@@ -151,7 +151,7 @@ def launch_dgrad(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_
                               restore=restore)
 
     def grid(META):
-        return (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(g.Cin, META["BLOCK_N"]), phases)
+        return (rt.cdiv(M, META["BLOCK_M"]), rt.cdiv(g.Cin, META["BLOCK_N"]), phases)
 
     rt.launch(_conv_dgrad_kernel, grid, args, meta, INTERPRET_BLOCKS, dev, tuning)
     if transform:

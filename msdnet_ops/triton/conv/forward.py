@@ -101,6 +101,6 @@ def launch_forward(x, scale, shift, weight, g, out) -> None:
                               key=("M", "Cin", "H", "W", "Cout", "STRIDE", "PAD", "POOL", "TRANSFORM"))
 
     def grid(META):
-        return (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(g.Cout, META["BLOCK_N"]))
+        return (rt.cdiv(M, META["BLOCK_M"]), rt.cdiv(g.Cout, META["BLOCK_N"]))
 
     rt.launch(_conv_fwd_kernel, grid, args, meta, INTERPRET_BLOCKS, dev, tuning)

@@ -85,12 +85,12 @@ def launch_wgrad(grad_out, x, scale, shift, g, grad_w) -> None:
     target = 4 * rt.sm_count(dev)
 
     def grid(META):
-        tiles = triton.cdiv(g.Cout, META["BLOCK_CO"]) * triton.cdiv(g.Cin, META["BLOCK_CI"])
-        kblocks = triton.cdiv(P, META["BLOCK_P"])
+        tiles = rt.cdiv(g.Cout, META["BLOCK_CO"]) * rt.cdiv(g.Cin, META["BLOCK_CI"])
+        kblocks = rt.cdiv(P, META["BLOCK_P"])
         if interp:
             split = min(INTERPRET_SPLIT, kblocks)
         else:  # enough programs to fill the GPU, each reducing at least 8 pixel blocks
-            split = max(1, min(triton.cdiv(target, tiles * taps), kblocks // 8))
+            split = max(1, min(rt.cdiv(target, tiles * taps), kblocks // 8))
         return (tiles, taps, split)
 
     args = (grad_out, x, *vecs, grad_w,
