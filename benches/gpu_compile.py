@@ -278,6 +278,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
     ap.add_argument("--archs", default=",".join(map(str, ARCHS)),
                     help="comma-separated compute capabilities (default: %(default)s)")
+    ap.add_argument("--with-trials", action="store_true",
+                    help="also the kernels of the fused/unfused trials that `auto` runs on a GPU "
+                         "(for warming a GPU's Triton cache; one CPU convolution per trial)")
     ap.add_argument("--skip-extension", action="store_true", help="do not inspect the CUDA extension")
     ap.add_argument("--all", action="store_true",
                     help="every specialisation, not one per group differing only in divisibility attributes")
@@ -294,7 +297,7 @@ def main(argv=None) -> int:
     archs = tuple(int(a) for a in args.archs.split(","))
     if not set(archs) <= set(SHARED_LIMIT):
         ap.error(f"--archs: expected some of {','.join(map(str, SHARED_LIMIT))}, got {args.archs}")
-    specs = gpu_launches.capture(models, dtypes)
+    specs = gpu_launches.capture(models, dtypes, trials=args.with_trials)
     found = len(specs)
     if not args.all:
         specs = representatives(specs)

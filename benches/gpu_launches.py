@@ -151,23 +151,57 @@ def triton_backend_on_cpu():
                 os.environ[k] = v
 
 
-def capture(models=MODELS, dtypes=DTYPES, sms: int = 132, log=print) -> list:
+@contextlib.contextmanager
+def fused_unfused_trials():
+    """Within the block, each transform-convolution shape first runs both ways, fused and
+    unfused, once each and untimed, as ``auto`` tries them on a GPU (``msdnet_ops.conv_choice``),
+    and then runs unfused (the choice a GPU made for most shapes: 101 of DenseNet-BC-100's 104).
+    The trials' scratch gradients are laid out unlike the buffers, and the unfused path launches
+    kernels of its own, so both add specialisations that a GPU's first step would otherwise
+    compile. Costs CPU convolutions (the unfused trials and runs)."""
+    from msdnet_ops import conv_choice
+    saved_env, saved_choose = os.environ.get("MSDNET_OPS_TRANSFORM_CONV"), conv_choice.choose
+    tried = set()
+
+    def choose(key, trial, device):
+        if key not in tried:
+            tried.add(key)
+            for path in conv_choice.PATHS:
+                trial(path)
+        return "unfused"
+    os.environ["MSDNET_OPS_TRANSFORM_CONV"] = "timed"
+    conv_choice.choose = choose
+    try:
+        yield
+    finally:
+        conv_choice.choose = saved_choose
+        if saved_env is None:
+            os.environ.pop("MSDNET_OPS_TRANSFORM_CONV", None)
+        else:
+            os.environ["MSDNET_OPS_TRANSFORM_CONV"] = saved_env
+
+
+def capture(models=MODELS, dtypes=DTYPES, sms: int = 132, log=print, trials: bool = False) -> list:
     """Every specialisation that ``models`` launch in a training step and an inference forward
-    (one per autotune candidate config), for each of ``dtypes``."""
+    (one per autotune candidate config), for each of ``dtypes``; with ``trials``, also those of
+    the fused/unfused trials (:func:`fused_unfused_trials`)."""
     from benches import cases
     from msdnet_ops.triton import _runtime
     rec = Recorder()
+    passes = [("", contextlib.nullcontext)] + ([(" trials", fused_unfused_trials)] if trials else [])
     with triton_backend_on_cpu(), _runtime.capturing(rec, sms=sms):
         for name, batch, image in models:
             for dtype in dtypes:
                 before = len(rec.specs)
-                model, fmt = cases.build_model(name, "ours", "cpu", dtype)
-                x, y = cases.model_input(name, batch, "cpu", dtype, fmt, image=image)
-                rec.label = f"{name} train {str(dtype)[6:]}"
-                model.train()
-                cases.loss_of(model(x), y).backward()
-                rec.label = f"{name} infer {str(dtype)[6:]}"
-                cases.infer_fn(model, x)()
+                for suffix, context in passes:  # the fused path, then the trials and unfused path
+                    with context():
+                        model, fmt = cases.build_model(name, "ours", "cpu", dtype)
+                        x, y = cases.model_input(name, batch, "cpu", dtype, fmt, image=image)
+                        rec.label = f"{name} train {str(dtype)[6:]}{suffix}"
+                        model.train()
+                        cases.loss_of(model(x), y).backward()
+                        rec.label = f"{name} infer {str(dtype)[6:]}{suffix}"
+                        cases.infer_fn(model, x)()
+                        del model, x, y
                 log(f"[capture] {name} {str(dtype)[6:]}: {len(rec.specs) - before} new specialisations")
-                del model, x, y
     return list(rec.specs.values())

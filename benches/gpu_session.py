@@ -67,7 +67,7 @@ class Params:
     # 19-45 s (cuDNN's algorithm search in each first step: 7-20 s), torch.compile 121-131 s
     model_estimate_s: float = 60.0   # one model, one dtype, in the variants above
     compile_estimate_s: float = 130.0
-    warm_estimate_s: float = 120.0   # the Triton cache warm-up (compiles in parallel)
+    warm_estimate_s: float = 150.0   # the Triton cache warm-up (H200 host: 47 s for 3 models, before trials)
     graphs_estimate_s: float = 45.0
     time_budget_s: float = 2.0       # per timed group
     bandwidth_shape: tuple = (64, 512, 32, 56)   # batch, prefix channels, growth, side
@@ -236,11 +236,11 @@ def bandwidth(device, shape, budget_s) -> list:
 
 def warm_triton_cache(arch: str, models, dtypes, timeout_s: float, out_dir: str) -> dict:
     """Compiles every Triton specialisation the models launch (training and inference, each
-    autotune candidate, every divisibility variant) for this GPU, in parallel processes
+    autotune candidate, every divisibility variant, the fused/unfused trials) for this GPU, in parallel processes
     (``benches/gpu_compile.py``), into Triton's cache, where the models' first steps find them
     instead of compiling them one at a time (on the first H200 run ours' first MSDNet step did
     not finish in ~130 s). Its records (registers, spills, tensor cores with this Triton) go to ``WARM_JSON``."""
-    cmd = [sys.executable, os.path.join(ROOT, "benches", "gpu_compile.py"), "--all", "--skip-extension",
+    cmd = [sys.executable, os.path.join(ROOT, "benches", "gpu_compile.py"), "--all", "--with-trials", "--skip-extension",
            "--archs", arch, "--models", ",".join(m[0] for m in models),
            "--dtypes", ",".join(str(d)[6:] for d in dtypes), "--json", os.path.join(out_dir, WARM_JSON)]
     env = dict(os.environ, MSDNET_OPS_COMPILE_CACHE=tempfile.mkdtemp())  # compile, not reuse records

@@ -1,8 +1,11 @@
 """The one-command GPU run (``benches/gpu.py``, ``benches.gpu_session``) on the CPU: its
 planning against the time budget, test timeouts, failures recorded, report writing, and one
 whole run with tiny shapes, so that the first GPU run is not its first run."""
+import json
 import os
+import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -178,7 +181,6 @@ def test_a_short_run_of_chosen_models_and_variants(tmp_path, monkeypatch):
 def test_gpu_compile_takes_only_known_archs():
     # in a subprocess: importing gpu_compile drops TRITON_INTERPRET (it compiles for GPUs),
     # which the interpreter tests after this one need
-    import subprocess
     p = subprocess.run([sys.executable, os.path.join(gpu_session.ROOT, "benches", "gpu_compile.py"),
                         "--archs", "75", "--models", "densenet-bc100"], capture_output=True, text=True)
     assert p.returncode == 2 and "--archs: expected some of 80,90, got 75" in p.stderr
@@ -187,7 +189,6 @@ def test_gpu_compile_takes_only_known_archs():
 def test_cache_warm_up_stops_with_its_workers_at_its_timeout(tmp_path):
     """Compiling for sm_90 works without a GPU; stopped at the timeout, no compile worker may
     run on beside the timed steps that follow."""
-    import subprocess
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match="did not finish within 6 s"):
         gpu_session.warm_triton_cache("90", (("densenet-bc100", 2, None),), (torch.float32,), 6.0,
@@ -196,3 +197,35 @@ def test_cache_warm_up_stops_with_its_workers_at_its_timeout(tmp_path):
     time.sleep(1)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "gpu_compile.py --all" not in ps
+
+
+def test_cache_warm_up_captures_the_fused_unfused_trials_too():
+    """On a GPU, ``auto`` first runs each transform-convolution shape both ways (on scratch
+    gradients) and mostly keeps the unfused path (transform materialised, then cuDNN): kernels
+    the fused-path capture never sees, which the first H200 step of DenseNet-BC-100 had to
+    compile (9). ``trials=True`` captures them as well, and leaves the choice machinery and the
+    environment as they were. (A subprocess: capturing needs compiled, not interpreted, kernels.)"""
+    script = textwrap.dedent("""
+        import json, os, sys, torch
+        sys.path.insert(0, sys.argv[1])
+        from benches import gpu_launches
+        from msdnet_ops import conv_choice
+        choose, model = conv_choice.choose, (("densenet-bc100", 2, 32),)
+        quiet = lambda *_: None
+        fused = {s.key() for s in gpu_launches.capture(model, (torch.float32,), log=quiet)}
+        trials = {s.key(): s for s in gpu_launches.capture(model, (torch.float32,), log=quiet, trials=True)}
+        new = [s for k, s in trials.items() if k not in fused]
+        print(json.dumps(dict(subset=fused < set(trials), kernels=sorted({s.kernel for s in new}),
+                              labels=sorted({l for s in new for l in s.used_by}),
+                              restored=conv_choice.choose is choose,
+                              env=os.environ.get("MSDNET_OPS_TRANSFORM_CONV"))))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MSDNET_OPS_TRANSFORM_CONV")}
+    p = subprocess.run([sys.executable, "-c", script, gpu_session.ROOT], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["subset"] and r["restored"] and r["env"] is None
+    assert r["labels"] and all(label.endswith(("trials", "trials twin")) for label in r["labels"])
+    assert {"msdnet_ops.triton.pixel_rows:_affine_relu_rows_kernel",
+            "msdnet_ops.triton.pixel_rows:_affine_relu_backward_rows_kernel"} <= set(r["kernels"])
