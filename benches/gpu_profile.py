@@ -68,7 +68,8 @@ def _host_profile(step, device, steps: int) -> str:
     return buf.getvalue()
 
 
-def profile_variant(name: str, variant: str, batch: int, device, steps: int) -> str:
+def profile_variant(name: str, variant: str, batch: int, device, steps: int) -> tuple:
+    """(figures, text): wall and device-busy seconds and launches per step, and the report."""
     model, fmt = cases.build_model(name, variant, device, torch.float32)
     x, y = cases.model_input(name, batch, device, torch.float32, fmt)
     step = cases.train_step_fn(model, x, y)
@@ -80,7 +81,23 @@ def profile_variant(name: str, variant: str, batch: int, device, steps: int) -> 
     head = (f"## {name} {variant}, batch {batch}: wall {wall * 1e3:.1f} ms/step, device busy "
             f"{busy * 1e3:.1f} ms/step ({busy / wall:.0%}), {launches:.0f} kernel launches/step")
     print(head, flush=True)
-    return "\n".join([head, "", table, "", "host (cProfile, own time):", host])
+    figures = dict(variant=variant, wall_s=wall, busy_s=busy, launches=launches)
+    return figures, "\n".join([head, "", table, "", "host (cProfile, own time):", host])
+
+
+def write_profiles(name: str, variants, batch: int, device, steps: int, out_dir: str) -> list:
+    """Profiles ``variants`` of model ``name`` into ``out_dir/profile-<name>.txt``; their figures."""
+    from benches import harness
+    figures, parts = [], []
+    for v in variants:
+        f, text = profile_variant(name, v, batch, device, steps)
+        figures.append(f)
+        parts.append(text)
+        harness.free_memory()
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"profile-{name}.txt"), "w") as f:
+        f.write("\n\n".join(parts) + "\n")
+    return figures
 
 
 def main(argv=None) -> int:
@@ -95,15 +112,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    parts = []
-    for v in args.variants.split(","):
-        parts.append(profile_variant(args.model, v, args.batch, device, args.steps))
-        harness.free_memory()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"profile-{args.model}.txt")
-    with open(path, "w") as f:
-        f.write("\n\n".join(parts) + "\n")
-    print(f"[gpu_profile] wrote {path}")
+    write_profiles(args.model, args.variants.split(","), args.batch, device, args.steps, args.out)
+    print(f"[gpu_profile] wrote {os.path.join(args.out, f'profile-{args.model}.txt')}")
     return 0
 
 

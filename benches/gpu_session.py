@@ -12,7 +12,8 @@
    fused Triton kernel or materialise-then-cuDNN, timed once and cached by
    ``msdnet_ops.conv_choice``) against plain cuDNN (``cudnn.benchmark`` on, for both),
    channels_last and memory_efficient; ours' first step records how many kernels it still
-   had to compile;
+   had to compile; then the headline model (plain and ours) captured in CUDA graphs, and
+   profiled (``benches/gpu_profile.py``: wall vs device-busy time per step);
 3. runs the GPU tests (``pytest`` on the CUDA/Triton tests, a subprocess with a timeout, in
    parallel with pytest-xdist where installed; the whole output in ``gpu-tests.log``); then,
    as time allows, torch.compile, plain and ours with each step captured in a CUDA graph (no
@@ -69,6 +70,7 @@ class Params:
     compile_estimate_s: float = 130.0
     warm_estimate_s: float = 150.0   # the Triton cache warm-up (H200 host: 47 s for 3 models, before trials)
     graphs_estimate_s: float = 45.0
+    profile_estimate_s: float = 45.0   # plain and ours, 3 steps each, three ways
     time_budget_s: float = 2.0       # per timed group
     bandwidth_shape: tuple = (64, 512, 32, 56)   # batch, prefix channels, growth, side
     run_tests: bool = True
@@ -262,6 +264,14 @@ def warm_triton_cache(arch: str, models, dtypes, timeout_s: float, out_dir: str)
     return {"summary": done[-1], "exit": p.returncode, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def profile(device, name, batch, out_dir) -> dict:
+    """Where plain's and ours' training steps spend their time (``benches/gpu_profile.py``):
+    wall vs device-busy time per step and launches; the whole profile beside the report."""
+    from benches import gpu_profile
+    rows = gpu_profile.write_profiles(name, ("plain", "ours"), batch, device, 3, out_dir)
+    return {"name": name, "batch": batch, "rows": rows}
+
+
 def peak_train_memory(step, device) -> int | None:
     """Peak bytes allocated during one training step, above what was allocated before it."""
     if device.type != "cuda":
@@ -351,8 +361,8 @@ def model_rows(device, name, batch, image, variants, dtype, budget_s) -> dict:
 
 def run(device, params: Params, out_dir: str, log=print) -> dict:
     """Runs the plan, in order of what matters most should time run out: op parity, bandwidth,
-    the float32 models (after warming Triton's cache for them), the first model in CUDA graphs,
-    the tests, torch.compile, the other models in CUDA graphs, then the other dtypes (each after
+    the float32 models (after warming Triton's cache for them), the first model in CUDA graphs
+    and its profile, the tests, torch.compile, the other models in CUDA graphs, then the other dtypes (each after
     its own warm-up). The report is rewritten after
     every step, so a run cut short still leaves one."""
     from benches import harness
@@ -401,6 +411,11 @@ def run(device, params: Params, out_dir: str, log=print) -> dict:
     # the headline model without host overhead next: on the H200 both plain and ours were
     # host-bound (device busy 15% and 4% of a training step), so this is where kernels compare
     graphs(params.models[:1])
+    if device.type != "cuda":
+        s.skip("profile", "the device-busy time needs a CUDA device")
+    elif "ours" in params.variants:
+        name, batch, _ = params.models[0]
+        s.step("profile", params.profile_estimate_s, profile, device, name, batch, out_dir)
     if params.run_tests:  # after ours' first timings (op parity above already ran every op)
         s.step("tests", params.tests_timeout_s, run_tests, min(params.tests_timeout_s, clock.left() - params.reserve_s),
                GPU_TESTS, os.path.join(out_dir, TESTS_LOG))
@@ -448,6 +463,13 @@ def markdown(results: dict) -> str:
             lines += ["", "## Op parity (worst relative error vs the reference, all ops)", "",
                       "| backend | dtype | worst rel. err |", "| --- | --- | --- |"]
             lines += [f"| {b} | {d} | {e:.2e} |" for (b, d), e in sorted(worst.items())]
+        elif st["name"] == "profile":
+            lines += ["", f"## Where a training step's time goes: {r['name']}, batch {r['batch']}", "",
+                      f"The whole profile: `profile-{r['name']}.txt`.", "",
+                      "| variant | wall ms/step | device busy ms/step | busy | kernel launches/step |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {row['variant']} | {row['wall_s'] * 1e3:.1f} | {row['busy_s'] * 1e3:.1f} | "
+                      f"{row['busy_s'] / row['wall_s']:.0%} | {row['launches']:.0f} |" for row in r["rows"]]
         elif st["name"] == "bandwidth":
             lines += ["", "## Memory-bound kernels: achieved bandwidth", "",
                       "| op | layout | bytes | ours GB/s | fraction of copy | plain GB/s |",

@@ -89,13 +89,14 @@ def test_whole_run_on_cpu_with_tiny_shapes(tmp_path, monkeypatch):
     skipped = [line for line in md.splitlines() if "skipped" in line]
     assert skipped and all(("cuda graphs" in line and "need a CUDA device" in line)
                            or ("warm Triton cache" in line and "compiles for a CUDA GPU" in line)
+                           or ("| profile |" in line and "needs a CUDA device" in line)
                            for line in skipped)  # the only steps a CPU cannot run
 
 
 def test_plan_on_a_cuda_device_puts_what_matters_first(monkeypatch, tmp_path):
     """On a CUDA device (the steps themselves stubbed: no GPU here) the plan warms Triton's
-    cache, runs the float32 models eager, the first model (plain and ours) in CUDA graphs, then
-    torch.compile, the other models in CUDA graphs, then the other dtypes (each warmed first);
+    cache, runs the float32 models eager, the first model (plain and ours) in CUDA graphs and
+    profiled, then torch.compile, the other models in CUDA graphs, then the other dtypes (each warmed first);
     cudnn.benchmark is on for the whole run."""
     calls = []
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
@@ -107,6 +108,8 @@ def test_plan_on_a_cuda_device_puts_what_matters_first(monkeypatch, tmp_path):
                         {"summary": "stub", "exit": 0, "seconds": 0.0})
     monkeypatch.setattr(gpu_session, "model_rows",
                         lambda *a: calls.append((a[1], a[4], a[5], torch.backends.cudnn.benchmark)))
+    monkeypatch.setattr(gpu_session, "profile", lambda device, name, *a: calls.append(("profile", name))
+                        or {"name": name, "batch": 2, "rows": []})
     from benches import harness
     monkeypatch.setattr(harness, "machine", lambda device: {"device": "stub"})
     params = gpu_session.quick_params()
@@ -119,8 +122,8 @@ def test_plan_on_a_cuda_device_puts_what_matters_first(monkeypatch, tmp_path):
     bf16 = [(n, params.variants, torch.bfloat16, True) for n in names]
     def warm(dtype):  # every model, before the first timing in that dtype
         return [("warm", "90", params.models, (dtype,))]
-    assert calls == (warm(torch.float32) + eager + graphs[:1] + compiled + graphs[1:]
-                     + warm(torch.bfloat16) + bf16)
+    assert calls == (warm(torch.float32) + eager + graphs[:1] + [("profile", names[0])] + compiled
+                     + graphs[1:] + warm(torch.bfloat16) + bf16)
     assert all(st["status"] == "ok" for st in results["steps"])
     assert results["meta"]["cudnn_benchmark"] is True
 
@@ -229,3 +232,15 @@ def test_cache_warm_up_captures_the_fused_unfused_trials_too():
     assert r["labels"] and all(label.endswith(("trials", "trials twin")) for label in r["labels"])
     assert {"msdnet_ops.triton.pixel_rows:_affine_relu_rows_kernel",
             "msdnet_ops.triton.pixel_rows:_affine_relu_backward_rows_kernel"} <= set(r["kernels"])
+
+
+def test_profile_writes_where_a_step_spends_its_time(tmp_path):
+    """benches/gpu_profile.py on the CPU (no device-busy time there: 0): wall time, the profiler's
+    op table and the host functions, in one file."""
+    from benches import gpu_profile
+    rows = gpu_profile.write_profiles("densenet-bc100", ("plain",), 2, torch.device("cpu"), 1, str(tmp_path))
+    assert [r["variant"] for r in rows] == ["plain"]
+    assert rows[0]["wall_s"] > 0 and rows[0]["busy_s"] == 0
+    text = (tmp_path / "profile-densenet-bc100.txt").read_text()
+    assert text.startswith("## densenet-bc100 plain, batch 2") and "host (cProfile, own time):" in text
+    assert "aten::convolution" in text  # plain's convolutions appear in the op table
