@@ -23,21 +23,32 @@ from . import _runtime as rt
 # 3x3 dgrad (its phase/tap index math is live too); the pooled forward (4 loads per step)
 # pipelined 2 deep, or with BLOCK_K 16 in float32 (else it spills, and its shared memory
 # passes sm_80's 163 KiB); BLOCK_CO >= 64 in wgrad (a wgmma is 64 rows).
+# Triton 3.6 (gpu_compile --all: every divisibility variant) spilled 8-24 B more, hence: the
+# float32 pooled forward 64x64 with 8 warps (64x64x32 with 4 spilled on sm_90; 64x64x16 with 4,
+# 3 deep, on sm_80, under 3.8 too); the pooled wgrad's 8-warp tiles with BLOCK_P 16 in 16-bit
+# (32 spilled at any depth on sm_80) and 2 deep in float32; the float32 1x1 forward 128x64x32
+# and the 16-bit 3x3 wgrad 64x64x32 2 deep (3 deep spilled on sm_80: ptxas capped at 96-128).
 _GEMM = [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (64, 32, 32, 4, 3)]
+_FWD_1X1 = {"16bit": _GEMM,
+            "tf32": [(128, 64, 32, 8, 2), (64, 64, 32, 4, 3), (64, 32, 32, 4, 3)]}
 _FWD_3X3 = {"16bit": [(128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (64, 32, 32, 4, 2)],
             # 64x32x32 with 4 warps spilled 8 B in float32 (stride 2, transform, sm_80)
             "tf32": [(128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (64, 32, 16, 4, 2)]}
 _DGRAD_3X3 = [(64, 64, 32, 8, 3), (64, 32, 32, 4, 3), (128, 32, 32, 8, 3)]
 _POOL2 = {"16bit": [(128, 64, 32, 8, 2), (64, 64, 32, 4, 2), (64, 32, 32, 4, 2)],
-          "tf32": [(64, 64, 16, 4, 3), (64, 32, 32, 4, 2), (64, 64, 32, 4, 2)]}
+          "tf32": [(64, 64, 16, 8, 3), (64, 32, 32, 4, 2), (64, 64, 32, 8, 2)]}
 _WGRAD = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
+_WGRAD_3X3 = {"16bit": [(64, 64, 32, 4, 2), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)], "tf32": _WGRAD}
+_WGRAD_POOL2 = {"16bit": [(64, 64, 32, 4, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3)],
+                "tf32": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2)]}
 CONFIGS = {}
 for _ops in ("16bit", "tf32"):
-    CONFIGS.update({("conv_fwd", _ops, "1x1"): _GEMM, ("conv_fwd", _ops, "3x3"): _FWD_3X3[_ops],
+    CONFIGS.update({("conv_fwd", _ops, "1x1"): _FWD_1X1[_ops], ("conv_fwd", _ops, "3x3"): _FWD_3X3[_ops],
                     ("conv_fwd", _ops, "pool2"): _POOL2[_ops],
                     ("conv_dgrad", _ops, "1x1"): _GEMM, ("conv_dgrad", _ops, "3x3"): _DGRAD_3X3,
                     ("conv_dgrad", _ops, "pool2"): _GEMM,
-                    **{("conv_wgrad", _ops, shape): _WGRAD for shape in ("1x1", "3x3", "pool2")}})
+                    ("conv_wgrad", _ops, "1x1"): _WGRAD, ("conv_wgrad", _ops, "3x3"): _WGRAD_3X3[_ops],
+                    ("conv_wgrad", _ops, "pool2"): _WGRAD_POOL2[_ops]})
 
 BLOCK_NAMES = {"conv_fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
                "conv_dgrad": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
