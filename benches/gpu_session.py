@@ -68,7 +68,7 @@ class Params:
     # 19-45 s (cuDNN's algorithm search in each first step: 7-20 s), torch.compile 121-131 s
     model_estimate_s: float = 60.0   # one model, one dtype, in the variants above
     compile_estimate_s: float = 130.0
-    warm_estimate_s: float = 150.0   # the Triton cache warm-up (H200 host: 47 s for 3 models, before trials)
+    warm_estimate_s: float = 150.0   # Triton cache warm-up (H200 host: 47 s, 3 models, no trials)
     graphs_estimate_s: float = 45.0
     profile_estimate_s: float = 45.0   # plain and ours, 3 steps each, three ways
     time_budget_s: float = 2.0       # per timed group
@@ -238,12 +238,12 @@ def bandwidth(device, shape, budget_s) -> list:
 
 def warm_triton_cache(arch: str, models, dtypes, timeout_s: float, out_dir: str) -> dict:
     """Compiles every Triton specialisation the models launch (training and inference, each
-    autotune candidate, every divisibility variant, the fused/unfused trials) for this GPU, in parallel processes
-    (``benches/gpu_compile.py``), into Triton's cache, where the models' first steps find them
+    autotune candidate, every divisibility variant, the fused/unfused trials) for this GPU, in
+    parallel processes (``benches/gpu_compile.py``), into Triton's cache, where the models' first steps find them
     instead of compiling them one at a time (on the first H200 run ours' first MSDNet step did
     not finish in ~130 s). Its records (registers, spills, tensor cores with this Triton) go to ``WARM_JSON``."""
-    cmd = [sys.executable, os.path.join(ROOT, "benches", "gpu_compile.py"), "--all", "--with-trials", "--skip-extension",
-           "--archs", arch, "--models", ",".join(m[0] for m in models),
+    cmd = [sys.executable, os.path.join(ROOT, "benches", "gpu_compile.py"), "--all", "--with-trials",
+           "--skip-extension", "--archs", arch, "--models", ",".join(m[0] for m in models),
            "--dtypes", ",".join(str(d)[6:] for d in dtypes), "--json", os.path.join(out_dir, WARM_JSON)]
     env = dict(os.environ, MSDNET_OPS_COMPILE_CACHE=tempfile.mkdtemp())  # compile, not reuse records
     t0 = time.perf_counter()
@@ -362,9 +362,9 @@ def model_rows(device, name, batch, image, variants, dtype, budget_s) -> dict:
 def run(device, params: Params, out_dir: str, log=print) -> dict:
     """Runs the plan, in order of what matters most should time run out: op parity, bandwidth,
     the float32 models (after warming Triton's cache for them), the first model in CUDA graphs
-    and its profile, the tests, torch.compile, the other models in CUDA graphs, then the other dtypes (each after
-    its own warm-up). The report is rewritten after
-    every step, so a run cut short still leaves one."""
+    and its profile, the tests, torch.compile, the other models in CUDA graphs, then the other
+    dtypes (each after its own warm-up). The report is rewritten after every step, so a run
+    cut short still leaves one."""
     from benches import harness
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the strongest cuDNN baseline, for plain and ours
