@@ -87,7 +87,6 @@ def profile_variant(name: str, variant: str, batch: int, device, steps: int) -> 
 
 def write_profiles(name: str, variants, batch: int, device, steps: int, out_dir: str) -> list:
     """Profiles ``variants`` of model ``name`` into ``out_dir/profile-<name>.txt``; their figures."""
-    from benches import harness
     figures, parts = [], []
     for v in variants:
         f, text = profile_variant(name, v, batch, device, steps)
