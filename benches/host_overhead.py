@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args(argv)
+    unknown = [n for n in args.models.split(",") if n not in cases.MODEL_CASES]
+    if unknown:
+        ap.error(f"--models: unknown {', '.join(unknown)} (expected some of {', '.join(sorted(cases.MODEL_CASES))})")
     torch.set_num_threads(1)  # host overhead is single-threaded Python
     print("| model | batch | host ms/step (median) | min-max | Triton launches/step | host us/launch |")
     print("| --- | --- | --- | --- | --- | --- |")
