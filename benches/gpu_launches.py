@@ -135,12 +135,10 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def triton_backend_on_cpu():
-    """Within the block, msdnet_ops runs the ``triton`` backend on CPU tensors (the interpreter
-    flag it requires is set; under ``capturing`` nothing is interpreted: every launch is
-    recorded, not run). The environment is restored after."""
-    saved = {k: os.environ.get(k) for k in ("MSDNET_OPS_BACKEND", "TRITON_INTERPRET")}
-    os.environ.update(MSDNET_OPS_BACKEND="triton", TRITON_INTERPRET="1")
+def environment(**values):
+    """Within the block, the environment variables ``values`` are set; restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -149,6 +147,13 @@ def triton_backend_on_cpu():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def triton_backend_on_cpu():
+    """Within the block, msdnet_ops runs the ``triton`` backend on CPU tensors (the interpreter
+    flag it requires is set; under ``capturing`` nothing is interpreted: every launch is
+    recorded, not run). The environment is restored after."""
+    return environment(MSDNET_OPS_BACKEND="triton", TRITON_INTERPRET="1")
 
 
 @contextlib.contextmanager
@@ -160,7 +165,7 @@ def fused_unfused_trials():
     kernels of its own, so both add specialisations that a GPU's first step would otherwise
     compile. Costs CPU convolutions (the unfused trials and runs)."""
     from msdnet_ops import conv_choice
-    saved_env, saved_choose = os.environ.get("MSDNET_OPS_TRANSFORM_CONV"), conv_choice.choose
+    saved_choose = conv_choice.choose
     tried = set()
 
     def choose(key, trial, device):
@@ -169,16 +174,12 @@ def fused_unfused_trials():
             for path in conv_choice.PATHS:
                 trial(path)
         return "unfused"
-    os.environ["MSDNET_OPS_TRANSFORM_CONV"] = "timed"
     conv_choice.choose = choose
     try:
-        yield
+        with environment(MSDNET_OPS_TRANSFORM_CONV="timed"):
+            yield
     finally:
         conv_choice.choose = saved_choose
-        if saved_env is None:
-            os.environ.pop("MSDNET_OPS_TRANSFORM_CONV", None)
-        else:
-            os.environ["MSDNET_OPS_TRANSFORM_CONV"] = saved_env
 
 
 def capture(models=MODELS, dtypes=DTYPES, sms: int = 132, log=print, trials: bool = False) -> list:

@@ -89,8 +89,8 @@ def write_profiles(name: str, variants, batch: int, device, steps: int, out_dir:
     """Profiles ``variants`` of model ``name`` into ``out_dir/profile-<name>.txt``; their figures."""
     figures, parts = [], []
     for v in variants:
-        f, text = profile_variant(name, v, batch, device, steps)
-        figures.append(f)
+        fig, text = profile_variant(name, v, batch, device, steps)
+        figures.append(fig)
         parts.append(text)
         harness.free_memory()
     os.makedirs(out_dir, exist_ok=True)
