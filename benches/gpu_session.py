@@ -49,7 +49,8 @@ MODELS = (("msdnet-cifar100-anytime", 64, None), ("densenet-bc100", 64, None),
           ("msdnet-imagenet-step4", 32, None), ("densenet121", 32, None))  # the headline first
 GPU_TESTS = ["python_tests/test_triton_kernels.py", "python_tests/test_triton_conv_activated.py",
              "python_tests/test_ops.py", "python_tests/test_op_properties.py",
-             "python_tests/test_native_kernels.py", "python_tests/test_conv_choice.py"]
+             "python_tests/test_native_kernels.py", "python_tests/test_conv_choice.py",
+             "python_tests/test_cuda_graph.py"]
 TESTS_LOG = "gpu-tests.log"  # the tests' whole output, beside the report
 WARM_JSON = "gpu-compile.json"  # the cache warm-up's compile records, beside the report
 
@@ -301,21 +302,39 @@ def triton_cache_entries() -> int:
 GRAPHED = "_graph"  # a variant name's suffix: its training step and inference in CUDA graphs
 
 
+def graphed_train_step(model, optimizer, x, y, device):
+    """The training step as ``msdnet_ops.training.cuda_graph.CudaGraphTrainStep`` runs it, warmed
+    up and captured (so that every later call is a replay), and the peak memory that took above
+    what was allocated before (the graph's pool holds the step's tensors from then on)."""
+    from benches import cases
+    from msdnet_ops.training.cuda_graph import CudaGraphTrainStep
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    train = CudaGraphTrainStep(model, optimizer, cases.loss_of)
+    while train.captures == 0:
+        train(x, y)
+    torch.cuda.synchronize(device)
+    return (lambda: train(x, y)), torch.cuda.max_memory_allocated(device) - base
+
+
 def _variant_row(device, name, batch, image, v, dtype, budget_s) -> dict:
     from benches import cases, harness
     graphed = v.endswith(GRAPHED)
     model, fmt = cases.build_model(name, v[:-len(GRAPHED)] if graphed else v, device, dtype)
     x, y = cases.model_input(name, batch, device, dtype, fmt, image=image)
     step, infer = cases.train_step_fn(model, x, y), cases.infer_fn(model, x)
-    if graphed:
-        step, infer = cases.cuda_graphed(step, device), cases.cuda_graphed(infer, device)
     compiled_before = triton_cache_entries()
+    if graphed:  # the package's captured step; memory: what its warm-up and capture took at peak
+        step, mem = graphed_train_step(model, step.optimizer, x, y, device)
+        infer = cases.cuda_graphed(infer, device)
     t0 = time.perf_counter()
     step()  # warm-up: compilation, autotuning, the fused/unfused choice
     harness.sync(device)
     first_step_s = time.perf_counter() - t0
     compiled = triton_cache_entries() - compiled_before
-    mem = None if graphed else peak_train_memory(step, device)
+    if not graphed:
+        mem = peak_train_memory(step, device)
     st = harness.time_interleaved({"train": step}, device, warmup=1, min_reps=3, max_reps=15,
                                   budget_s=budget_s)["train"]
     si = harness.time_interleaved({"infer": infer}, device, warmup=1, min_reps=3, max_reps=15,
@@ -328,7 +347,7 @@ def _variant_row(device, name, batch, image, v, dtype, budget_s) -> dict:
 def model_rows(device, name, batch, image, variants, dtype, budget_s) -> dict:
     """Training step, inference and peak memory of each variant of one model (a variant named
     ``<base>_graph``: ``<base>`` with each step captured in a CUDA graph and replayed; its
-    peak memory, held by the graph's own memory pool, is not measured)."""
+    peak memory is that of its warm-up and capture)."""
     from benches import cases, harness
     from msdnet_ops import conv_choice
     kind = cases.MODEL_CASES[name].kind

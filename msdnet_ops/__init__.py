@@ -7,6 +7,7 @@ from .inference.calibration import calibrate_thresholds, exit_proportions
 from .models.msdnet import MSDNet
 from .models.msdnet_configs import MSDNET_CONFIG_NAMES, msdnet_config
 from .models.msdnet_plain import MSDNetPlain
+from .training.cuda_graph import CudaGraphTrainStep
 from .nn import (DENSENET_NAMES, DenseBlock, DenseLayer, DenseNet, FeatureBuffer, Transition,
                  convert, densenet)
 
@@ -15,4 +16,4 @@ __version__ = "0.1.0"
 __all__ = ["ops", "DenseLayer", "DenseBlock", "Transition", "DenseNet", "densenet",
            "DENSENET_NAMES", "FeatureBuffer", "convert", "MSDNet", "MSDNetPlain",
            "msdnet_config", "MSDNET_CONFIG_NAMES", "calibrate_thresholds", "exit_proportions",
-           "BudgetedClassifier", "BudgetedResult", "anytime_predict"]
+           "BudgetedClassifier", "BudgetedResult", "anytime_predict", "CudaGraphTrainStep"]

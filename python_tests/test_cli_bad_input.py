@@ -153,3 +153,10 @@ def test_decayed_learning_rate_is_logged_as_written(tmp_path):
     log_text = (out / "train_log.jsonl").read_text()
     assert [json.loads(line)["lr"] for line in log_text.splitlines()] == [0.1, 0.1, 0.01, 0.001]
     assert "0.010000000000000002" not in log_text and '"lr": 0.01,' in log_text
+
+
+def test_cuda_graph_on_the_cpu(tmp_path, capsys):
+    status, _, err = run(capsys, "train", "--out", tmp_path / "run", "--device", "cpu", "--cuda-graph", *TINY)
+    message = assert_one_line_error(status, err, "train")
+    assert "--cuda-graph needs a CUDA device, got --device cpu" in message
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

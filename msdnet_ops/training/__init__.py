@@ -11,6 +11,7 @@ One concept per module:
 * :mod:`.distributed` -- torchrun / DistributedDataParallel, synchronized batch statistics and
   the CPU threads of each process;
 * :mod:`.train` -- the training loop; :mod:`.evaluate` -- anytime and budgeted evaluation;
+* :mod:`.cuda_graph` -- a training step captured in a CUDA graph (``--cuda-graph``);
 * :mod:`.plots`, :mod:`.progress` -- reporting.
 
 Submodules are imported lazily by the command line.

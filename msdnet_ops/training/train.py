@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from . import UserError
 from . import distributed as D
+from .cuda_graph import CudaGraphTrainStep
 from .data import DataBundle, load_data, parse_data_spec
 from .model_factory import build_model, impl_name, resolve_config
 from .precision import amp_name, autocast, make_scaler, resolve_amp, supports_autocast
@@ -60,6 +61,7 @@ class TrainOptions:
     val_every: int = 1
     progress: str = "auto"
     quiet: bool = False
+    cuda_graph: bool = False  # each training step captured in a CUDA graph and replayed
     limit_batches: Optional[int] = None  # at most this many batches per epoch (smoke tests)
 
 
@@ -85,8 +87,11 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def train_one_epoch(model, loader, optimizer, scaler, ctx: D.DistContext, amp_dtype, exit_weights, n_exits: int,
-                    progress: Progress, limit_batches: Optional[int] = None) -> dict:
-    """One pass over ``loader``; returns global (all-ranks) loss and per-exit accuracy."""
+                    progress: Progress, limit_batches: Optional[int] = None,
+                    graph_step: Optional[CudaGraphTrainStep] = None) -> dict:
+    """One pass over ``loader``; returns global (all-ranks) loss and per-exit accuracy.
+    ``graph_step``: the same step (with ``exit_weights`` and ``amp_dtype``) captured in a CUDA
+    graph, which then runs it."""
     model.train()
     dev = ctx.device
     totals = torch.zeros(2 + n_exits, dtype=torch.float64)  # loss*n, n, correct per exit
@@ -95,13 +100,16 @@ def train_one_epoch(model, loader, optimizer, scaler, ctx: D.DistContext, amp_dt
             break
         x = x.to(dev, non_blocking=True)
         y = y.to(dev, non_blocking=True)
-        with autocast(dev, amp_dtype):
-            outputs = model(x)
-            loss = multi_exit_loss(outputs, y, exit_weights)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        if graph_step is not None:
+            loss, outputs = graph_step(x, y)
+        else:
+            with autocast(dev, amp_dtype):
+                outputs = model(x)
+                loss = multi_exit_loss(outputs, y, exit_weights)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         with torch.no_grad():
             n = y.shape[0]
             row = [loss.detach().double().cpu() * n, torch.tensor(float(n), dtype=torch.float64)]
@@ -155,6 +163,7 @@ class _Run:
     exit_weights: Optional[list]
     per_rank_batch: int
     milestones: tuple
+    graph_step: Optional[CudaGraphTrainStep] = None  # --cuda-graph
     start_epoch: int = 0
     history: list = field(default_factory=list)
 
@@ -167,6 +176,8 @@ def _train(opts: TrainOptions, out: Path, ctx: D.DistContext) -> dict:
     torch.set_num_threads(opts.threads or D.threads_per_process(ctx.local_world_size))
     state, recipe = _recipe_and_state(opts, out, ctx)
     run = _set_up(recipe, state, ctx)
+    if opts.cuda_graph:
+        run.graph_step = _graph_step(run, ctx)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if state is None:
@@ -242,6 +253,22 @@ def _set_up(recipe: dict, state: Optional[dict], ctx: D.DistContext) -> _Run:
     return run
 
 
+def _graph_step(run: _Run, ctx: D.DistContext) -> CudaGraphTrainStep:
+    """``--cuda-graph``: the run's training step, captured (after a few eager steps) once per
+    learning rate."""
+    if ctx.device.type != "cuda":
+        raise UserError(f"--cuda-graph needs a CUDA device, got --device {ctx.device}")
+    if ctx.distributed:
+        raise UserError("--cuda-graph does not run under torchrun (the gradient all-reduce is not captured)")
+    if run.amp_dtype == torch.float16:
+        raise UserError("--cuda-graph does not run with --amp fp16 (its gradient scaler reads the host); "
+                        "use --amp bf16 or --amp off")
+    weights = run.exit_weights
+    return CudaGraphTrainStep(run.train_model, run.optimizer,
+                              lambda outputs, y: multi_exit_loss(outputs, y, weights),
+                              autocast_dtype=run.amp_dtype)
+
+
 def _announce(run: _Run, opts: TrainOptions, out: Path, ctx: D.DistContext, resuming: bool) -> None:
     epochs, data, model = run.recipe["epochs"], run.data, run.model
     if run.start_epoch >= epochs:
@@ -270,7 +297,8 @@ def _train_epoch(run: _Run, epoch: int, opts: TrainOptions, ctx: D.DistContext, 
     show = progress_enabled(opts.progress) and ctx.is_main and not opts.quiet
     with Progress(total, f"epoch {epoch + 1}/{epochs}", show) as bar:
         stats = train_one_epoch(run.train_model, loader, run.optimizer, run.scaler, ctx, run.amp_dtype,
-                                run.exit_weights, int(run.config["model"]["nBlocks"]), bar, opts.limit_batches)
+                                run.exit_weights, int(run.config["model"]["nBlocks"]), bar, opts.limit_batches,
+                                run.graph_step)
     t_train = time.perf_counter() - t0
     if not math.isfinite(stats["train_loss"]) and run.amp_dtype != torch.float16:
         raise UserError(f"the training loss became {stats['train_loss']} in epoch {epoch + 1}; lower --lr "
