@@ -277,6 +277,32 @@ def test_backend_selection_errors(monkeypatch):
         ops.channel_stats(x.to(torch.bfloat16), 1e-5)
 
 
+def test_settings_are_followed_as_they_change(monkeypatch):
+    """The backend, CPU convolution and transform-conv settings are remembered per stored
+    value (every op reads them): a change made while the process runs still takes effect."""
+    from msdnet_ops import backends, environment
+    from msdnet_ops.kernels import cpu_conv
+    cpu, f32 = torch.device("cpu"), torch.float32
+    for value, expected in (("reference", "reference"), ("cpu", "cpu"), (" Reference ", "reference")):
+        monkeypatch.setenv("MSDNET_OPS_BACKEND", value)
+        assert environment.raw("MSDNET_OPS_BACKEND") is not None
+        assert backends.resolve(cpu, f32) == expected
+    monkeypatch.delenv("MSDNET_OPS_BACKEND")
+    assert environment.raw("MSDNET_OPS_BACKEND") is None
+    assert backends.resolve(cpu, f32) == "cpu"
+    for value in ("gemm", "auto", "onednn"):
+        monkeypatch.setenv("MSDNET_OPS_CPU_CONV", value)
+        assert cpu_conv.forced_choice() == value
+    monkeypatch.setenv("MSDNET_OPS_CPU_CONV", "fastest")
+    for _ in range(2):  # refused every time, not remembered
+        with pytest.raises(ValueError, match="MSDNET_OPS_CPU_CONV='fastest'"):
+            cpu_conv.forced_choice()
+    monkeypatch.setenv("MSDNET_OPS_TRANSFORM_CONV", "unfused")
+    assert backends.transform_conv_policy(cpu) == "unfused"
+    monkeypatch.setenv("MSDNET_OPS_TRANSFORM_CONV", "fused")
+    assert backends.transform_conv_policy(cpu) == "fused"
+
+
 def test_ops_compile(use_backend):
     """The ops trace through torch.compile (fake implementations, mutation annotations)."""
     use_backend("reference")

@@ -43,12 +43,14 @@ import warnings
 
 import torch
 
+from .. import environment
+
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 _warned_fallback = False
 
 
 def requested_backend() -> str:
-    name = os.environ.get("MSDNET_OPS_BACKEND", "auto").strip().lower() or "auto"
+    name = environment.setting("MSDNET_OPS_BACKEND", "auto")
     if name not in BACKENDS:
         raise ValueError(f"MSDNET_OPS_BACKEND={name!r}: expected one of {', '.join(BACKENDS)}")
     return name
@@ -65,7 +67,7 @@ def resolve(device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs an op on tensors of ``device``/``dtype``: one of
     ``reference``, ``cpu``, ``cuda``, ``triton``. Raises when the requested one cannot.
     Answers are remembered per environment, device type and dtype (every op asks)."""
-    key = (os.environ.get("MSDNET_OPS_BACKEND"), os.environ.get("TRITON_INTERPRET"),
+    key = (environment.raw("MSDNET_OPS_BACKEND"), environment.raw("TRITON_INTERPRET"),
            device.type, dtype)
     backend = _resolved.get(key)
     if backend is None:
@@ -125,7 +127,19 @@ def transform_conv_policy(device: torch.device) -> str:
     ``MSDNET_OPS_TRANSFORM_CONV`` selects one; unset: ``timed`` when the backend was chosen
     automatically on a CUDA device (``MSDNET_OPS_BACKEND=auto``), else ``fused`` (an explicit
     ``triton`` backend runs Triton's kernels)."""
-    name = os.environ.get("MSDNET_OPS_TRANSFORM_CONV", "").strip().lower()
+    key = (environment.raw("MSDNET_OPS_TRANSFORM_CONV"), environment.raw("MSDNET_OPS_BACKEND"),
+           device.type)
+    policy = _policies.get(key)
+    if policy is None:
+        policy = _policies[key] = _transform_conv_policy(device)
+    return policy
+
+
+_policies: dict = {}  # (stored settings, device type) -> policy: every transform-conv asks
+
+
+def _transform_conv_policy(device: torch.device) -> str:
+    name = environment.setting("MSDNET_OPS_TRANSFORM_CONV", "")
     if not name:
         return "timed" if device.type == "cuda" and requested_backend() == "auto" else "fused"
     if name not in TRANSFORM_CONV_POLICIES:

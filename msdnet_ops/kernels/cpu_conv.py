@@ -30,13 +30,13 @@ compute the same convolution, with different summation orders.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import torch
 import torch.nn.functional as F
 
+from .. import environment
 from ..layout import dense, memory_format_of
 from . import cpu as _kernels
 
@@ -274,11 +274,18 @@ _WGRAD = {"onednn": _wgrad_onednn, "gemm": _wgrad_gemm, "direct": _wgrad_direct}
 CHOICES = ("auto", "onednn", "gemm", "direct")
 
 
+_forced: dict = {}  # the stored MSDNET_OPS_CPU_CONV value -> its validated choice
+
+
 def forced_choice() -> str:
     """``MSDNET_OPS_CPU_CONV``, validated: one of :data:`CHOICES`."""
-    forced = os.environ.get("MSDNET_OPS_CPU_CONV", "auto").strip().lower() or "auto"
-    if forced not in CHOICES:
-        raise ValueError(f"MSDNET_OPS_CPU_CONV={forced!r}: expected {', '.join(CHOICES)}")
+    stored = environment.raw("MSDNET_OPS_CPU_CONV")
+    forced = _forced.get(stored)
+    if forced is None:
+        forced = environment.setting("MSDNET_OPS_CPU_CONV", "auto")
+        if forced not in CHOICES:
+            raise ValueError(f"MSDNET_OPS_CPU_CONV={forced!r}: expected {', '.join(CHOICES)}")
+        _forced[stored] = forced
     return forced
 
 

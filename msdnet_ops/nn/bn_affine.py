@@ -23,8 +23,9 @@ class AffineParams:
         self.mean, self.invstd = mean.detach(), invstd.detach()
         self.weight = None if weight is None else weight.detach()
         self.batch_stats = batch_stats
-        self.scale, self.shift = ops.eager.bn_scale_shift(
-            self.mean, self.invstd, self.weight, None if bias is None else bias.detach())
+        rows = ops.eager.bn_scale_shift(self.mean, self.invstd, self.weight,
+                                        None if bias is None else bias.detach())
+        self.scale, self.shift = rows[0], rows[1]  # (indexing: unpacking a tensor costs more)
 
     def zero_grads(self):
         """Zeroed rows ``(grad_scale, grad_shift)`` for the kernels to accumulate into (one

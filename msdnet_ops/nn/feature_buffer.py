@@ -145,9 +145,9 @@ class BufferState:
             self.restore_values()  # the gradient takes the values' shape and layout
             self.grad = (torch.empty_like if uninitialised else torch.zeros_like)(self.values)
             if self.track_stats:  # one allocation for the two vectors
-                self.grad_mean, self.grad_invstd = (
-                    self.values.new_empty if stats_uninitialised else self.values.new_zeros)(
+                rows = (self.values.new_empty if stats_uninitialised else self.values.new_zeros)(
                     (2, self.values.shape[1]), dtype=stats_dtype(self.values.dtype))
+                self.grad_mean, self.grad_invstd = rows[0], rows[1]
 
     def finalize(self, start: int, stop: int, with_stats: bool = True) -> torch.Tensor:
         """The complete gradient w.r.t. the values of channels [start, stop): their consumers
