@@ -539,7 +539,8 @@ class _Eager:
         def call(*args):
             if torch.compiler.is_compiling():
                 return op(*args)
-            device_type = args[0].device.type
+            # (is_cuda: cheaper than building args[0].device; the ops run CPU or CUDA tensors)
+            device_type = "cuda" if args[0].is_cuda else "cpu"
             if torch.is_autocast_enabled(device_type):  # the op's insides never autocast
                 with torch.autocast(device_type, enabled=False):
                     return fn(*args)

@@ -48,6 +48,13 @@ class _Deferred(threading.local):
     def __init__(self):
         self.depth = 0
         self.pending: list = []
+        self.modules: set = set()  # id() of the modules in ``pending`` (alive: pending holds them)
+
+
+def _apply_pending() -> None:
+    pending, _deferred.pending = _deferred.pending, []
+    _deferred.modules.clear()
+    _apply_running_stats(pending)
 
 
 _deferred = _Deferred()
@@ -64,8 +71,7 @@ def deferred_running_stats():
     finally:
         _deferred.depth -= 1
         if _deferred.depth == 0 and _deferred.pending:
-            pending, _deferred.pending = _deferred.pending, []
-            _apply_running_stats(pending)
+            _apply_pending()
 
 
 def _apply_running_stats(updates) -> None:
@@ -96,14 +102,14 @@ def update_running_stats(bn: torch.nn.BatchNorm2d, state, start: int, stop: int)
     later inside :func:`deferred_running_stats`)."""
     if not (bn.training and bn.track_running_stats):
         return
-    n = getattr(state, "global_count", state.count)  # SyncBatchNorm: the all-reduced count
+    n = state.global_count  # SyncBatchNorm: the all-reduced count
     update = (bn, state.mean[start:stop], state.invstd[start:stop], state.eps, n / max(n - 1, 1))
     if not _deferred.depth:
         return _apply_running_stats([update])
-    if any(pending is bn for pending, *_ in _deferred.pending):  # a second use: in order
-        pending, _deferred.pending = _deferred.pending, []
-        _apply_running_stats(pending)
+    if id(bn) in _deferred.modules:  # a second use: in order
+        _apply_pending()
     _deferred.pending.append(update)
+    _deferred.modules.add(id(bn))
 
 
 def uses_batch_stats(bn: torch.nn.BatchNorm2d) -> bool:

@@ -34,6 +34,7 @@ class BufferState:
         self.mean = None    # (channels,) once a first write computed statistics
         self.invstd = None
         self.count = values.shape[0] * values.shape[2] * values.shape[3]
+        self.global_count = self.count  # over all ranks, once synchronized statistics say so
         # read by one consumer only, all channels at once, through a transform (a bottleneck
         # output, a classifier's map): that consumer writes the gradient rather than adding
         self.sole_reader = False
@@ -163,7 +164,7 @@ class BufferState:
                 dist.all_reduce(reduced, group=self.sync_group)
                 # each rank's n is its local count; the all-reduced sums over ranks divided by
                 # the global count equal SyncBatchNorm's gradient
-                scale = self.count / getattr(self, "global_count", self.count)
+                scale = self.count / self.global_count
                 grad_mean, grad_invstd = reduced[0] * scale, reduced[1] * scale
             ops.eager.channel_stats_backward_(self.values[:, start:stop], self.mean[start:stop],
                                               self.invstd[start:stop], grad_mean.contiguous(),
