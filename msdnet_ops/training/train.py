@@ -174,10 +174,12 @@ def _train(opts: TrainOptions, out: Path, ctx: D.DistContext) -> dict:
     if opts.resume and opts.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite starts it over: give one of them")
     torch.set_num_threads(opts.threads or D.threads_per_process(ctx.local_world_size))
+    if opts.cuda_graph:
+        _check_cuda_graph(ctx)  # before loading data and building the model
     state, recipe = _recipe_and_state(opts, out, ctx)
     run = _set_up(recipe, state, ctx)
     if opts.cuda_graph:
-        run.graph_step = _graph_step(run, ctx)
+        run.graph_step = _graph_step(run)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if state is None:
@@ -253,13 +255,16 @@ def _set_up(recipe: dict, state: Optional[dict], ctx: D.DistContext) -> _Run:
     return run
 
 
-def _graph_step(run: _Run, ctx: D.DistContext) -> CudaGraphTrainStep:
-    """``--cuda-graph``: the run's training step, captured (after a few eager steps) once per
-    learning rate."""
+def _check_cuda_graph(ctx: D.DistContext) -> None:
     if ctx.device.type != "cuda":
         raise UserError(f"--cuda-graph needs a CUDA device, got --device {ctx.device}")
     if ctx.distributed:
         raise UserError("--cuda-graph does not run under torchrun (the gradient all-reduce is not captured)")
+
+
+def _graph_step(run: _Run) -> CudaGraphTrainStep:
+    """``--cuda-graph``: the run's training step, captured (after a few eager steps) once per
+    learning rate."""
     if run.amp_dtype == torch.float16:
         raise UserError("--cuda-graph does not run with --amp fp16 (its gradient scaler reads the host); "
                         "use --amp bf16 or --amp off")
