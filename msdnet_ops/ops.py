@@ -13,6 +13,9 @@ Ops (semantics in :mod:`msdnet_ops.reference`):
 ``affine_relu`` / ``_into_``   ``relu(scale*x+shift)``, allocated / written into ``out``
 ``affine_relu_backward_``      its backward, accumulated into shared gradient buffers (or
                                written, for a sole consumer: no zero-filled buffer)
+``batchnorm_relu_into_``       a training-mode BatchNorm then ReLU written into ``out``, with
+                               its statistics and ``(scale, shift)`` (one call on the CPU)
+``batchnorm_relu_backward_``   its backward: the input's whole gradient and the parameters'
 ``transform_conv``             ``conv(pool(relu(scale*x+shift)), W)``, functional
 ``transform_conv_into_``       the same, written into a channel slice of a feature buffer
 ``transform_conv_backward_``   its backward: accumulates grad_x/grad_scale/grad_shift (or writes
@@ -38,6 +41,7 @@ from torch import Tensor
 from . import backends
 from .backends.composed import new_output
 from . import validation as check
+from .dtypes import stats_dtype
 from .layout import dense, empty_like_layout
 
 _LIB = "msdnet_ops"
@@ -245,6 +249,77 @@ def _bn_scale_shift_autograd_backward(ctx, grad):
 
 bn_scale_shift.register_autograd(_bn_scale_shift_autograd_backward,
                                  setup_context=_bn_scale_shift_setup)
+
+
+# --------------------------------------------------------------------------- BatchNorm + ReLU
+
+def _check_rows(t, name: str, y) -> None:
+    """A dense ``[2, C]`` tensor of per-channel rows for features ``y`` (stats dtype)."""
+    c = y.shape[1]
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (2, c) or not t.is_contiguous() \
+            or t.dtype != stats_dtype(y.dtype) or t.device != y.device:
+        got = (f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor)
+               else type(t).__name__)
+        raise ValueError(f"{name}: expected a dense [2, {c}] {stats_dtype(y.dtype)} tensor on "
+                         f"{y.device}, got {got}")
+
+
+def _check_batchnorm_relu_into(y, eps, weight, bias, stats, rows, out):
+    _check_channel_stats(y, eps)
+    _check_rows(stats, "stats", y)
+    _check_rows(rows, "rows", y)
+    check.check_bn_vector(weight, "weight", stats[0], optional=True)
+    check.check_bn_vector(bias, "bias", stats[0], optional=True)
+    check.check_like(out, "out", y, "y")
+    check.check_not_overlapping(out, "out", (y, "y"))
+
+
+@_custom_op("batchnorm_relu_into_", mutates_args=("stats", "rows", "out"),
+            checks=_check_batchnorm_relu_into)
+def batchnorm_relu_into_(y: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None,
+                         stats: Tensor, rows: Tensor, out: Tensor) -> None:
+    """A training-mode BatchNorm then ReLU (a post-activation unit's epilogue): writes
+    ``relu(bn(y))`` into ``out`` (e.g. the unit's channel slice of a feature buffer) and what
+    backward needs: ``stats`` rows ``(mean, invstd)`` (``y``'s batch statistics) and ``rows``
+    ``(scale, shift)``. One call on the CPU."""
+    _kernels(y).batchnorm_relu_into(y, eps, weight, bias, stats, rows, out)
+
+
+@_fake(batchnorm_relu_into_)
+def _(y, eps, weight, bias, stats, rows, out):
+    return None
+
+
+def fuses_batchnorm_relu(y: Tensor) -> bool:
+    """Whether the backend for tensors like ``y`` runs :func:`batchnorm_relu_into_` and its
+    backward as one kernel call each (the CPU's); elsewhere they are the steps' composition,
+    which the fused modules then call step by step (their own launch count)."""
+    return getattr(_kernels(y), "FUSED_BATCHNORM_RELU", False)
+
+
+def _check_batchnorm_relu_backward(y, grad_z, stats, rows, weight, grad_y, grad_params):
+    check.check_features(y, "y")
+    check.check_like(grad_z, "grad_z", y, "y")
+    check.check_like(grad_y, "grad_y", y, "y")
+    check.check_not_overlapping(grad_y, "grad_y", (y, "y"), (grad_z, "grad_z"))
+    for t, name in ((stats, "stats"), (rows, "rows"), (grad_params, "grad_params")):
+        _check_rows(t, name, y)
+    check.check_bn_vector(weight, "weight", stats[0], optional=True)
+
+
+@_custom_op("batchnorm_relu_backward_", mutates_args=("grad_y", "grad_params"),
+            checks=_check_batchnorm_relu_backward)
+def batchnorm_relu_backward_(y: Tensor, grad_z: Tensor, stats: Tensor, rows: Tensor,
+                             weight: Tensor | None, grad_y: Tensor, grad_params: Tensor) -> None:
+    """Backward of :func:`batchnorm_relu_into_` for ``grad_z`` (the gradient w.r.t. ``out``):
+    writes ``grad_y`` (the whole gradient w.r.t. ``y``, the batch statistics' part included;
+    its old values never read) and ``grad_params`` rows ``(grad_weight, grad_bias)``."""
+    _kernels(y).batchnorm_relu_backward_(y, grad_z, stats, rows, weight, grad_y, grad_params)
+
+
+@_fake(batchnorm_relu_backward_)
+def _(y, grad_z, stats, rows, weight, grad_y, grad_params):
+    return None
 
 
 # --------------------------------------------------------------------------- transform

@@ -16,10 +16,15 @@ Conventions shared by every kernel:
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
 from .dtypes import stats_dtype
+
+
+_SELF = sys.modules[__name__]  # the default ``kernels`` of the composed references
 
 
 def _per_channel(v: torch.Tensor) -> torch.Tensor:
@@ -104,6 +109,33 @@ def bn_scale_shift_backward_(grad, mean, invstd, weight, grad_mean, grad_invstd,
             grad_invstd.copy_(centred) if w is None else torch.mul(w, centred, out=grad_invstd)
             torch.mul(grad_shift, scale, out=grad_mean).neg_()
     return invstd * centred
+
+
+def batchnorm_relu_into(y, eps: float, weight, bias, stats, rows, out, kernels=None) -> None:
+    """A training-mode BatchNorm (batch statistics) followed by ReLU, written into ``out``,
+    with what its backward needs: ``stats`` rows ``(mean, invstd)`` of ``y`` and ``rows``
+    ``(scale, shift)`` (``[2, C]``, stats dtype, written). ``kernels``: the module whose
+    ``channel_stats_into``/``bn_scale_shift_into``/``affine_relu_into`` compose it (default:
+    these references; a backend without a fused kernel passes its own)."""
+    k = kernels or _SELF
+    k.channel_stats_into(y, eps, stats[0], stats[1])
+    k.bn_scale_shift_into(stats[0], stats[1], weight, bias, rows)
+    k.affine_relu_into(y, rows[0], rows[1], out)
+
+
+def batchnorm_relu_backward_(y, grad_z, stats, rows, weight, grad_y, grad_params,
+                             kernels=None) -> None:
+    """Backward of :func:`batchnorm_relu_into` for ``grad_z`` (w.r.t. ``out``): writes
+    ``grad_y`` (never read: the whole gradient w.r.t. ``y``, the statistics' part included)
+    and ``grad_params`` rows ``(grad_weight, grad_bias)`` (``[2, C]``, stats dtype)."""
+    k = kernels or _SELF
+    grad_params.zero_()  # (grad_scale, grad_shift) accumulate here; grad_shift is grad_bias
+    k.affine_relu_backward_(y, rows[0], rows[1], grad_z, grad_y, grad_params[0], grad_params[1],
+                            False)
+    grad_stats = torch.empty_like(stats)  # (grad_mean, grad_invstd), written
+    grad_params[0] = k.bn_scale_shift_backward_(grad_params, stats[0], stats[1], weight,
+                                                grad_stats[0], grad_stats[1], False)
+    k.channel_stats_backward_(y, stats[0], stats[1], grad_stats[0], grad_stats[1], grad_y)
 
 
 def transform_conv(x, scale, shift, weight, stride: int, padding: int, pool: int) -> torch.Tensor:

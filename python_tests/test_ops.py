@@ -63,6 +63,13 @@ def test_opcheck_every_op(backend, use_backend):
             grad, mean, invstd, None if weight is None else weight.detach(),
             _vec(5, device=dev), _vec(5, device=dev)))
         torch.library.opcheck(ops.bn_scale_shift_backward_, (grad, mean, invstd, None, None, None))
+        bn_rows = [torch.empty(2, 5, dtype=F64, device=dev) for _ in range(3)]
+        wd, bd = (None if v is None else v.detach() for v in (weight, bias))
+        torch.library.opcheck(ops.batchnorm_relu_into_, (xd, 1e-5, wd, bd, bn_rows[0],
+                                                         bn_rows[1], torch.empty_like(xd)))
+        torch.library.opcheck(ops.batchnorm_relu_backward_, (
+            xd, torch.randn_like(xd), bn_rows[0], bn_rows[1], wd, torch.empty_like(xd),
+            bn_rows[2]))
 
 
 CONV_GEOMETRIES = [(1, 1, 1), (3, 1, 1), (3, 2, 1), (1, 2, 1), (1, 1, 2)]
@@ -175,6 +182,68 @@ def test_bn_scale_shift_is_batchnorms_transform_and_its_gradient(backend, use_ba
     ops.bn_scale_shift_backward_(grad, mean, invstd, weight, written[0], written[1], False)
     torch.testing.assert_close(written[0], want_mean, **tol)
     torch.testing.assert_close(written[1], want_invstd, **tol)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("params", ["weight+bias", "weight", "none"])
+def test_batchnorm_relu_is_batchnorm_then_relu_and_its_gradient(backend, use_backend, dtype,
+                                                                 params):
+    """``batchnorm_relu_into_`` writes ``relu(F.batch_norm(y))`` (training mode) into a channel
+    slice of another buffer, with ``y``'s batch statistics and the BatchNorm's (scale, shift);
+    its backward writes autograd's gradients of that (input, weight, bias) over NaN-filled
+    outputs (never read). ``y``: a channel slice of a buffer, odd sizes; a zero and a tiny
+    weight (the ReLU cut where scale is 0) included."""
+    dev = use_backend(backend)
+    if dtype == F64:
+        require_float64(backend, dev)
+    torch.manual_seed(5)
+    n, c, h, w, eps = 3, 7, 5, 3, 1e-5
+    y = torch.randn(n, c + 4, h, w, dtype=dtype, device=dev)[:, 2:2 + c]
+    weight = _vec(c, dtype, dev, 0.5, 1.5) if params != "none" else None
+    if weight is not None:
+        weight[1], weight[2] = 0.0, 1e-30
+    bias = _vec(c, dtype, dev) if params == "weight+bias" else None
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None
+              for t in (y, weight, bias)]
+    want = torch.relu(F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True, 0.0, eps))
+    sdt = reference.stats_dtype(dtype)
+    stats, rows = (torch.full((2, c), float("nan"), dtype=sdt, device=dev) for _ in range(2))
+    out_buf = torch.full((n, c + 3, h, w), 7.0, dtype=dtype, device=dev)
+    ops.batchnorm_relu_into_(y, eps, weight, bias, stats, rows, out_buf[:, 1:1 + c])
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out_buf[:, 1:1 + c], want.detach(), **tol)
+    assert (out_buf[:, 0] == 7).all() and (out_buf[:, 1 + c:] == 7).all()
+    var, mean = torch.var_mean(y.to(sdt), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(stats[0], mean, **tol)
+    torch.testing.assert_close(stats[1], torch.rsqrt(var + eps), **tol)
+
+    grad_z = torch.randn_like(want)
+    wanted = torch.autograd.grad(want, [t for t in leaves if t is not None], grad_z)
+    grad_y = torch.full_like(y, float("nan"))
+    grad_params = torch.full((2, c), float("nan"), dtype=sdt, device=dev)
+    ops.batchnorm_relu_backward_(y, grad_z, stats, rows, weight, grad_y, grad_params)
+    torch.testing.assert_close(grad_y, wanted[0], **tol)
+    if weight is not None:
+        torch.testing.assert_close(grad_params[0], wanted[1], **tol)
+    if bias is not None:
+        torch.testing.assert_close(grad_params[1], wanted[2], **tol)
+
+
+def test_batchnorm_relu_ops_refuse_bad_rows():
+    """The [2, C] rows must be dense, of the statistics' dtype, one column per channel."""
+    y = torch.randn(2, 5, 3, 3)
+    good = torch.empty(2, 5)
+    out = torch.empty_like(y)
+    with pytest.raises(ValueError, match=r"stats: expected a dense \[2, 5\] torch.float32"):
+        ops.batchnorm_relu_into_(y, 1e-5, None, None, torch.empty(2, 4), good, out)
+    with pytest.raises(ValueError, match="rows: expected a dense"):
+        ops.batchnorm_relu_into_(y, 1e-5, None, None, good, torch.empty(5, 2).t(), out)
+    with pytest.raises(ValueError, match="grad_params: expected a dense"):
+        ops.batchnorm_relu_backward_(y, torch.randn_like(y), good, good.clone(), None,
+                                     torch.empty_like(y), torch.empty(2, 5, dtype=F64))
+    with pytest.raises(ValueError, match="eps: expected a positive number"):
+        ops.batchnorm_relu_into_(y, 0.0, None, None, good, good.clone(), out)
 
 
 @pytest.mark.parametrize("backend", backend_params())

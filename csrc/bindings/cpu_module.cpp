@@ -66,6 +66,32 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         py::arg("grad_x"), py::arg("grad_scale"), py::arg("grad_shift"),
         py::arg("accumulate") = true, py::arg("num_threads") = 0);
 
+  m.def("batchnorm_relu",
+        [](int dtype, ViewArg y, double eps, int64_t weight_ptr, int64_t bias_ptr,
+           int64_t stats_ptr, int64_t rows_ptr, ViewArg out, int num_threads) {
+          const View4 yv = to_view(y, "y"), ov = to_view(out, "out");
+          py::gil_scoped_release nogil;
+          cpu::batchnorm_relu(dtype, yv, eps, bindings::to_ptr(weight_ptr),
+                              bindings::to_ptr(bias_ptr), bindings::to_ptr(stats_ptr),
+                              bindings::to_ptr(rows_ptr), ov, num_threads);
+        },
+        py::arg("dtype"), py::arg("y"), py::arg("eps"), py::arg("weight"), py::arg("bias"),
+        py::arg("stats"), py::arg("rows"), py::arg("out"), py::arg("num_threads") = 0);
+
+  m.def("batchnorm_relu_backward",
+        [](int dtype, ViewArg y, int64_t stats_ptr, int64_t rows_ptr, int64_t weight_ptr,
+           ViewArg grad_z, ViewArg grad_y, int64_t grad_params_ptr, int num_threads) {
+          const View4 yv = to_view(y, "y"), zv = to_view(grad_z, "grad_z"),
+                      gv = to_view(grad_y, "grad_y");
+          py::gil_scoped_release nogil;
+          cpu::batchnorm_relu_backward(dtype, yv, bindings::to_ptr(stats_ptr),
+                                       bindings::to_ptr(rows_ptr), bindings::to_ptr(weight_ptr),
+                                       zv, gv, bindings::to_ptr(grad_params_ptr), num_threads);
+        },
+        py::arg("dtype"), py::arg("y"), py::arg("stats"), py::arg("rows"), py::arg("weight"),
+        py::arg("grad_z"), py::arg("grad_y"), py::arg("grad_params"),
+        py::arg("num_threads") = 0);
+
   m.def("gather_batch",
         [](int element_size, ViewArg src, int64_t index_ptr, ViewArg out, int num_threads) {
           const View4 sv = to_view(src, "src"), ov = to_view(out, "out");

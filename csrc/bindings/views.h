@@ -39,6 +39,9 @@ inline PointwiseRows to_rows(const RowsArg& a, const char* name) {
   return r;
 }
 
+// A data pointer passed as an integer (0: none).
+inline void* to_ptr(int64_t p) { return reinterpret_cast<void*>(static_cast<uintptr_t>(p)); }
+
 inline VecView to_vec(const VecArg& a) {
   VecView v;
   v.ptr = reinterpret_cast<void*>(static_cast<uintptr_t>(a[0]));

@@ -11,9 +11,12 @@ gradient buffer afterwards.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
+from .. import reference
 from .. import validation as check
 from ..kernels import cpu_conv
 from ..layout import dense, empty_like_layout
@@ -102,3 +105,10 @@ def transform_convs(elementwise):
         return transform_conv_backward_(elementwise, grad_out, x, scale, shift, weight, stride,
                                         padding, pool, grad_x, grad_scale, grad_shift, accumulate)
     return transform_conv_new, transform_conv_into, transform_conv_backward
+
+
+def batchnorm_relus(backend):
+    """``(batchnorm_relu_into, batchnorm_relu_backward_)`` of a backend without a fused kernel
+    for them: the references' composition of the backend's own ops (``backend``: its module)."""
+    return (functools.partial(reference.batchnorm_relu_into, kernels=backend),
+            functools.partial(reference.batchnorm_relu_backward_, kernels=backend))

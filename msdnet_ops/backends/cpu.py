@@ -14,6 +14,10 @@ channel_stats_into = _kernels.channel_stats_into
 channel_stats_backward_ = _kernels.channel_stats_backward_
 affine_relu_into = _kernels.affine_relu_into
 affine_relu_backward_ = _kernels.affine_relu_backward_
+# a training-mode BatchNorm + ReLU and its backward: one C++ call each
+FUSED_BATCHNORM_RELU = True
+batchnorm_relu_into = _kernels.batchnorm_relu_into
+batchnorm_relu_backward_ = _kernels.batchnorm_relu_backward_
 gather_batch_into = _kernels.gather_batch_into
 # a BatchNorm's per-channel vectors (C values): PyTorch's own ops
 bn_scale_shift_into = _ref.bn_scale_shift_into

@@ -3,6 +3,8 @@ cuDNN on dense inputs, the transform-convolutions composed with the transform ke
 (:mod:`.composed`)."""
 from __future__ import annotations
 
+import sys
+
 from ..kernels import cuda as _kernels
 from .. import reference as _ref
 from . import composed
@@ -30,3 +32,6 @@ def conv_into(x, weight, stride, padding, pool, out) -> None:
 
 transform_conv, transform_conv_into, transform_conv_backward_ = \
     composed.transform_convs(_kernels)
+
+
+batchnorm_relu_into, batchnorm_relu_backward_ = composed.batchnorm_relus(sys.modules[__name__])

@@ -5,6 +5,8 @@ as :func:`msdnet_ops.backends.transform_conv_policy` says, per shape when it is 
 (:mod:`msdnet_ops.conv_choice`)."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .. import conv_choice
@@ -82,3 +84,6 @@ def conv_bias_relu(x, weight, bias, stride, padding, out=None):
     sdt = stats_dtype(x.dtype)
     _kernels.affine_relu_into(out, torch.ones_like(bias, dtype=sdt), bias.to(sdt), out)
     return out
+
+
+batchnorm_relu_into, batchnorm_relu_backward_ = composed.batchnorm_relus(sys.modules[__name__])

@@ -61,6 +61,30 @@ def affine_relu_backward_(x, scale, shift, grad_z, grad_x, grad_scale, grad_shif
                                    bool(accumulate), torch.get_num_threads())
 
 
+def _vector_ptr(v, like) -> tuple:
+    """``v`` (a BatchNorm weight or bias, or None) in ``like``'s dtype, dense, and its data
+    pointer (0 for None); keep the tensor alive for the call."""
+    if v is None:
+        return None, 0
+    v = v.detach().to(like.dtype).contiguous()
+    return v, v.data_ptr()
+
+
+def batchnorm_relu_into(y, eps: float, weight, bias, stats, rows, out) -> None:
+    weight, weight_ptr = _vector_ptr(weight, stats)
+    bias, bias_ptr = _vector_ptr(bias, stats)
+    _module().batchnorm_relu(_code(y), view(y), float(eps), weight_ptr, bias_ptr,
+                             stats.data_ptr(), rows.data_ptr(), view(out),
+                             torch.get_num_threads())
+
+
+def batchnorm_relu_backward_(y, grad_z, stats, rows, weight, grad_y, grad_params) -> None:
+    weight, weight_ptr = _vector_ptr(weight, stats)
+    _module().batchnorm_relu_backward(_code(y), view(y), stats.data_ptr(), rows.data_ptr(),
+                                      weight_ptr, view(grad_z), view(grad_y),
+                                      grad_params.data_ptr(), torch.get_num_threads())
+
+
 def gather_batch_into(src, index, out) -> None:
     m = _module()
     index = index.contiguous()

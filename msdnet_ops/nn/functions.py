@@ -12,7 +12,8 @@ import torch
 
 from .. import ops
 from ..layout import dense
-from .bn_affine import AffineParams, bn_vectors, update_running_stats, uses_batch_stats
+from .batchnorm_relu import BatchNormReLU
+from .bn_affine import AffineParams, uses_batch_stats
 from .feature_buffer import BufferState
 
 
@@ -220,52 +221,39 @@ class ConvBNReLUWrite(torch.autograd.Function):
         y = BufferState(_read_conv(src, in_channels, read, weight, conv),
                         uses_batch_stats(bn), bn.eps, dst.sync_group)
         channels = y.values.shape[1]
-        y.compute_stats(0, channels)  # when it normalizes with batch statistics
-        batch_stats, mean, invstd = bn_vectors(bn, y, 0, channels)
-        if batch_stats:
-            update_running_stats(bn, y, 0, channels)
-        affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
-
-        def write_activated(values):
-            ops.eager.affine_relu_into_(y.values, affine.scale, affine.shift,
-                                        values[:, start:start + channels])
-        write_activated(dst.values)
+        epilogue = BatchNormReLU(y, bn, bn_weight, bn_bias, dst.values[:, start:start + channels])
         if recompute:
             def recompute_output():
                 src.restore_values()  # a recomputed bottleneck comes back first
                 return _read_conv(src, in_channels, read, weight, conv)
             y.forget_values(recompute_output)
+
+        def write_activated(values):
+            epilogue.write(y.values, values[:, start:start + channels])
         # while y is kept, the buffer may free these channels until backward and write them
         # again from y (GridRun, memory_efficient=True)
         dst.record_rewrite(None if recompute else write_activated)
         ctx.save_for_backward(weight)
         ctx.weight_dtype = conv_weight.dtype
         ctx.src, ctx.dst, ctx.y, ctx.channels, ctx.start = src, dst, y, in_channels, start
-        ctx.read, ctx.affine, ctx.conv = read, affine, conv
+        ctx.read, ctx.epilogue, ctx.conv = read, epilogue, conv
         ctx.tokens = (src_token is not None, dst_token is not None)
         return _token(conv_weight)
 
     @staticmethod
     def backward(ctx, _):
         (weight,) = ctx.saved_tensors
-        src, dst, y, affine, start = ctx.src, ctx.dst, ctx.y, ctx.affine, ctx.start
+        src, dst, y, start = ctx.src, ctx.dst, ctx.y, ctx.start
         y.restore_values()
         channels = y.values.shape[1]
         grad_z = dst.finalize(start, start + channels, with_stats=False)
         if start == 0:
             dst.release_grads()  # the first writer of a buffer runs backward last
-        # this unit is the sole consumer of y and of y's statistics (y tracks them exactly
-        # when bn normalizes with them): their gradients are written, not added
-        y.ensure_grads(uninitialised=True, stats_uninitialised=True)
-        grads = affine.zero_grads()
-        ops.eager.affine_relu_backward_(y.values, affine.scale, affine.shift, grad_z, y.grad,
-                                        grads[0], grads[1], False)
-        grad_bn_w, grad_bn_b = affine.backward(grads, y, channels, accumulate=False)
-        grad_y = y.finalize(0, channels)
+        grad_y, grad_bn_w, grad_bn_b = ctx.epilogue.backward(y, grad_z)
         grad_weight, grad_in_w, grad_in_b = _read_conv_backward(grad_y, src, ctx.channels,
                                                                 ctx.read, weight, ctx.conv)
         y.release_grads()
-        _release(ctx, "src", "dst", "y", "read", "affine")
+        _release(ctx, "src", "dst", "y", "read", "epilogue")
         return ((None,) * 7 + (grad_in_w, grad_in_b, None, None,
                                grad_weight.to(ctx.weight_dtype), None, grad_bn_w, grad_bn_b, None)
                 + _token_grads(grad_weight, *ctx.tokens))

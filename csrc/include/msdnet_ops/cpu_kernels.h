@@ -42,6 +42,17 @@ namespace cpu {
 // The dispatching entry points (pick the widest instruction set this CPU supports).
 MSDNET_CPU_KERNEL_DECLS
 
+// A training-mode BatchNorm then ReLU, one call (csrc/cpu/batchnorm_relu.cpp): stats rows
+// (mean, invstd) = batch statistics of y; rows (scale, shift) = weight*invstd, bias-mean*scale
+// (weight, bias: [C] or null for 1, 0); out = relu(scale*y+shift). stats, rows: dense [2, C].
+void batchnorm_relu(int dtype, const View4& y, double eps, const void* weight, const void* bias,
+                    void* stats, void* rows, const View4& out, int num_threads);
+// Its backward: grad_y (written, never read) = the whole gradient w.r.t. y for grad_z w.r.t.
+// out; grad_params rows (written) = (grad_weight, grad_bias). grad_params: dense [2, C].
+void batchnorm_relu_backward(int dtype, const View4& y, const void* stats, const void* rows,
+                             const void* weight, const View4& grad_z, const View4& grad_y,
+                             void* grad_params, int num_threads);
+
 // Instruction-set variants compiled into this module, the one in use, and a switch (tests).
 std::vector<std::string> compiled_isas();
 std::vector<std::string> supported_isas();  // compiled and runnable on this CPU

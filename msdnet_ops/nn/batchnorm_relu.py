@@ -1,0 +1,71 @@
+"""A post-activation unit's epilogue: ``relu(bn(y))`` of the unit's convolution output ``y``,
+written where the unit appends to its feature buffer, and the backward of it."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..dtypes import stats_dtype
+from .bn_affine import AffineParams, bn_vectors, update_running_stats
+from .feature_buffer import BufferState
+
+
+class BatchNormReLU:
+    """``relu(bn(y))`` of ``y`` (a :class:`BufferState` of its own) written into ``out``, and
+    what the backward needs. With batch statistics and no all-reduce (every training step
+    except SyncBatchNorm's) one op each way (:func:`msdnet_ops.ops.batchnorm_relu_into_`: on
+    the CPU one C++ call, where the separate steps' Python glue cost more than their
+    arithmetic); otherwise the steps one by one: the statistics (all-reduced), the BatchNorm's
+    vectors (batch or running statistics), the transform; so too where the backend has no
+    fused kernel for it (a GPU: the launches stay as they were). ``bn``'s running statistics are
+    updated here from the batch statistics."""
+
+    def __init__(self, y: BufferState, bn, bn_weight, bn_bias, out: torch.Tensor):
+        channels = y.values.shape[1]
+        self.fused = (y.track_stats and y.sync_group is None
+                      and ops.fuses_batchnorm_relu(y.values))
+        self.has_weight, self.has_bias = bn_weight is not None, bn_bias is not None
+        if self.fused:
+            self.stats = y.values.new_empty((2, channels), dtype=stats_dtype(y.values.dtype))
+            self.rows = torch.empty_like(self.stats)
+            self.weight = None if bn_weight is None else bn_weight.detach()
+            ops.eager.batchnorm_relu_into_(y.values, bn.eps, self.weight,
+                                           None if bn_bias is None else bn_bias.detach(),
+                                           self.stats, self.rows, out)
+            y.mean, y.invstd = self.stats[0], self.stats[1]
+            self.scale, self.shift = self.rows[0], self.rows[1]
+            batch_stats = True
+        else:
+            y.compute_stats(0, channels)  # when bn normalizes with batch statistics
+            batch_stats, mean, invstd = bn_vectors(bn, y, 0, channels)
+            self.affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
+            self.rows = None
+            self.scale, self.shift = self.affine.scale, self.affine.shift
+            self.write(y.values, out)
+        if batch_stats:
+            update_running_stats(bn, y, 0, channels)
+
+    def write(self, y_values: torch.Tensor, out: torch.Tensor) -> None:
+        """Writes ``relu(bn(y))`` into ``out`` again (exact: the same transform)."""
+        ops.eager.affine_relu_into_(y_values, self.scale, self.shift, out)
+
+    def backward(self, y: BufferState, grad_z: torch.Tensor):
+        """``(grad_y, grad_weight, grad_bias)`` for ``grad_z``, the gradient w.r.t. ``out``:
+        ``grad_y`` is complete (the statistics' part included); this unit is the sole consumer
+        of ``y`` and of its statistics, so their gradients are written, not added."""
+        if self.fused:
+            grad_y = torch.empty_like(y.values)
+            grad_params = torch.empty_like(self.stats)
+            ops.eager.batchnorm_relu_backward_(y.values, grad_z, self.stats, self.rows,
+                                               self.weight, grad_y, grad_params)
+            grad_weight, grad_bias = grad_params[0], grad_params[1]
+        else:
+            channels = y.values.shape[1]
+            y.ensure_grads(uninitialised=True, stats_uninitialised=True)
+            grads = self.affine.zero_grads()
+            ops.eager.affine_relu_backward_(y.values, self.scale, self.shift, grad_z, y.grad,
+                                            grads[0], grads[1], False)
+            grad_weight, grad_bias = self.affine.backward(grads, y, channels, accumulate=False)
+            grad_y = y.finalize(0, channels)
+        return (grad_y, grad_weight if self.has_weight else None,
+                grad_bias if self.has_bias else None)
