@@ -44,7 +44,8 @@ void batchnorm_relu_backward_t(int dtype, const View4& y, const void* stats, con
   void* st = const_cast<void*>(stats);
   void* ro = const_cast<void*>(rows);
   const VecView mean = row<T>(st, 0, C), invstd = row<T>(st, 1, C);
-  std::vector<T> grads(2 * C, T(0)), stats_grads(2 * C);  // (grad_scale, grad_shift), (mean, invstd)
+  // (grad_scale, grad_shift), accumulated into; the statistics' (grad_mean, grad_invstd)
+  std::vector<T> grads(2 * C, T(0)), stats_grads(2 * C);
   const VecView grad_scale = row<T>(grads.data(), 0, C), grad_shift = row<T>(grads.data(), 1, C);
   affine_relu_backward(dtype, y, row<T>(ro, 0, C), row<T>(ro, 1, C), grad_z, grad_y, grad_scale,
                        grad_shift, /*accumulate=*/false, num_threads);
