@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .dtypes import stats_dtype
 
 
-_SELF = sys.modules[__name__]  # the default ``kernels`` of the composed references
+_SELF = sys.modules[__name__]  # the ``kernels`` of the references' own compositions
 
 
 def _per_channel(v: torch.Tensor) -> torch.Tensor:
@@ -111,31 +111,39 @@ def bn_scale_shift_backward_(grad, mean, invstd, weight, grad_mean, grad_invstd,
     return invstd * centred
 
 
-def batchnorm_relu_into(y, eps: float, weight, bias, stats, rows, out, kernels=None) -> None:
+def batchnorm_relu_into(y, eps: float, weight, bias, stats, rows, out) -> None:
     """A training-mode BatchNorm (batch statistics) followed by ReLU, written into ``out``,
     with what its backward needs: ``stats`` rows ``(mean, invstd)`` of ``y`` and ``rows``
-    ``(scale, shift)`` (``[2, C]``, stats dtype, written). ``kernels``: the module whose
-    ``channel_stats_into``/``bn_scale_shift_into``/``affine_relu_into`` compose it (default:
-    these references; a backend without a fused kernel passes its own)."""
-    k = kernels or _SELF
-    k.channel_stats_into(y, eps, stats[0], stats[1])
-    k.bn_scale_shift_into(stats[0], stats[1], weight, bias, rows)
-    k.affine_relu_into(y, rows[0], rows[1], out)
+    ``(scale, shift)`` (``[2, C]``, stats dtype, written)."""
+    composed_batchnorm_relu_into(_SELF, y, eps, weight, bias, stats, rows, out)
 
 
-def batchnorm_relu_backward_(y, grad_z, stats, rows, weight, grad_y, grad_params,
-                             kernels=None) -> None:
+def batchnorm_relu_backward_(y, grad_z, stats, rows, weight, grad_y, grad_params) -> None:
     """Backward of :func:`batchnorm_relu_into` for ``grad_z`` (w.r.t. ``out``): writes
     ``grad_y`` (never read: the whole gradient w.r.t. ``y``, the statistics' part included)
     and ``grad_params`` rows ``(grad_weight, grad_bias)`` (``[2, C]``, stats dtype)."""
-    k = kernels or _SELF
+    composed_batchnorm_relu_backward_(_SELF, y, grad_z, stats, rows, weight, grad_y, grad_params)
+
+
+def composed_batchnorm_relu_into(kernels, y, eps, weight, bias, stats, rows, out) -> None:
+    """:func:`batchnorm_relu_into` as the steps of ``kernels`` (a module with
+    ``channel_stats_into``, ``bn_scale_shift_into``, ``affine_relu_into``: these references,
+    or a backend without a fused kernel for it)."""
+    kernels.channel_stats_into(y, eps, stats[0], stats[1])
+    kernels.bn_scale_shift_into(stats[0], stats[1], weight, bias, rows)
+    kernels.affine_relu_into(y, rows[0], rows[1], out)
+
+
+def composed_batchnorm_relu_backward_(kernels, y, grad_z, stats, rows, weight, grad_y,
+                                      grad_params) -> None:
+    """:func:`batchnorm_relu_backward_` as the steps of ``kernels``."""
     grad_params.zero_()  # (grad_scale, grad_shift) accumulate here; grad_shift is grad_bias
-    k.affine_relu_backward_(y, rows[0], rows[1], grad_z, grad_y, grad_params[0], grad_params[1],
-                            False)
+    kernels.affine_relu_backward_(y, rows[0], rows[1], grad_z, grad_y, grad_params[0],
+                                  grad_params[1], False)
     grad_stats = torch.empty_like(stats)  # (grad_mean, grad_invstd), written
-    grad_params[0] = k.bn_scale_shift_backward_(grad_params, stats[0], stats[1], weight,
-                                                grad_stats[0], grad_stats[1], False)
-    k.channel_stats_backward_(y, stats[0], stats[1], grad_stats[0], grad_stats[1], grad_y)
+    grad_params[0] = kernels.bn_scale_shift_backward_(grad_params, stats[0], stats[1], weight,
+                                                      grad_stats[0], grad_stats[1], False)
+    kernels.channel_stats_backward_(y, stats[0], stats[1], grad_stats[0], grad_stats[1], grad_y)
 
 
 def transform_conv(x, scale, shift, weight, stride: int, padding: int, pool: int) -> torch.Tensor:

@@ -11,8 +11,6 @@ gradient buffer afterwards.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -110,5 +108,10 @@ def transform_convs(elementwise):
 def batchnorm_relus(backend):
     """``(batchnorm_relu_into, batchnorm_relu_backward_)`` of a backend without a fused kernel
     for them: the references' composition of the backend's own ops (``backend``: its module)."""
-    return (functools.partial(reference.batchnorm_relu_into, kernels=backend),
-            functools.partial(reference.batchnorm_relu_backward_, kernels=backend))
+    def batchnorm_relu_into(y, eps, weight, bias, stats, rows, out) -> None:
+        reference.composed_batchnorm_relu_into(backend, y, eps, weight, bias, stats, rows, out)
+
+    def batchnorm_relu_backward_(y, grad_z, stats, rows, weight, grad_y, grad_params) -> None:
+        reference.composed_batchnorm_relu_backward_(backend, y, grad_z, stats, rows, weight,
+                                                    grad_y, grad_params)
+    return batchnorm_relu_into, batchnorm_relu_backward_
