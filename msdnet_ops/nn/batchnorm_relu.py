@@ -39,7 +39,6 @@ class BatchNormReLU:
             y.compute_stats(0, channels)  # when bn normalizes with batch statistics
             batch_stats, mean, invstd = bn_vectors(bn, y, 0, channels)
             self.affine = AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
-            self.rows = None
             self.scale, self.shift = self.affine.scale, self.affine.shift
             self.write(y.values, out)
         if batch_stats:
