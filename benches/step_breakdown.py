@@ -82,6 +82,8 @@ def instrument(timers: Timers) -> None:
     for name in ("__init__", "backward"):
         timers.wrap(bn_affine.AffineParams, name, f"AffineParams.{name}")
         timers.wrap(batchnorm_relu.BatchNormReLU, name, f"BatchNormReLU.{name}")
+    for name in ("__init__", "conv", "conv_backward"):
+        timers.wrap(batchnorm_relu.BatchNormReLURead, name, f"BatchNormReLURead.{name}")
 
 
 def breakdown(model: str, batch: int, steps: int) -> tuple[float, list]:

@@ -16,6 +16,8 @@ Ops (semantics in :mod:`msdnet_ops.reference`):
 ``batchnorm_relu_into_``       a training-mode BatchNorm then ReLU written into ``out``, with
                                its statistics and ``(scale, shift)`` (one call on the CPU)
 ``batchnorm_relu_backward_``   its backward: the input's whole gradient and the parameters'
+``batchnorm_relu_conv_backward_``  the backward of a convolution of that ReLU's output (a
+                               bottleneck's), through it: the same gradients and the weight's
 ``transform_conv``             ``conv(pool(relu(scale*x+shift)), W)``, functional
 ``transform_conv_into_``       the same, written into a channel slice of a feature buffer
 ``transform_conv_backward_``   its backward: accumulates grad_x/grad_scale/grad_shift (or writes
@@ -320,6 +322,36 @@ def batchnorm_relu_backward_(y: Tensor, grad_z: Tensor, stats: Tensor, rows: Ten
 @_fake(batchnorm_relu_backward_)
 def _(y, grad_z, stats, rows, weight, grad_y, grad_params):
     return None
+
+
+def _check_batchnorm_relu_conv_backward(grad_out, y, stats, rows, weight, conv_weight, stride,
+                                        padding, grad_y, grad_params):
+    _check_conv_backward(grad_out, y, conv_weight, stride, padding, 1, grad_y)
+    check.check_not_overlapping(grad_y, "grad_y", (y, "y"), (grad_out, "grad_out"))
+    for t, name in ((stats, "stats"), (rows, "rows"), (grad_params, "grad_params")):
+        _check_rows(t, name, y)
+    check.check_bn_vector(weight, "weight", stats[0], optional=True)
+
+
+@_custom_op("batchnorm_relu_conv_backward_", mutates_args=("grad_y", "grad_params"),
+            checks=_check_batchnorm_relu_conv_backward)
+def batchnorm_relu_conv_backward_(grad_out: Tensor, y: Tensor, stats: Tensor, rows: Tensor,
+                                  weight: Tensor | None, conv_weight: Tensor, stride: int,
+                                  padding: int, grad_y: Tensor, grad_params: Tensor) -> Tensor:
+    """Backward of ``conv2d(z, conv_weight, stride, padding)`` where ``z`` was written by
+    :func:`batchnorm_relu_into_` from ``y`` (its ``stats`` and ``rows``; ``z`` itself is not
+    needed: it is computed again): writes ``grad_y`` (the whole gradient w.r.t. ``y``, the
+    batch statistics' part included) and ``grad_params`` rows ``(grad_weight, grad_bias)``;
+    returns the convolution weight's gradient. ``y`` is read by this convolution alone (a
+    bottleneck's output). On the CPU the BatchNorm+ReLU part is one call."""
+    return _like_weight(_kernels(y).batchnorm_relu_conv_backward_(
+        grad_out, y, stats, rows, weight, conv_weight, stride, padding, grad_y, grad_params),
+        conv_weight)
+
+
+@_fake(batchnorm_relu_conv_backward_)
+def _(grad_out, y, stats, rows, weight, conv_weight, stride, padding, grad_y, grad_params):
+    return torch.empty_like(conv_weight)
 
 
 # --------------------------------------------------------------------------- transform

@@ -140,10 +140,41 @@ def composed_batchnorm_relu_backward_(kernels, y, grad_z, stats, rows, weight, g
     grad_params.zero_()  # (grad_scale, grad_shift) accumulate here; grad_shift is grad_bias
     kernels.affine_relu_backward_(y, rows[0], rows[1], grad_z, grad_y, grad_params[0],
                                   grad_params[1], False)
+    _batchnorm_part_backward_(kernels, y, stats, weight, grad_y, grad_params)
+
+
+def _batchnorm_part_backward_(kernels, y, stats, weight, grad_y, grad_params) -> None:
+    """What a sole consumer's transform backward leaves to do: ``grad_params`` holds
+    ``(grad_scale, grad_shift)`` and ``grad_y`` the gradient through the transform alone;
+    turns the first row into the weight's gradient and adds the batch statistics' part to
+    ``grad_y``."""
     grad_stats = torch.empty_like(stats)  # (grad_mean, grad_invstd), written
     grad_params[0] = kernels.bn_scale_shift_backward_(grad_params, stats[0], stats[1], weight,
                                                       grad_stats[0], grad_stats[1], False)
     kernels.channel_stats_backward_(y, stats[0], stats[1], grad_stats[0], grad_stats[1], grad_y)
+
+
+def batchnorm_relu_conv_backward_(grad_out, y, stats, rows, weight, conv_weight, stride: int,
+                                  padding: int, grad_y, grad_params) -> torch.Tensor:
+    """Backward of ``conv2d(relu(bn(y)), conv_weight, stride, padding)`` with the BatchNorm of
+    :func:`batchnorm_relu_into` (``stats``, ``rows``): writes ``grad_y`` (the whole gradient)
+    and ``grad_params`` rows ``(grad_weight, grad_bias)``; returns the convolution weight's
+    gradient."""
+    return composed_batchnorm_relu_conv_backward_(_SELF, grad_out, y, stats, rows, weight,
+                                                  conv_weight, stride, padding, grad_y,
+                                                  grad_params)
+
+
+def composed_batchnorm_relu_conv_backward_(kernels, grad_out, y, stats, rows, weight, conv_weight,
+                                           stride, padding, grad_y, grad_params) -> torch.Tensor:
+    """:func:`batchnorm_relu_conv_backward_` as the steps of ``kernels``: the transform-conv's
+    backward (a sole consumer: ``grad_y`` written), then the BatchNorm's own part."""
+    grad_params.zero_()
+    grad_conv_weight = kernels.transform_conv_backward_(
+        grad_out, y, rows[0], rows[1], conv_weight, stride, padding, 1, grad_y, grad_params[0],
+        grad_params[1], False)
+    _batchnorm_part_backward_(kernels, y, stats, weight, grad_y, grad_params)
+    return grad_conv_weight
 
 
 def transform_conv(x, scale, shift, weight, stride: int, padding: int, pool: int) -> torch.Tensor:

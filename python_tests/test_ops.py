@@ -70,6 +70,10 @@ def test_opcheck_every_op(backend, use_backend):
         torch.library.opcheck(ops.batchnorm_relu_backward_, (
             xd, torch.randn_like(xd), bn_rows[0], bn_rows[1], wd, torch.empty_like(xd),
             bn_rows[2]))
+        conv_weight = torch.randn(3, 5, 1, 1, dtype=F64, device=dev)
+        torch.library.opcheck(ops.batchnorm_relu_conv_backward_, (
+            torch.randn(xd.shape[0], 3, *xd.shape[2:], dtype=F64, device=dev), xd, bn_rows[0],
+            bn_rows[1], wd, conv_weight, 1, 0, torch.empty_like(xd), bn_rows[2]))
 
 
 CONV_GEOMETRIES = [(1, 1, 1), (3, 1, 1), (3, 2, 1), (1, 2, 1), (1, 1, 2)]
@@ -228,6 +232,52 @@ def test_batchnorm_relu_is_batchnorm_then_relu_and_its_gradient(backend, use_bac
         torch.testing.assert_close(grad_params[0], wanted[1], **tol)
     if bias is not None:
         torch.testing.assert_close(grad_params[1], wanted[2], **tol)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("params,stride", [("weight+bias", 1), ("weight", 2), ("none", 1)])
+def test_batchnorm_relu_conv_backward_is_the_gradient_through_batchnorm_relu(
+        backend, use_backend, dtype, params, stride):
+    """``batchnorm_relu_conv_backward_`` gives autograd's gradients of
+    ``conv2d(relu(F.batch_norm(y)), W)`` (training mode) w.r.t. ``y``, the BatchNorm's weight
+    and bias and ``W``, written over NaN-filled outputs (never read); ``y`` channels_last
+    (a bottleneck's output), odd sizes, a zero and a tiny BatchNorm weight."""
+    dev = use_backend(backend)
+    if dtype == F64:
+        require_float64(backend, dev)
+    torch.manual_seed(6)
+    n, c, h, w, c_out, eps = 2, 5, 5, 3, 3, 1e-5
+    y = torch.randn(n, c, h, w, dtype=dtype, device=dev).contiguous(
+        memory_format=torch.channels_last)
+    weight = _vec(c, dtype, dev, 0.5, 1.5) if params != "none" else None
+    if weight is not None:
+        weight[1], weight[2] = 0.0, 1e-30
+    bias = _vec(c, dtype, dev) if params == "weight+bias" else None
+    conv_weight = torch.randn(c_out, c, 3, 3, dtype=dtype, device=dev).contiguous(
+        memory_format=torch.channels_last)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None
+              for t in (y, conv_weight, weight, bias)]
+    z = torch.relu(F.batch_norm(leaves[0], None, None, leaves[2], leaves[3], True, 0.0, eps))
+    want = F.conv2d(z, leaves[1], None, stride, 1)
+    grad_out = torch.randn_like(want)
+    wanted = torch.autograd.grad(want, [t for t in leaves if t is not None], grad_out)
+
+    sdt = reference.stats_dtype(dtype)
+    stats, rows = (torch.empty((2, c), dtype=sdt, device=dev) for _ in range(2))
+    ops.batchnorm_relu_into_(y, eps, weight, bias, stats, rows, torch.empty_like(y))
+    grad_y = torch.full_like(y, float("nan"))
+    grad_params = torch.full((2, c), float("nan"), dtype=sdt, device=dev)
+    grad_conv_weight = ops.batchnorm_relu_conv_backward_(grad_out, y, stats, rows, weight,
+                                                         conv_weight, stride, 1, grad_y,
+                                                         grad_params)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    torch.testing.assert_close(grad_y, wanted[0], **tol)
+    torch.testing.assert_close(grad_conv_weight, wanted[1], **tol)
+    if weight is not None:
+        torch.testing.assert_close(grad_params[0], wanted[2], **tol)
+    if bias is not None:
+        torch.testing.assert_close(grad_params[1], wanted[3], **tol)
 
 
 def test_batchnorm_relu_ops_refuse_bad_rows():

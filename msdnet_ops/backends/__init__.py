@@ -161,7 +161,7 @@ def runs_dtype(device: torch.device, dtype: torch.dtype) -> bool:
 OP_FUNCTIONS = (
     "channel_stats", "channel_stats_into", "channel_stats_backward_", "bn_scale_shift_into",
     "bn_scale_shift_backward_", "affine_relu_into", "affine_relu_backward_", "batchnorm_relu_into",
-    "batchnorm_relu_backward_", "gather_batch_into",
+    "batchnorm_relu_backward_", "batchnorm_relu_conv_backward_", "gather_batch_into",
     "transform_conv", "transform_conv_into", "transform_conv_backward_", "conv", "conv_into",
     "conv_backward_", "conv_bias_relu",
 )

@@ -68,6 +68,18 @@ def transform_conv_backward_(elementwise, grad_out, x, scale, shift, weight, str
     return grad_weight
 
 
+def batchnorm_relu_conv_backward_(elementwise, grad_out, y, stats, rows, weight, conv_weight,
+                                  stride, padding, grad_y, grad_params) -> torch.Tensor:
+    """For a backend whose ``elementwise`` module runs the BatchNorm+ReLU backward as one call
+    (the CPU's): the transform written into the scratch again, the engine's backward of the
+    convolution, then that one call; returns the convolution weight's gradient."""
+    z, _ = transformed(elementwise, y, rows[0], rows[1], 1)
+    grad_z, grad_conv_weight = cpu_conv.dense_conv_backward(dense(grad_out), z, conv_weight,
+                                                            stride, padding)
+    elementwise.batchnorm_relu_backward_(y, grad_z, stats, rows, weight, grad_y, grad_params)
+    return grad_conv_weight
+
+
 def conv(x, weight, stride, padding, pool, out=None):
     """``conv2d(avg_pool(x, pool), weight)`` of activated channels on a dense copy of ``x``."""
     y = cpu_conv.aten_conv(_pooled(dense(x), pool), weight, stride, padding)
@@ -106,12 +118,19 @@ def transform_convs(elementwise):
 
 
 def batchnorm_relus(backend):
-    """``(batchnorm_relu_into, batchnorm_relu_backward_)`` of a backend without a fused kernel
-    for them: the references' composition of the backend's own ops (``backend``: its module)."""
+    """``(batchnorm_relu_into, batchnorm_relu_backward_, batchnorm_relu_conv_backward_)`` of a
+    backend without a fused kernel for them: the references' composition of the backend's own
+    ops (``backend``: its module)."""
     def batchnorm_relu_into(y, eps, weight, bias, stats, rows, out) -> None:
         reference.composed_batchnorm_relu_into(backend, y, eps, weight, bias, stats, rows, out)
 
     def batchnorm_relu_backward_(y, grad_z, stats, rows, weight, grad_y, grad_params) -> None:
         reference.composed_batchnorm_relu_backward_(backend, y, grad_z, stats, rows, weight,
                                                     grad_y, grad_params)
-    return batchnorm_relu_into, batchnorm_relu_backward_
+
+    def batchnorm_relu_conv_backward_(grad_out, y, stats, rows, weight, conv_weight, stride,
+                                      padding, grad_y, grad_params):
+        return reference.composed_batchnorm_relu_conv_backward_(
+            backend, grad_out, y, stats, rows, weight, conv_weight, stride, padding, grad_y,
+            grad_params)
+    return batchnorm_relu_into, batchnorm_relu_backward_, batchnorm_relu_conv_backward_

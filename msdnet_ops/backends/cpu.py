@@ -36,3 +36,10 @@ def conv_into(x, weight, stride, padding, pool, out) -> None:
 
 transform_conv, transform_conv_into, transform_conv_backward_ = \
     composed.transform_convs(_kernels)
+
+
+def batchnorm_relu_conv_backward_(grad_out, y, stats, rows, weight, conv_weight, stride, padding,
+                                  grad_y, grad_params):
+    return composed.batchnorm_relu_conv_backward_(_kernels, grad_out, y, stats, rows, weight,
+                                                  conv_weight, stride, padding, grad_y,
+                                                  grad_params)

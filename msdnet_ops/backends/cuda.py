@@ -34,4 +34,5 @@ transform_conv, transform_conv_into, transform_conv_backward_ = \
     composed.transform_convs(_kernels)
 
 
-batchnorm_relu_into, batchnorm_relu_backward_ = composed.batchnorm_relus(sys.modules[__name__])
+batchnorm_relu_into, batchnorm_relu_backward_, batchnorm_relu_conv_backward_ = \
+    composed.batchnorm_relus(sys.modules[__name__])

@@ -12,6 +12,7 @@ affine_relu_into = _ref.affine_relu_into
 affine_relu_backward_ = _ref.affine_relu_backward_
 batchnorm_relu_into = _ref.batchnorm_relu_into
 batchnorm_relu_backward_ = _ref.batchnorm_relu_backward_
+batchnorm_relu_conv_backward_ = _ref.batchnorm_relu_conv_backward_
 gather_batch_into = _ref.gather_batch_into
 bn_scale_shift_into = _ref.bn_scale_shift_into
 bn_scale_shift_backward_ = _ref.bn_scale_shift_backward_

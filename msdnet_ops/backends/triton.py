@@ -86,4 +86,5 @@ def conv_bias_relu(x, weight, bias, stride, padding, out=None):
     return out
 
 
-batchnorm_relu_into, batchnorm_relu_backward_ = composed.batchnorm_relus(sys.modules[__name__])
+batchnorm_relu_into, batchnorm_relu_backward_, batchnorm_relu_conv_backward_ = \
+    composed.batchnorm_relus(sys.modules[__name__])

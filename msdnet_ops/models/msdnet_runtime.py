@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..nn.batchnorm_relu import BatchNormReLURead
 from ..nn.bn_affine import deferred_running_stats, update_running_stats
 from ..nn.dense_layer import (append_conv, append_conv_bn_relu, append_transform_conv,
                               recompute_in_backward, write_tensor)
@@ -152,6 +153,21 @@ class GridRun(PlanRun):
         """A conv -> BN -> ReLU unit appending to ``dst`` (:class:`ConvBNReLUWrite`)."""
         append_conv_bn_relu(src, width, dst, conv, bn, read, self._recomputes("units"))
 
+    def _bottleneck(self, src: FeatureBuffer, width: int, conv, bn):
+        """``conv`` of ``src[:, :width]`` into a buffer of its own, read whole by one consumer
+        through ``bn``: returns that buffer and how its consumer reads it, ``bn`` itself where
+        the backend fuses BatchNorm+ReLU in training (the consumer computes the statistics as
+        it reads, one call each way), else the vectors (:meth:`_vectors`; the statistics
+        computed as the buffer is written)."""
+        inner = self._output_buffer(conv, src)
+        fused = self.training and BatchNormReLURead.applies(bn, inner.values, self.sync_group)
+        inner.state.track_stats = self.training and not fused
+        append_conv(src, width, inner, conv)
+        if fused:
+            return inner, bn
+        self._record_stats(bn, inner)
+        return inner, self._vectors(bn, inner)
+
     def _conv_bn_path(self, unit, src: FeatureBuffer, width: int, dst: FeatureBuffer) -> None:
         """One ConvBN path (optional bottleneck, then 3x3). With the model's
         ``memory_efficient`` the bottleneck output is freed after forward and recomputed in
@@ -159,11 +175,8 @@ class GridRun(PlanRun):
         if not unit.bottleneck:
             self._unit(src, width, dst, unit.conv3, unit.bn3)
             return
-        inner = self._output_buffer(unit.conv1, src)
-        append_conv(src, width, inner, unit.conv1)
-        self._record_stats(unit.bn1, inner)
-        self._unit(inner, inner.filled, dst, unit.conv3, unit.bn3,
-                   read=self._vectors(unit.bn1, inner))
+        inner, read = self._bottleneck(src, width, unit.conv1, unit.bn1)
+        self._unit(inner, inner.filled, dst, unit.conv3, unit.bn3, read=read)
         if self._recomputes("bottlenecks"):
             recompute_in_backward(inner, src, width, unit.conv1)
 
@@ -213,12 +226,9 @@ class GridRun(PlanRun):
         buffer of its own, read through that ConvBasic's BN by the next step."""
         (key, width), = cell.reads
         first, second, pool = cell.module.m
-        src = self._buffer(key)
-        mid1 = self._output_buffer(first.conv, src)
-        append_conv(src, width, mid1, first.conv)
-        self._record_stats(first.bn, mid1)
+        mid1, read = self._bottleneck(self._buffer(key), width, first.conv, first.bn)
         mid2 = self._output_buffer(second.conv, mid1)
-        append_transform_conv(mid1, mid1.filled, mid2, second.conv, *self._vectors(first.bn, mid1))
+        append_transform_conv(mid1, mid1.filled, mid2, second.conv, read)
         self._record_stats(second.bn, mid2)
         z = TransformRead.apply(mid2.state, mid2.filled, *self._vectors(second.bn, mid2),
                                 mid2.token)

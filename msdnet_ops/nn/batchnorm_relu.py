@@ -1,12 +1,13 @@
 """A post-activation unit's epilogue: ``relu(bn(y))`` of the unit's convolution output ``y``,
-written where the unit appends to its feature buffer, and the backward of it."""
+written where the unit appends to its feature buffer, and the backward of it; and the same
+BatchNorm+ReLU as a unit's read of its bottleneck."""
 from __future__ import annotations
 
 import torch
 
 from .. import ops
 from ..dtypes import stats_dtype
-from .bn_affine import AffineParams, bn_vectors, update_running_stats
+from .bn_affine import AffineParams, bn_vectors, update_running_stats, uses_batch_stats
 from .feature_buffer import BufferState
 
 
@@ -68,3 +69,57 @@ class BatchNormReLU:
             grad_y = y.finalize(0, channels)
         return (grad_y, grad_weight if self.has_weight else None,
                 grad_bias if self.has_bias else None)
+
+
+class BatchNormReLURead:
+    """A unit's read of its sole input ``src`` (a bottleneck's output, before its BatchNorm):
+    ``relu(bn(src))`` with ``src``'s batch statistics, computed here with the statistics in one
+    op (:func:`msdnet_ops.ops.batchnorm_relu_into_`) into a transient dense tensor that the
+    unit's convolution reads; backward is one op too
+    (:func:`msdnet_ops.ops.batchnorm_relu_conv_backward_`), which writes ``src``'s whole
+    gradient (so ``src`` keeps no statistics of its own). Where the backend fuses the
+    BatchNorm+ReLU (:func:`applies`); elsewhere the unit reads through :class:`AffineParams`,
+    the statistics computed by ``src``'s writer. ``bn``'s running statistics are updated here."""
+
+    def __init__(self, src: BufferState, bn, bn_weight, bn_bias):
+        y = src.values
+        self.stats = y.new_empty((2, y.shape[1]), dtype=stats_dtype(y.dtype))
+        self.rows = torch.empty_like(self.stats)
+        self.has_weight, self.has_bias = bn_weight is not None, bn_bias is not None
+        self.weight = None if bn_weight is None else bn_weight.detach()
+        self.activated = torch.empty_like(y)
+        ops.eager.batchnorm_relu_into_(y, bn.eps, self.weight,
+                                       None if bn_bias is None else bn_bias.detach(),
+                                       self.stats, self.rows, self.activated)
+        src.mean, src.invstd = self.stats[0], self.stats[1]
+        update_running_stats(bn, src, 0, y.shape[1])
+
+    @staticmethod
+    def applies(bn, like: torch.Tensor, sync_group=None) -> bool:
+        """Whether ``bn`` reads features like ``like`` this way: batch statistics, no
+        all-reduce (``sync_group``), and a backend that fuses the BatchNorm+ReLU."""
+        return uses_batch_stats(bn) and sync_group is None and ops.fuses_batchnorm_relu(like)
+
+    def conv(self, src: BufferState, weight, stride: int, padding: int,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution of ``relu(bn(src))`` written into ``out``, or a new tensor: of the
+        tensor written in forward the first time, of the transform applied again after that
+        (a recomputed unit's backward)."""
+        z, self.activated = self.activated, None
+        if z is None:
+            z = ops.eager.affine_relu(src.values, self.rows[0], self.rows[1])
+        if out is None:
+            return ops.eager.conv(z, weight, stride, padding, 1)
+        return ops.eager.conv_into_(z, weight, stride, padding, 1, out)
+
+    def conv_backward(self, grad_out, src: BufferState, weight, stride: int, padding: int):
+        """``(grad of the conv weight, grad of bn's weight, grad of bn's bias)``; writes
+        ``src``'s gradient, whole."""
+        src.restore_values()  # a recomputed (memory_efficient) bottleneck
+        src.ensure_grads(uninitialised=True)
+        grad_params = torch.empty_like(self.stats)
+        grad_weight = ops.eager.batchnorm_relu_conv_backward_(
+            grad_out, src.values, self.stats, self.rows, self.weight, weight, stride, padding,
+            src.grad, grad_params)
+        return (grad_weight, grad_params[0] if self.has_weight else None,
+                grad_params[1] if self.has_bias else None)

@@ -8,6 +8,7 @@ from .. import ops
 from ..layout import conv_weights_channels_last_
 from .bn_affine import AffineParams, bn_vectors, update_running_stats, uses_batch_stats
 from .feature_buffer import FeatureBuffer
+from .batchnorm_relu import BatchNormReLURead
 from .functions import ConvBNReLUWrite, ReadFeatures, TransformConvWrite, WriteFeatures
 
 
@@ -22,22 +23,49 @@ def transform_conv_write(src: FeatureBuffer, in_channels: int, bn: nn.BatchNorm2
                          f"{src.state.eps}; every BatchNorm reading a buffer must use the same eps")
     if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1):
         raise ValueError(f"{conv}: expected a bias-free, ungrouped, undilated convolution")
+    if not src.state.track_stats and BatchNormReLURead.applies(bn, src.values,
+                                                                src.state.sync_group):
+        # a bottleneck output made without statistics (bottleneck_tracks_stats): read whole
+        # through bn, which computes them
+        return append_transform_conv(src, in_channels, dst, conv, bn, dropout_p, pool)
     batch_stats, mean, invstd = bn_vectors(bn, src.state, 0, in_channels)
     if batch_stats:
         update_running_stats(bn, src.state, 0, in_channels)
-    return append_transform_conv(src, in_channels, dst, conv, batch_stats, bn.weight, bn.bias,
-                                 mean, invstd, dropout_p, pool)
+    return append_transform_conv(src, in_channels, dst, conv,
+                                 (batch_stats, bn.weight, bn.bias, mean, invstd), dropout_p, pool)
+
+
+def bottleneck_tracks_stats(bn: nn.BatchNorm2d, like: torch.Tensor, sync_group=None) -> bool:
+    """Whether a bottleneck output read whole by one consumer through ``bn`` keeps batch
+    statistics of its own, computed as it is written: when ``bn`` uses batch statistics, except
+    where the consumer computes them as it reads (:class:`BatchNormReLURead`, the CPU: one
+    call each way instead of the steps)."""
+    return uses_batch_stats(bn) and not BatchNormReLURead.applies(bn, like, sync_group)
+
+
+def _read_arguments(read, src: FeatureBuffer, in_channels: int, pool: int = 1) -> tuple:
+    """``(batch_stats, weight, bias, mean, invstd, read_bn)`` of the fused autograd nodes for a
+    read given as the vectors ``(batch_stats, weight, bias, mean, invstd)`` of a BatchNorm+ReLU,
+    or as the BatchNorm module itself (``src`` is a bottleneck output without statistics, read
+    whole, its batch statistics computed as it is read: :class:`BatchNormReLURead`), or None
+    (activated channels, read as they are)."""
+    if isinstance(read, nn.BatchNorm2d):
+        if in_channels != src.capacity or src.state.track_stats or pool != 1:
+            raise ValueError("read: a BatchNorm module reads a whole buffer without statistics, "
+                             "unpooled")
+        return (True, read.weight, read.bias, None, None, read)
+    return tuple(read or (False, None, None, None, None)) + (None,)
 
 
 def append_transform_conv(src: FeatureBuffer, in_channels: int, dst: FeatureBuffer,
-                          conv: nn.Conv2d, batch_stats: bool, weight, bias, mean, invstd,
-                          dropout_p: float = 0.0, pool: int = 1) -> int:
-    """Appends ``conv(pool(relu(weight*(x-mean)*invstd+bias)))`` of ``src[:, :in_channels]``
-    to ``dst`` (per-channel vectors given); returns where the new channels start."""
+                          conv: nn.Conv2d, read, dropout_p: float = 0.0, pool: int = 1) -> int:
+    """Appends ``conv(pool(relu(bn(src[:, :in_channels]))))`` to ``dst``, the BatchNorm+ReLU
+    ``read`` as :func:`_read_arguments` takes it; returns where the new channels start."""
     start = dst.reserve(conv.out_channels)
+    batch_stats, *vectors = _read_arguments(read, src, in_channels, pool)
     dst.token = TransformConvWrite.apply(
         src.state, in_channels, dst.state, start, batch_stats, conv.stride[0], conv.padding[0],
-        pool, dropout_p, weight, bias, mean, invstd, conv.weight, src.token, dst.token)
+        pool, dropout_p, *vectors, conv.weight, src.token, dst.token)
     return start
 
 
@@ -47,7 +75,7 @@ def append_conv(src: FeatureBuffer, in_channels: int, dst: FeatureBuffer, conv: 
     start = dst.reserve(conv.out_channels)
     dst.token = TransformConvWrite.apply(
         src.state, in_channels, dst.state, start, False, conv.stride[0], conv.padding[0], 1,
-        0.0, None, None, None, None, conv.weight, src.token, dst.token)
+        0.0, None, None, None, None, None, conv.weight, src.token, dst.token)
     return start
 
 
@@ -55,17 +83,17 @@ def append_conv_bn_relu(src: FeatureBuffer, in_channels: int, dst: FeatureBuffer
                         conv: nn.Conv2d, bn: nn.BatchNorm2d, read=None,
                         recompute: bool = False) -> int:
     """Appends ``relu(bn(conv(read(src[:, :in_channels]))))`` to ``dst``, activated (a
-    post-activation unit); ``read`` is ``(batch_stats, weight, bias, mean, invstd)`` of the
-    BatchNorm+ReLU the source channels go through first, or None for activated channels.
+    post-activation unit); ``read`` is the BatchNorm+ReLU the source channels go through first,
+    as :func:`_read_arguments` takes it (None: activated channels).
     ``recompute``: the convolution's output is not kept for backward but computed again there.
     Returns where the new channels start."""
     if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1):
         raise ValueError(f"{conv}: expected a bias-free, ungrouped, undilated convolution")
     start = dst.reserve(conv.out_channels)
-    read = read or (False, None, None, None, None)
+    batch_stats, *vectors = _read_arguments(read, src, in_channels)
     dst.token = ConvBNReLUWrite.apply(
-        src.state, in_channels, dst.state, start, read[0], conv.stride[0], conv.padding[0],
-        *read[1:], conv.weight, bn, bn.weight, bn.bias, recompute, src.token, dst.token)
+        src.state, in_channels, dst.state, start, batch_stats, conv.stride[0], conv.padding[0],
+        *vectors, conv.weight, bn, bn.weight, bn.bias, recompute, src.token, dst.token)
     return start
 
 
@@ -205,9 +233,11 @@ class DenseLayer(nn.Module):
             return
         # the bottleneck output is a buffer of its own (constant width): kept for backward, or
         # with memory_efficient freed now and recomputed when backward needs it
+        sync_group = buffer.state.sync_group
         inner = new_buffer_for(buffer.values, self.conv1.out_channels,
-                               track_stats=uses_batch_stats(self.norm2), eps=self.norm2.eps,
-                               sync_group=buffer.state.sync_group)
+                               track_stats=bottleneck_tracks_stats(self.norm2, buffer.values,
+                                                                   sync_group),
+                               eps=self.norm2.eps, sync_group=sync_group)
         transform_conv_write(buffer, self.num_input_features, self.norm1, self.conv1, inner)
         transform_conv_write(inner, inner.filled, self.norm2, self.conv2, buffer, p)
         if self.memory_efficient:

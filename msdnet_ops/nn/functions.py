@@ -12,7 +12,7 @@ import torch
 
 from .. import ops
 from ..layout import dense
-from .batchnorm_relu import BatchNormReLU
+from .batchnorm_relu import BatchNormReLU, BatchNormReLURead
 from .bn_affine import AffineParams, uses_batch_stats
 from .feature_buffer import BufferState
 
@@ -115,9 +115,21 @@ def _autocast_weight(conv_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     return weight
 
 
+def _read(src, batch_stats, bn_weight, bn_bias, mean, invstd, read_bn):
+    """How a node reads its source: through ``read_bn`` (a BatchNorm module: the whole source,
+    its statistics computed now, :class:`BatchNormReLURead`), through the given vectors
+    (:class:`AffineParams`), or as it is (``mean=None``: activated channels)."""
+    if read_bn is not None:
+        return BatchNormReLURead(src, read_bn, bn_weight, bn_bias)
+    return None if mean is None else AffineParams(bn_weight, bn_bias, mean, invstd, batch_stats)
+
+
 def _read_conv(src, channels: int, affine, weight, conv, out=None) -> torch.Tensor:
     """``conv(pool(relu(affine(src[:, :channels]))))`` (``affine=None``: activated channels,
-    convolved as they are) written into ``out``, or returned as a new dense tensor."""
+    convolved as they are; a :class:`BatchNormReLURead`: the whole source through it, no
+    pooling) written into ``out``, or returned as a new dense tensor."""
+    if isinstance(affine, BatchNormReLURead):
+        return affine.conv(src, weight, conv[0], conv[1], out)
     x = src.values[:, :channels]
     if affine is None:
         if out is None:
@@ -131,6 +143,8 @@ def _read_conv(src, channels: int, affine, weight, conv, out=None) -> torch.Tens
 def _read_conv_backward(grad_out, src, channels: int, affine, weight, conv):
     """Backward of :func:`_read_conv`: accumulates into ``src``'s shared gradient; returns
     (grad of the conv weight, grads of the reading BatchNorm's weight and bias)."""
+    if isinstance(affine, BatchNormReLURead):
+        return affine.conv_backward(grad_out, src, weight, conv[0], conv[1])
     src.restore_values()  # a recomputed (memory_efficient) bottleneck
     accumulate = affine is None or not src.sole_gradient(channels)
     src.ensure_grads(uninitialised=not accumulate)
@@ -148,13 +162,15 @@ class TransformConvWrite(torch.autograd.Function):
     """``conv(pool(relu(bn(src[:, :in_channels]))))`` written into ``dst[:, start:start+C_out]``,
     optionally followed by dropout; the written channels' statistics are computed once here.
     With ``mean=None`` the source channels are already activated and are convolved as they are
-    (no transform, no BN parameters)."""
+    (no transform, no BN parameters); with ``read_bn`` (the BatchNorm module) the whole source,
+    a bottleneck output without statistics of its own, is read through
+    :class:`BatchNormReLURead` (its batch statistics computed here)."""
 
     @staticmethod
     def forward(ctx, src, in_channels, dst, start, batch_stats, stride, padding, pool,
-                dropout_p, bn_weight, bn_bias, mean, invstd, conv_weight, src_token, dst_token):
-        affine = None if mean is None else AffineParams(bn_weight, bn_bias, mean, invstd,
-                                                        batch_stats)
+                dropout_p, bn_weight, bn_bias, mean, invstd, read_bn, conv_weight, src_token,
+                dst_token):
+        affine = _read(src, batch_stats, bn_weight, bn_bias, mean, invstd, read_bn)
         stop = start + conv_weight.shape[0]
         weight = _autocast_weight(conv_weight, src.values)
         conv = (stride, padding, pool)
@@ -195,27 +211,27 @@ class TransformConvWrite(torch.autograd.Function):
                                                           ctx.affine, weight, ctx.conv)
         grad_weight = grad_weight.to(ctx.weight_dtype)
         _release(ctx, "src", "dst", "affine", "mask")
-        return ((None,) * 9 + (grad_w, grad_b, None, None, grad_weight)
+        return ((None,) * 9 + (grad_w, grad_b, None, None, None, grad_weight)
                 + _token_grads(grad_weight, *ctx.tokens))
 
 
 class ConvBNReLUWrite(torch.autograd.Function):
-    """A post-activation unit (MSDNet's conv -> BN -> ReLU): ``relu(bn(conv(read(src))))``
-    written into ``dst[:, start:start+C_out]`` once, activated, for all its consumers, where
-    ``read`` is the reading BatchNorm+ReLU (``in_mean=None``: ``src`` holds activated channels,
-    read as they are). The convolution's output is kept for backward: where the ReLU output is
-    0 the values before it cannot be recovered from it, and BatchNorm's backward needs them;
-    with ``recompute`` it is freed now and computed again (the same convolution of the same
-    source) when backward reaches this unit. ``bn`` (the unit's BatchNorm module) normalizes
-    with the output's batch statistics, computed here once, or with its running statistics; its
-    running statistics are updated here."""
+    """A post-activation unit (MSDNet's conv -> BN -> ReLU): ``relu(bn(conv(read(src))))`` written
+    into ``dst[:, start:start+C_out]`` once, activated, for all its consumers, where ``read``
+    is the reading BatchNorm+ReLU (``in_mean=None``: ``src`` holds activated channels, read as
+    they are; ``in_bn``: ``src`` is a bottleneck output without statistics, read whole through
+    :class:`BatchNormReLURead`). The convolution's output is kept for backward: where the ReLU
+    output is 0 the values before it cannot be recovered from it, and BatchNorm's backward
+    needs them; with ``recompute`` it is freed now and computed again (the same convolution of
+    the same source) when backward reaches this unit. ``bn`` (the unit's BatchNorm module)
+    normalizes with the output's batch statistics, computed here once, or with its running
+    statistics; its running statistics are updated here."""
 
     @staticmethod
     def forward(ctx, src, in_channels, dst, start, in_batch_stats, stride, padding,
-                in_weight, in_bias, in_mean, in_invstd, conv_weight, bn, bn_weight, bn_bias,
-                recompute, src_token, dst_token):
-        read = None if in_mean is None else AffineParams(in_weight, in_bias, in_mean, in_invstd,
-                                                         in_batch_stats)
+                in_weight, in_bias, in_mean, in_invstd, in_bn, conv_weight, bn, bn_weight,
+                bn_bias, recompute, src_token, dst_token):
+        read = _read(src, in_batch_stats, in_weight, in_bias, in_mean, in_invstd, in_bn)
         weight = _autocast_weight(conv_weight, src.values)
         conv = (stride, padding, 1)
         y = BufferState(_read_conv(src, in_channels, read, weight, conv),
@@ -254,6 +270,6 @@ class ConvBNReLUWrite(torch.autograd.Function):
                                                                 ctx.read, weight, ctx.conv)
         y.release_grads()
         _release(ctx, "src", "dst", "y", "read", "epilogue")
-        return ((None,) * 7 + (grad_in_w, grad_in_b, None, None,
+        return ((None,) * 7 + (grad_in_w, grad_in_b, None, None, None,
                                grad_weight.to(ctx.weight_dtype), None, grad_bn_w, grad_bn_b, None)
                 + _token_grads(grad_weight, *ctx.tokens))
