@@ -299,14 +299,18 @@ def fuses_batchnorm_relu(y: Tensor) -> bool:
     return getattr(_kernels(y), "FUSED_BATCHNORM_RELU", False)
 
 
+def _check_batchnorm_backward_rows(y, stats, rows, weight, grad_params):
+    for t, name in ((stats, "stats"), (rows, "rows"), (grad_params, "grad_params")):
+        _check_rows(t, name, y)
+    check.check_bn_vector(weight, "weight", stats[0], optional=True)
+
+
 def _check_batchnorm_relu_backward(y, grad_z, stats, rows, weight, grad_y, grad_params):
     check.check_features(y, "y")
     check.check_like(grad_z, "grad_z", y, "y")
     check.check_like(grad_y, "grad_y", y, "y")
     check.check_not_overlapping(grad_y, "grad_y", (y, "y"), (grad_z, "grad_z"))
-    for t, name in ((stats, "stats"), (rows, "rows"), (grad_params, "grad_params")):
-        _check_rows(t, name, y)
-    check.check_bn_vector(weight, "weight", stats[0], optional=True)
+    _check_batchnorm_backward_rows(y, stats, rows, weight, grad_params)
 
 
 @_custom_op("batchnorm_relu_backward_", mutates_args=("grad_y", "grad_params"),
@@ -326,11 +330,13 @@ def _(y, grad_z, stats, rows, weight, grad_y, grad_params):
 
 def _check_batchnorm_relu_conv_backward(grad_out, y, stats, rows, weight, conv_weight, stride,
                                         padding, grad_y, grad_params):
-    _check_conv_backward(grad_out, y, conv_weight, stride, padding, 1, grad_y)
+    check.check_features(y, "y")
+    check.check_conv_args(y, conv_weight, stride, padding, 1, "y", "conv_weight")
+    check.check_like(grad_out, "grad_out", y, "y",
+                     check.conv_output_shape(y, conv_weight, stride, padding, 1))
+    check.check_like(grad_y, "grad_y", y, "y")
     check.check_not_overlapping(grad_y, "grad_y", (y, "y"), (grad_out, "grad_out"))
-    for t, name in ((stats, "stats"), (rows, "rows"), (grad_params, "grad_params")):
-        _check_rows(t, name, y)
-    check.check_bn_vector(weight, "weight", stats[0], optional=True)
+    _check_batchnorm_backward_rows(y, stats, rows, weight, grad_params)
 
 
 @_custom_op("batchnorm_relu_conv_backward_", mutates_args=("grad_y", "grad_params"),

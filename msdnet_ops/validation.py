@@ -89,21 +89,24 @@ def check_not_overlapping(out: torch.Tensor, out_name: str, *inputs: tuple[torch
                          "that the op does not read")
 
 
-def check_conv_args(x: torch.Tensor, weight, stride: int, padding: int, pool: int) -> None:
+def check_conv_args(x: torch.Tensor, weight, stride: int, padding: int, pool: int,
+                    x_name: str = "x", weight_name: str = "weight") -> None:
+    """A convolution of ``x`` by ``weight`` the kernels run (errors name the arguments as
+    ``x_name`` / ``weight_name``)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        raise ValueError(f"weight: expected a 4-D [C_out, C_in, k, k] tensor, got "
+        raise ValueError(f"{weight_name}: expected a 4-D [C_out, C_in, k, k] tensor, got "
                          f"{getattr(weight, 'shape', type(weight).__name__)}")
     k = weight.shape[2]
     if weight.shape[3] != k or k not in (1, 3):
-        raise ValueError(f"weight: expected a square 1x1 or 3x3 kernel, got {tuple(weight.shape[2:])}")
+        raise ValueError(f"{weight_name}: expected a square 1x1 or 3x3 kernel, got {tuple(weight.shape[2:])}")
     if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight: expected {x.shape[1]} input channels (those of x), got {weight.shape[1]}")
+        raise ValueError(f"{weight_name}: expected {x.shape[1]} input channels (those of {x_name}), got {weight.shape[1]}")
     if weight.shape[0] < 1:
-        raise ValueError(f"weight: expected at least one output channel, got shape {tuple(weight.shape)}")
+        raise ValueError(f"{weight_name}: expected at least one output channel, got shape {tuple(weight.shape)}")
     if weight.dtype != x.dtype:
-        raise TypeError(f"weight: expected dtype {x.dtype} like x, got {weight.dtype}")
+        raise TypeError(f"{weight_name}: expected dtype {x.dtype} like {x_name}, got {weight.dtype}")
     if weight.device != x.device:
-        raise ValueError(f"weight: expected a tensor on {x.device} like x, got {weight.device}")
+        raise ValueError(f"{weight_name}: expected a tensor on {x.device} like {x_name}, got {weight.device}")
     if stride not in (1, 2):
         raise ValueError(f"stride: expected 1 or 2, got {stride}")
     if padding not in (0, 1):
@@ -116,7 +119,7 @@ def check_conv_args(x: torch.Tensor, weight, stride: int, padding: int, pool: in
         raise ValueError(f"padding: expected 0 with 2x2 pooling (pool=2), got {padding}")
     h, w = x.shape[2] // pool, x.shape[3] // pool
     if h + 2 * padding < k or w + 2 * padding < k:
-        raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for a {k}x{k} "
+        raise ValueError(f"{x_name}: spatial size {tuple(x.shape[2:])} is too small for a {k}x{k} "
                          f"convolution with padding {padding}")
 
 

@@ -296,6 +296,28 @@ def test_batchnorm_relu_ops_refuse_bad_rows():
         ops.batchnorm_relu_into_(y, 0.0, None, None, good, good.clone(), out)
 
 
+def test_batchnorm_relu_conv_backward_names_its_bad_arguments():
+    y, rows = torch.randn(2, 5, 4, 4), torch.empty(2, 5)
+    conv_weight = torch.randn(3, 5, 3, 3)
+
+    def call(**bad):
+        args = dict(grad_out=torch.randn(2, 3, 4, 4), y=y, stats=rows, rows=rows.clone(),
+                    weight=None, conv_weight=conv_weight, stride=1, padding=1,
+                    grad_y=torch.empty_like(y), grad_params=rows.clone())
+        args.update(bad)
+        ops.batchnorm_relu_conv_backward_(*args.values())
+    with pytest.raises(ValueError, match=r"conv_weight: expected 5 input channels \(those of y\)"):
+        call(conv_weight=torch.randn(3, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"grad_out: expected shape \(2, 3, 2, 2\)"):
+        call(stride=2)
+    with pytest.raises(ValueError, match="grad_y: shares memory with y"):
+        call(grad_y=y)
+    with pytest.raises(ValueError, match=r"stats: expected a dense \[2, 5\]"):
+        call(stats=torch.empty(2, 4))
+    with pytest.raises(ValueError, match="weight: expected"):
+        call(weight=torch.ones(4))
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (F64, 1e-12)])
 def test_ops_match_reference(backend, use_backend, dtype, tol):
