@@ -198,6 +198,19 @@ def test_bad_input_raises_clear_errors():
         msdnet_ops.densenet("densenet7")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_training_layer_on_a_buffer_without_statistics_is_refused(use_backend, backend):
+    """A block whose first layer is in eval mode keeps no batch statistics; a later layer in
+    training mode (batch statistics) cannot read it, and says so (on the CPU too, where
+    bottleneck outputs without statistics are read through a fused BatchNorm+ReLU)."""
+    use_backend(backend)
+    block = msdnet_ops.DenseBlock(3, 4, 2, 3, 0.0)
+    block.train()
+    block.denselayer1.eval()
+    with pytest.raises(RuntimeError, match="has no batch statistics"):
+        block(torch.randn(2, 4, 5, 5))
+
+
 def test_dropout_is_applied_and_backpropagated(use_backend):
     """With drop_rate the layer's new channels are dropped (scaled) in training; the gradient
     of a dropped channel position is zero, as for F.dropout."""

@@ -23,8 +23,8 @@ def transform_conv_write(src: FeatureBuffer, in_channels: int, bn: nn.BatchNorm2
                          f"{src.state.eps}; every BatchNorm reading a buffer must use the same eps")
     if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1):
         raise ValueError(f"{conv}: expected a bias-free, ungrouped, undilated convolution")
-    if not src.state.track_stats and BatchNormReLURead.applies(bn, src.values,
-                                                                src.state.sync_group):
+    if (not src.state.track_stats and in_channels == src.capacity and pool == 1
+            and BatchNormReLURead.applies(bn, src.values, src.state.sync_group)):
         # a bottleneck output made without statistics (bottleneck_tracks_stats): read whole
         # through bn, which computes them
         return append_transform_conv(src, in_channels, dst, conv, bn, dropout_p, pool)
