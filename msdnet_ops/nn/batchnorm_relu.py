@@ -11,6 +11,20 @@ from .bn_affine import AffineParams, bn_vectors, update_running_stats, uses_batc
 from .feature_buffer import BufferState
 
 
+def _write_fused(y: BufferState, bn, bn_weight, bn_bias, out: torch.Tensor) -> tuple:
+    """``relu(bn(y))`` with ``y``'s batch statistics written into ``out`` by one op
+    (:func:`msdnet_ops.ops.batchnorm_relu_into_`); sets ``y``'s statistics and returns
+    ``(stats, rows, weight)``, what the one-op backward takes."""
+    values = y.values
+    stats = values.new_empty((2, values.shape[1]), dtype=stats_dtype(values.dtype))
+    rows = torch.empty_like(stats)
+    weight = None if bn_weight is None else bn_weight.detach()
+    ops.eager.batchnorm_relu_into_(values, bn.eps, weight,
+                                   None if bn_bias is None else bn_bias.detach(), stats, rows, out)
+    y.mean, y.invstd = stats[0], stats[1]
+    return stats, rows, weight
+
+
 class BatchNormReLU:
     """``relu(bn(y))`` of ``y`` (a :class:`BufferState` of its own) written into ``out``, and
     what the backward needs. With batch statistics and no all-reduce (every training step
@@ -27,13 +41,7 @@ class BatchNormReLU:
                       and ops.fuses_batchnorm_relu(y.values))
         self.has_weight, self.has_bias = bn_weight is not None, bn_bias is not None
         if self.fused:
-            self.stats = y.values.new_empty((2, channels), dtype=stats_dtype(y.values.dtype))
-            self.rows = torch.empty_like(self.stats)
-            self.weight = None if bn_weight is None else bn_weight.detach()
-            ops.eager.batchnorm_relu_into_(y.values, bn.eps, self.weight,
-                                           None if bn_bias is None else bn_bias.detach(),
-                                           self.stats, self.rows, out)
-            y.mean, y.invstd = self.stats[0], self.stats[1]
+            self.stats, self.rows, self.weight = _write_fused(y, bn, bn_weight, bn_bias, out)
             self.scale, self.shift = self.rows[0], self.rows[1]
             batch_stats = True
         else:
@@ -82,17 +90,11 @@ class BatchNormReLURead:
     the statistics computed by ``src``'s writer. ``bn``'s running statistics are updated here."""
 
     def __init__(self, src: BufferState, bn, bn_weight, bn_bias):
-        y = src.values
-        self.stats = y.new_empty((2, y.shape[1]), dtype=stats_dtype(y.dtype))
-        self.rows = torch.empty_like(self.stats)
         self.has_weight, self.has_bias = bn_weight is not None, bn_bias is not None
-        self.weight = None if bn_weight is None else bn_weight.detach()
-        self.activated = torch.empty_like(y)
-        ops.eager.batchnorm_relu_into_(y, bn.eps, self.weight,
-                                       None if bn_bias is None else bn_bias.detach(),
-                                       self.stats, self.rows, self.activated)
-        src.mean, src.invstd = self.stats[0], self.stats[1]
-        update_running_stats(bn, src, 0, y.shape[1])
+        self.activated = torch.empty_like(src.values)
+        self.stats, self.rows, self.weight = _write_fused(src, bn, bn_weight, bn_bias,
+                                                          self.activated)
+        update_running_stats(bn, src, 0, src.values.shape[1])
 
     @staticmethod
     def applies(bn, like: torch.Tensor, sync_group=None) -> bool:
