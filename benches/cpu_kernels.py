@@ -1,6 +1,6 @@
 """Times the CPU kernels against the equivalent PyTorch ops.
 
-    python benches/cpu_kernels.py [--threads N] [--isa avx2] [--cases planes|nhwc|pointwise|all]
+    python benches/cpu_kernels.py [--threads N] [--isa avx2] [--cases planes|nhwc|pointwise|direct|all]
                                   [--against OTHER_BUILD.so] [--out table.md]
 
 Cases: ``planes``, NCHW buffers and their prefixes, a channels_last prefix with channels_last
@@ -12,6 +12,9 @@ of the call such a prefix), at the MSDNet shapes [32, C, S, S], S in 32, 16, 8 a
 few outputs) by our pointwise kernel against MKL's GEMM on the same strided rows and oneDNN
 (``F.conv2d`` on a dense copy of the prefix, the copy included): forward, inference (bias and
 ReLU fused) and weight gradient.
+``direct``: the 3x3 convolutions of MSDNet's narrow paths (few outputs, NHWC) by our direct
+kernel against oneDNN (``F.conv2d``): forward, inference (bias and ReLU fused) and, at stride 1,
+the input gradient (our kernel with the flipped, transposed weights).
 Baselines: ``reference`` is :mod:`msdnet_ops.reference` (what the ``reference`` backend
 runs); ``torch best`` is the fastest plain-PyTorch formulation we know for the op
 (``torch.var_mean``; ``batch_norm`` in eval mode + ``relu_``; ``index_select(out=)``).
@@ -186,6 +189,44 @@ def _pointwise_table(batch=32):
     return lines + [""]
 
 
+# (spatial size, input channels, outputs, stride): MSDNet cifar100-anytime's narrow 3x3s
+DIRECT_CASES = ((32, 6, 6, 1), (16, 12, 6, 1), (32, 6, 6, 2), (16, 24, 12, 1), (16, 24, 12, 2),
+                (8, 48, 12, 1), (8, 96, 24, 1))
+
+
+def _direct_table(batch=32):
+    head = "| [N, C, S, S] -> outputs, stride | op | ours ms | oneDNN ms | speedup |"
+    lines = ["### 3x3 convolutions with few outputs, NHWC (float32)", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    nhwc = torch.channels_last
+    for s, c, n, stride in DIRECT_CASES:
+        x = torch.randn(batch, c, s, s).contiguous(memory_format=nhwc)
+        w = torch.randn(n, c, 3, 3).contiguous(memory_format=nhwc)
+        bias = torch.randn(n)
+        out = torch.empty(batch, n, (s - 1) // stride + 1, (s - 1) // stride + 1,
+                          memory_format=nhwc)
+        g = torch.randn_like(out)
+        dx = torch.empty_like(x)
+        flipped = w.transpose(0, 1).flip(2, 3)
+        ops = [
+            ("forward", lambda: cpu.direct_conv_into(x, w, None, stride, 1, False, out),
+             lambda: F.conv2d(x, w, None, stride, 1)),
+            ("inference (bias, ReLU)", lambda: cpu.direct_conv_into(x, w, bias, stride, 1, True, out),
+             lambda: torch.relu_(F.conv2d(x, w, bias, stride, 1))),
+            ("input gradient", lambda: cpu.direct_conv_into(g, flipped, None, 1, 1, False, dx),
+             lambda: torch.ops.aten.convolution_backward(
+                 g, x, w, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1,
+                 [True, False, False])),
+        ]
+        for op, ours, onednn in ops:
+            if op == "input gradient" and (stride != 1 or c > cpu.DIRECT_CONV_MAX_OUTPUTS):
+                continue  # not a candidate there
+            o, d = _min_ms([ours, onednn])
+            lines.append(f"| [{batch}, {c}, {s}, {s}] -> {n}, {stride} | {op} | {o:.3f} | "
+                         f"{d:.3f} | {d / o:.2f}x |")
+    return lines + [""]
+
+
 def _table(title, cases, current, before):
     head = "| case | op | ours ms |" + (" before ms | before/ours |" if before else "") + \
            " reference ms | torch best ms | speedup vs best torch |"
@@ -227,6 +268,8 @@ def run(out_path=None, cases="all", before=None, before_name=""):
         lines += _table("NHWC feature buffers (float32)", _nhwc_cases(), current, before)
     if cases in ("pointwise", "all"):
         lines += _pointwise_table()
+    if cases in ("direct", "all"):
+        lines += _direct_table()
     text = "\n".join(lines)
     print(text)
     if out_path:
@@ -239,7 +282,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--isa", default=None, help="baseline, avx2 or avx512")
-    parser.add_argument("--cases", choices=("planes", "nhwc", "pointwise", "all"), default="all")
+    parser.add_argument("--cases", choices=("planes", "nhwc", "pointwise", "direct", "all"), default="all")
     parser.add_argument("--against", default=None, metavar="SO",
                         help="another build of msdnet_ops._cpu_kernels to time alongside")
     parser.add_argument("--out", default=None, help="also write the table to this file")

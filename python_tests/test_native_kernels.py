@@ -15,6 +15,7 @@ import zlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from msdnet_ops import reference as ref
 from msdnet_ops.kernels import cpu as cpu_kernels
@@ -518,6 +519,73 @@ def test_cpu_pointwise_conv_refuses_more_outputs_than_it_holds(cpu):
         cpu.pointwise_conv_rows(x, w, None, False, torch.empty(4, w.shape[0]))
     with pytest.raises(ValueError, match="pointwise_conv_wgrad: expected 1 to 32 outputs"):
         cpu.pointwise_conv_wgrad_rows(x, torch.randn(4, cpu.POINTWISE_WGRAD_MAX_OUTPUTS + 1))
+
+
+# ---------------------------------------------------------------------------- direct convolution
+# k x k convolutions with few outputs on NHWC views: every tile size (2 to 24 outputs per tile,
+# several tiles up to 64), rows of one and two vectors of pixels and a partial last tile,
+# strides 1 to 3 (the scratch's phases), zero and wide padding, 1x1 and 5x5 kernels, maps
+# smaller than the kernel, batch 1, strided input (a buffer prefix) and output (a buffer slice,
+# the channels around it untouched).
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("n,c,o,h,w,k,stride,pad", [
+    (1, 1, 1, 1, 1, 3, 1, 1), (2, 6, 6, 32, 32, 3, 1, 1), (3, 12, 6, 16, 17, 3, 2, 1),
+    (1, 5, 3, 7, 5, 3, 1, 0), (2, 7, 13, 9, 11, 3, 3, 1), (2, 4, 24, 6, 19, 5, 2, 2),
+    (1, 3, 25, 2, 3, 3, 1, 1), (2, 9, 64, 5, 8, 1, 2, 0), (1, 2, 40, 4, 33, 3, 1, 2),
+    (2, 48, 12, 8, 8, 3, 1, 1)])
+def test_cpu_direct_conv(cpu, dtype, n, c, o, h, w, k, stride, pad):
+    gen = torch.Generator().manual_seed(_seed("direct", n, c, o, h, w, k, stride, pad))
+    x = torch.randn(n, h, w, c + 5, generator=gen, dtype=dtype).permute(0, 3, 1, 2)[:, 2:2 + c]
+    weight = torch.randn(o, c, k, k, generator=gen, dtype=dtype)
+    bias = torch.randn(o, generator=gen, dtype=dtype)
+    x[0, c // 2, h // 2, w // 2] = float("nan")  # kept by the ReLU, as torch.relu keeps it
+    plain = F.conv2d(x.double(), weight.double(), None, stride, pad)
+    oh, ow = plain.shape[2:]
+    out_buf = torch.full((n, oh, ow, o + 7), 7.0, dtype=dtype).permute(0, 3, 1, 2)
+    out = out_buf[:, 3:3 + o]
+    for b, relu in ((None, False), (bias, True)):
+        cpu.direct_conv_into(x, weight, b, stride, pad, relu, out)
+        want = plain + (0 if b is None else b.double().view(1, -1, 1, 1))
+        want = torch.relu(want) if relu else want
+        assert out.isnan().equal(want.isnan())
+        _close(torch.nan_to_num(out, 0.0), torch.nan_to_num(want, 0.0), dtype,
+               scale=float(c * k * k), what=f"relu={relu}")
+        assert (out_buf[:, :3] == 7).all() and (out_buf[:, 3 + o:] == 7).all()
+
+
+def test_cpu_direct_conv_every_instruction_set_and_thread_count(cpu):
+    import msdnet_ops._cpu_kernels as module
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 12, 33, 31, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(10, 12, 3, 3, generator=gen), torch.randn(10, generator=gen)
+    current, threads = module.current_isa(), torch.get_num_threads()
+    try:
+        for stride in (1, 2):
+            want = torch.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride, 1))
+            for isa in module.supported_isas():
+                module.set_isa(isa)
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    out = torch.empty_like(want, dtype=torch.float32)
+                    cpu.direct_conv_into(x, weight, bias, stride, 1, True, out)
+                    _close(out, want, torch.float32, scale=108.0,
+                           what=f"{isa}, {t} threads, stride {stride}")
+    finally:
+        module.set_isa(current)
+        torch.set_num_threads(threads)
+
+
+def test_cpu_direct_conv_refuses_what_it_cannot_compute(cpu):
+    x = torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cpu.DIRECT_CONV_MAX_OUTPUTS + 1, 3, 3, 3)
+    out = torch.empty(1, w.shape[0], 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="direct_conv: expected 1 to 64 outputs"):
+        cpu.direct_conv_into(x, w, None, 1, 1, False, out)
+    with pytest.raises(ValueError, match="channels-inner views and y of the convolution's shape"):
+        cpu.direct_conv_into(x, w[:4], None, 1, 1, False, out[:, :4, :3])  # wrong output size
+    with pytest.raises(ValueError, match="channels-inner views"):
+        cpu.direct_conv_into(x.contiguous(), w[:4], None, 1, 1, False, out[:, :4])  # NCHW input
 
 
 def test_cpu_rejects_half_precision(cpu):

@@ -496,17 +496,21 @@ def test_gradcheck_conv(backend, use_backend, k, stride, pool):
 @pytest.mark.parametrize("k,stride,pool", CONV_GEOMETRIES)
 def test_cpu_conv_choices_match_the_reference(use_backend, monkeypatch, choice, k, stride, pool):
     """Every CPU implementation (oneDNN on a dense copy, GEMMs on the strided rows, or for the
-    forward our pointwise kernel on them) writes exactly the reference's convolution into its
-    slice and accumulates the reference's gradient, on NHWC buffer views; GEMMs on the rows
-    and the pointwise kernel apply to 1x1 stride-1 unpooled convolutions only, the other
-    convolutions' backward takes "gemm" as oneDNN's input gradient plus an im2col GEMM."""
+    forward our pointwise kernel on them, or our direct kernel) writes exactly the reference's
+    convolution into its slice and accumulates the reference's gradient, on NHWC buffer views;
+    GEMMs on the rows and the pointwise kernel apply to 1x1 stride-1 unpooled convolutions
+    only, the direct kernel to the other unpooled ones; the other convolutions' backward takes
+    "gemm" as oneDNN's input gradient plus an im2col GEMM."""
     use_backend("cpu")
     monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)
     from msdnet_ops.kernels import cpu_conv
-    direct_calls, im2col_calls = [], []
+    direct_calls, kxk_calls, im2col_calls = [], [], []
     kernel, im2col = cpu_conv._kernels.pointwise_conv_rows, cpu_conv.im2col_rows
+    kxk = cpu_conv._kernels.direct_conv_into
     monkeypatch.setattr(cpu_conv._kernels, "pointwise_conv_rows",
                         lambda *a: direct_calls.append(1) or kernel(*a))
+    monkeypatch.setattr(cpu_conv._kernels, "direct_conv_into",
+                        lambda *a: kxk_calls.append(1) or kxk(*a))
     monkeypatch.setattr(cpu_conv, "im2col_rows", lambda *a: im2col_calls.append(1) or im2col(*a))
     torch.manual_seed(7)
     _, x = _nhwc_prefix(3, 11, 9, 7, cap_extra=5)
@@ -521,8 +525,10 @@ def test_cpu_conv_choices_match_the_reference(use_backend, monkeypatch, choice, 
     ops.conv_into_(x, w, stride, pad, pool, out)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     assert (out_buf[:, :4] == 7).all() and (out_buf[:, 9:] == 7).all()
-    if choice == "direct":  # forced where it applies: 1x1, stride 1, no pool
+    if choice == "direct":  # forced where it applies: the pointwise kernel for 1x1, stride 1,
+        # no pool; the direct k x k kernel for the other unpooled ones
         assert bool(direct_calls) == (k == 1 and stride == 1 and pool == 1)
+        assert bool(kxk_calls) == (pool == 1 and not (k == 1 and stride == 1))
     grad_out = torch.randn_like(want).contiguous(memory_format=torch.channels_last)
     grad_buf = torch.ones(3, 9, 7, 16, dtype=F64).permute(0, 3, 1, 2)
     got_w = ops.conv_backward_(grad_out, x, w, stride, pad, pool, grad_buf[:, :11])
@@ -539,10 +545,11 @@ def test_cpu_conv_choices_match_the_reference(use_backend, monkeypatch, choice, 
 @pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (5, 2, 2),
                                               (3, 1, 0), (2, 3, 1)])
 def test_cpu_dense_conv_backward_implementations_match_the_reference(k, stride, padding):
-    """Both implementations of a dense convolution's backward (what the oneDNN-composed
-    convolutions and transform-convolutions call): oneDNN's combined call, and its input
-    gradient with the weight gradient as an im2col GEMM, equal autograd through ``F.conv2d``
-    in float64, on odd sizes, batch 1 and 3, an NCHW and a strided (non-contiguous) input."""
+    """Every implementation of a dense convolution's backward (what the oneDNN-composed
+    convolutions and transform-convolutions call): oneDNN's combined call, its input gradient
+    with the weight gradient as an im2col GEMM, and (stride 1, NHWC) our direct kernel's input
+    gradient with oneDNN's weight gradient, equal autograd through ``F.conv2d`` in float64, on
+    odd sizes, batch 1 and 3, an NCHW and a strided (non-contiguous) input."""
     from msdnet_ops.kernels import cpu_conv
     torch.manual_seed(5)
     for n, nchw in ((1, True), (3, False)):
@@ -555,6 +562,11 @@ def test_cpu_dense_conv_backward_implementations_match_the_reference(k, stride, 
         grad_out = torch.randn_like(y)
         want_z, want_w = torch.autograd.grad(y, (zr, wr), grad_out)
         for name, impl in cpu_conv._DENSE_BACKWARD.items():
+            if name == "direct":  # our kernel's input gradient: stride 1, NHWC views only
+                applies = cpu_conv._direct_dgrad_applies(grad_out, z, w, stride, padding)
+                assert applies == (stride == 1 and not nchw), "direct input gradient applies"
+                if not applies:
+                    continue
             got_z, got_w = impl(grad_out, z, w, stride, padding)
             torch.testing.assert_close(got_z, want_z, rtol=1e-12, atol=1e-12, msg=name)
             torch.testing.assert_close(got_w, want_w, rtol=1e-12, atol=1e-12, msg=name)
@@ -623,8 +635,9 @@ def test_conv_bias_relu_matches_plain_pytorch(backend, use_backend, monkeypatch,
     """The inference convolution (folded BatchNorm) on a strided buffer prefix equals plain
     ``relu(conv2d(x, w, b))``: returned as a new tensor, and written into a channel slice of the
     buffer the prefix lies in (the channels around the slice untouched); a NaN input channel
-    gives NaN outputs, as torch.relu keeps NaN. On the CPU every implementation (oneDNN, and
-    for 1x1 stride 1 the GEMM and our pointwise kernel on the rows) is checked."""
+    gives NaN outputs, as torch.relu keeps NaN. On the CPU every implementation (oneDNN, our
+    direct kernel, and for 1x1 stride 1 the GEMM and our pointwise kernel on the rows) is
+    checked."""
     dev = use_backend(backend)
     dt = torch.float32 if dev.type == "cuda" else F64
     torch.manual_seed(13)
@@ -632,7 +645,9 @@ def test_conv_bias_relu_matches_plain_pytorch(backend, use_backend, monkeypatch,
     pad = (k - 1) // 2
     weight = torch.randn(cout, c, k, k, dtype=dt, device=dev)
     bias = torch.randn(cout, dtype=dt, device=dev)
-    choices = ["onednn", "gemm", "direct"] if backend == "cpu" and k == 1 and stride == 1 else [None]
+    choices = [None]
+    if backend == "cpu":
+        choices = ["onednn", "gemm", "direct"] if k == 1 and stride == 1 else ["onednn", "direct"]
     for choice in choices:
         if choice:
             monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)

@@ -123,6 +123,18 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         },
         py::arg("dtype"), py::arg("x"), py::arg("g"), py::arg("dw"), py::arg("num_threads") = 0);
 
+  m.def("direct_conv",
+        [](int dtype, ViewArg x, int64_t w_ptr, int64_t k, int64_t stride, int64_t pad,
+           int64_t bias_ptr, bool relu, ViewArg y, int num_threads) {
+          const View4 xv = to_view(x, "x"), yv = to_view(y, "y");
+          const void* w = reinterpret_cast<const void*>(static_cast<uintptr_t>(w_ptr));
+          const void* bias = reinterpret_cast<const void*>(static_cast<uintptr_t>(bias_ptr));
+          py::gil_scoped_release nogil;
+          cpu::direct_conv(dtype, xv, w, k, stride, pad, bias, relu, yv, num_threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("k"), py::arg("stride"),
+        py::arg("pad"), py::arg("bias"), py::arg("relu"), py::arg("y"), py::arg("num_threads") = 0);
+
   m.def("compiled_isas", &cpu::compiled_isas, "instruction-set variants compiled in");
   m.def("supported_isas", &cpu::supported_isas, "variants compiled in that this CPU runs");
   m.def("current_isa", &cpu::current_isa, "the variant in use");

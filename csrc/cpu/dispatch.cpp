@@ -159,5 +159,10 @@ void pointwise_conv_wgrad(int dtype, const PointwiseRows& x, const PointwiseRows
   MSDNET_DISPATCH(pointwise_conv_wgrad(dtype, x, g, dw, num_threads))
 }
 
+void direct_conv(int dtype, const View4& x, const void* w, int64_t k, int64_t stride,
+                 int64_t pad, const void* bias, bool relu, const View4& y, int num_threads) {
+  MSDNET_DISPATCH(direct_conv(dtype, x, w, k, stride, pad, bias, relu, y, num_threads))
+}
+
 }  // namespace cpu
 }  // namespace msdnet_ops

@@ -122,6 +122,20 @@ def pointwise_conv_wgrad_rows(x, grad_out) -> torch.Tensor:
     return grad_weight
 
 
+DIRECT_CONV_MAX_OUTPUTS = 64  # csrc/cpu/direct_conv.cpp: kMaxOutputs
+
+
+def direct_conv_into(x, weight, bias, stride: int, padding: int, relu: bool, out) -> None:
+    """``out = act(conv2d(x, weight, bias, stride, padding))`` for a square kernel and 1 to
+    :data:`DIRECT_CONV_MAX_OUTPUTS` outputs; ``x`` and ``out`` NHWC-strided views (channel
+    stride 1: a buffer prefix, a buffer slice), ``act`` ReLU (NaN kept) when ``relu``."""
+    weight = weight.permute(0, 2, 3, 1).contiguous()  # [O, k, k, C]: free for channels_last
+    bias = None if bias is None else bias.contiguous()
+    _module().direct_conv(_code(x), view(x), weight.data_ptr(), weight.shape[1], int(stride),
+                          int(padding), 0 if bias is None else bias.data_ptr(), bool(relu),
+                          view(out), torch.get_num_threads())
+
+
 def isa() -> str | None:
     """The instruction-set variant in use (``baseline``, ``avx2``, ``avx512``), if built."""
     m = _MODULE.get()

@@ -1,6 +1,6 @@
 """CPU convolutions of feature-buffer prefixes: oneDNN, or for 1x1 convolutions MKL GEMMs or
-our pointwise kernel, which read and write the strided buffer rows in place; chosen per shape
-by timing the candidates once.
+our pointwise kernel, which read and write the strided buffer rows in place, or for narrow
+k x k convolutions our direct kernel; chosen per shape by timing the candidates once.
 
 oneDNN takes dense inputs only, so a buffer prefix is first copied into a reused scratch, and
 its input gradient is a new tensor added into the shared gradient buffer afterwards. A 1x1
@@ -24,7 +24,15 @@ other convolutions' backward (on a dense copy) is a per-shape choice too: oneDNN
 call, or its input gradient alone plus the weight gradient as an im2col GEMM ("gemm"; measured
 on an AVX2 2-core CPU, 3x3 stride 2 at 8x8 to 128 channels: 8.3 vs 10.0 ms from 236 channels,
 1.3 vs 2.2 ms from 128 at 4x4; slower for narrow outputs, e.g. 1.05 vs 0.90 ms for 48 -> 12
-at 8x8). ``MSDNET_OPS_CPU_CONV`` = ``auto`` (default) |
+at 8x8), or (stride 1, at most 64 input channels) our direct kernel's input gradient plus
+oneDNN's weight gradient ("direct").
+Other unpooled convolutions with at most 64 outputs (MSDNet's 3x3s at the finest scales) have
+our direct kernel (``csrc/cpu/direct_conv.cpp``: output pixels as the vector lanes, the input
+rows transposed into a planar scratch) as a candidate beside oneDNN, writing straight into a
+buffer slice, with the bias and ReLU fused in inference (measured on the 2-core development
+CPU at batch 32-64: 1.2-1.6x oneDNN's speed for 6 -> 6 channels at 32x32 and 12 -> 6 at
+16x16, slower at stride 2 and at 24 -> 12 channels; the choice is per shape).
+``MSDNET_OPS_CPU_CONV`` = ``auto`` (default) |
 ``onednn`` | ``gemm`` | ``direct`` forces a choice where it applies (oneDNN elsewhere); all
 compute the same convolution, with different summation orders.
 """
@@ -37,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import environment
-from ..layout import dense, memory_format_of
+from ..layout import dense, empty_nhwc, memory_format_of
 from . import cpu as _kernels
 
 
@@ -117,7 +125,29 @@ def _dense_bwd_split(grad_out, z, weight, stride: int, padding: int):
     return grad_z, grad_w.view(c_out, k, k, c_in).permute(0, 3, 1, 2)
 
 
-_DENSE_BACKWARD = {"onednn": _dense_bwd_onednn, "gemm": _dense_bwd_split}
+def _dense_bwd_direct(grad_out, z, weight, stride: int, padding: int):
+    """Our direct kernel's input gradient, oneDNN's weight gradient. At stride 1 the input
+    gradient is a convolution of ``grad_out`` with the flipped, transposed weights and padding
+    ``k - 1 - padding``: with few input channels, our kernel's shape (the 3x3 convolutions of
+    MSDNet's narrow bottlenecks)."""
+    k = weight.shape[2]
+    grad_z = empty_nhwc(tuple(z.shape), dtype=z.dtype, device=z.device)
+    _kernels.direct_conv_into(grad_out, weight.transpose(0, 1).flip(2, 3), None, 1,
+                              k - 1 - padding, False, grad_z)
+    grad_weight = _aten_backward(grad_out, z, weight, stride, padding, [False, True, False])[1]
+    return grad_z, grad_weight
+
+
+def _direct_dgrad_applies(grad_out, z, weight, stride: int, padding: int) -> bool:
+    """Our direct kernel as the input gradient: stride 1, a square kernel, few input channels
+    (its outputs), channels-inner views."""
+    return (stride == 1 and weight.shape[2] == weight.shape[3] and padding < weight.shape[2]
+            and weight.shape[1] <= _kernels.DIRECT_CONV_MAX_OUTPUTS and _kernels.available()
+            and _channels_inner(grad_out) and _channels_inner(z))
+
+
+_DENSE_BACKWARD = {"onednn": _dense_bwd_onednn, "gemm": _dense_bwd_split,
+                   "direct": _dense_bwd_direct}
 
 
 def _split_applies(grad_out, z, weight) -> bool:
@@ -137,6 +167,8 @@ def dense_conv_backward(grad_out, z, weight, stride: int, padding: int):
     def trial(impl):
         return lambda: impl(grad_out, z, weight, stride, padding)
     candidates = ("onednn", "gemm") if _split_applies(grad_out, z, weight) else ("onednn",)
+    if _direct_dgrad_applies(grad_out, z, weight, stride, padding):
+        candidates += ("direct",)
     name = _chooser.pick(_DENSE_BACKWARD, _key("dense bwd", z, weight, stride, padding, 1),
                          candidates, trial)
     return _DENSE_BACKWARD[name](grad_out, z, weight, stride, padding)
@@ -166,12 +198,25 @@ def _gemm_applies(x, weight, stride, padding, pool, *others) -> bool:
             and all(rows(t) is not None for t in (x,) + others))
 
 
+def _channels_inner(t: torch.Tensor) -> bool:
+    return t.shape[1] == 1 or t.stride(1) == 1
+
+
+def _direct_applies(x, weight, pool, *others) -> bool:
+    """Our direct convolution kernel: a square kernel with few outputs, unpooled, reading and
+    writing channels-inner (NHWC-strided) views."""
+    return (pool == 1 and weight.shape[2] == weight.shape[3] and _kernels.available()
+            and weight.shape[0] <= _kernels.DIRECT_CONV_MAX_OUTPUTS
+            and all(_channels_inner(t) for t in (x,) + others))
+
+
 def _forward_candidates(x, weight, stride, padding, pool, out=None) -> tuple:
     """The forward implementations that apply: oneDNN always; for a 1x1 convolution of (and
-    into) row-strided views the GEMM, and with few outputs our pointwise kernel."""
+    into) row-strided views the GEMM, and with few outputs our pointwise kernel ("direct");
+    for other unpooled convolutions with few outputs our direct kernel."""
     outs = () if out is None else (out,)
     if not _gemm_applies(x, weight, stride, padding, pool, *outs):
-        return ("onednn",)
+        return ("onednn", "direct") if _direct_applies(x, weight, pool, *outs) else ("onednn",)
     if weight.shape[0] <= _kernels.POINTWISE_CONV_MAX_OUTPUTS and _kernels.available():
         return ("onednn", "gemm", "direct")
     return ("onednn", "gemm")
@@ -204,8 +249,22 @@ def _pointwise(x, weight, bias, relu: bool, out=None):
     return y
 
 
+def _direct(x, weight, bias, stride, padding, relu: bool, out=None):
+    """Our kernels: the pointwise one for a 1x1 convolution of (and into) row-strided views,
+    else the direct k x k one; into ``out`` or a new NHWC tensor."""
+    outs = () if out is None else (out,)
+    if _gemm_applies(x, weight, stride, padding, 1, *outs):
+        return _pointwise(x, weight, bias, relu, out)
+    if out is None:
+        n, _, h, w = x.shape
+        size = [(d + 2 * padding - weight.shape[2]) // stride + 1 for d in (h, w)]
+        out = empty_nhwc((n, weight.shape[0], *size), dtype=x.dtype, device=x.device)
+    _kernels.direct_conv_into(x, weight, bias, stride, padding, relu, out)
+    return out
+
+
 def _fwd_direct(x, weight, stride, padding, pool, out=None):
-    return _pointwise(x, weight, None, False, out)
+    return _direct(x, weight, None, stride, padding, False, out)
 
 
 def _bwd_onednn(grad_out, x, weight, stride, padding, pool, grad_x):
@@ -261,7 +320,7 @@ def _infer_gemm(x, weight, bias, stride, padding, out=None):
 
 
 def _infer_direct(x, weight, bias, stride, padding, out=None):
-    return _pointwise(x, weight, bias, True, out)
+    return _direct(x, weight, bias, stride, padding, True, out)
 
 
 _FORWARD = {"onednn": _fwd_onednn, "gemm": _fwd_gemm, "direct": _fwd_direct}

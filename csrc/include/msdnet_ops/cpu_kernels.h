@@ -34,7 +34,11 @@
                       const void* bias, bool relu, const PointwiseRows& y, int num_threads); \
   /* dw[o, k] = sum_p g[p, o] * x[p, k] for 1 <= N <= 32 outputs; dw: [N, K] dense. */        \
   void pointwise_conv_wgrad(int dtype, const PointwiseRows& x, const PointwiseRows& g,        \
-                            void* dw, int num_threads);
+                            void* dw, int num_threads);                                       \
+  /* y = act(conv2d(x, w, bias, stride, pad)) for a k x k kernel and 1 <= y.C <= 64 outputs;  \
+     x, y: channels-inner (NHWC) views; w: [y.C, k, k, x.C] dense, bias: [y.C] or null. */   \
+  void direct_conv(int dtype, const View4& x, const void* w, int64_t k, int64_t stride,       \
+                   int64_t pad, const void* bias, bool relu, const View4& y, int num_threads);
 
 namespace msdnet_ops {
 namespace cpu {
