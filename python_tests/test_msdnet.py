@@ -72,6 +72,37 @@ def test_msdnet_matches_plain_pytorch(backend, use_backend, config):
     _compare(ref, ours, x, False, 1e-9)
 
 
+@pytest.mark.parametrize("choice", ["onednn", "gemm", "direct"])
+def test_msdnet_matches_plain_pytorch_with_each_cpu_convolution(use_backend, monkeypatch, choice):
+    """Each CPU convolution implementation forced wherever it applies (oneDNN elsewhere): the
+    whole network, training (forward and backward) and inference, still equals the plain
+    model in float64; forced "direct" does run our direct k x k kernel (forward, inference
+    and input gradient) and our pointwise kernel."""
+    from msdnet_ops.kernels import cpu as cpu_kernels
+    dev = use_backend("cpu")
+    monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)
+    calls = []
+    for name, relu_arg in (("direct_conv_into", 5), ("pointwise_conv_rows", 3)):
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name, _r=relu_arg:
+                            calls.append((_n, a[_r])) or _k(*a))
+    cfg, size = CONFIGS["cifar-max"]
+    ref, ours = _pair(cfg, device=dev)
+    x = torch.randn(2, 3, size, size, dtype=F64, device=dev)
+    _compare(ref, ours, x, True, 1e-9)
+    ref.eval()
+    ours.eval()
+    with torch.no_grad():
+        for k, (a, b) in enumerate(zip(ours(x), ref(x))):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"logits of exit {k}")
+    kinds = {(name, relu) for name, relu in calls}
+    if choice == "direct":  # relu: the inference convolution; without: forward, input gradient
+        assert {("direct_conv_into", True), ("direct_conv_into", False),
+                ("pointwise_conv_rows", True), ("pointwise_conv_rows", False)} <= kinds
+    else:
+        assert not kinds
+
+
 def test_msdnet_float32_and_batch_one(use_backend):
     dev = use_backend("cpu")
     ref, ours = _pair(SMALL, dtype=torch.float32, device=dev)
