@@ -228,8 +228,11 @@ def _goal(what, measured, op, target):
     elif met:
         gap = "met"
     else:
-        gap = f"missed by {abs(measured - target) / target * 100:.0f} %"
-    return [what, "-" if measured is None else f"{measured:.2f}", f"{op} {target}",
+        miss = abs(measured - target) / target * 100
+        gap = f"missed by {miss:.0f} %" if miss >= 1 else f"missed by {miss:.1f} %"
+    # a miss that two decimals would round onto the target shows a third
+    digits = 3 if not met and measured is not None and round(measured, 2) == target else 2
+    return [what, "-" if measured is None else f"{measured:.{digits}f}", f"{op} {target}",
             "yes" if met else "**no**", gap]
 
 

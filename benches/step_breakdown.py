@@ -2,6 +2,10 @@
 """Where ours' training step spends its time, by part, measured inside real steps.
 
     python benches/step_breakdown.py [--model msdnet-cifar100-anytime] [--batch 32] [--steps 10]
+    python benches/step_breakdown.py --cells [--model msdnet-cifar100-anytime] [--batch 64]
+
+``--cells`` (MSDNet): per plan cell of an inference forward (``--steps`` forwards), its
+multiply-adds, its time and their ratio: where the anytime pass's time goes, by exit.
 
 Wraps timers around each fused autograd node's forward and backward
 (:mod:`msdnet_ops.nn.functions`), every ``ops.eager`` op, the CPU convolution entry points
@@ -108,15 +112,71 @@ def breakdown(model: str, batch: int, steps: int) -> tuple[float, list]:
     return per_step, sorted(rows, key=lambda r: -r[2])
 
 
+def cell_breakdown(model: str, batch: int, forwards: int) -> tuple[float, list]:
+    """Where an MSDNet inference forward spends its time, by plan cell: (seconds per forward,
+    [(cell index, kind, scale, per-sample multiply-adds, seconds per forward)] in run order).
+    The anytime goal compares time with multiply-adds per exit; this shows which cells run
+    slowest per multiply-add."""
+    from msdnet_ops.models import msdnet_runtime
+    net, fmt = cases.build_model(model, "ours", "cpu", torch.float32)
+    if not hasattr(net, "cell_macs"):
+        raise SystemExit(f"--cells: {model} is not an MSDNet")
+    net.eval()
+    x, _ = cases.model_input(model, batch, "cpu", torch.float32, fmt)
+    macs = net.cell_macs(tuple(x.shape[1:]))
+    seconds, order = collections.defaultdict(float), []
+    original = msdnet_runtime.PlanRun.run_cell
+
+    def timed(run, index):
+        t0 = time.perf_counter()
+        try:
+            return original(run, index)
+        finally:
+            seconds[index] += time.perf_counter() - t0
+            if index not in order:
+                order.append(index)
+    msdnet_runtime.PlanRun.run_cell = timed
+    try:
+        with torch.no_grad():
+            for _ in range(2):  # warm-up: per-shape convolution choices, allocations
+                net(x)
+            seconds.clear()
+            t0 = time.perf_counter()
+            for _ in range(forwards):
+                net(x)
+            per_forward = (time.perf_counter() - t0) / forwards
+    finally:
+        msdnet_runtime.PlanRun.run_cell = original
+    cells = net.plan.cells
+    return per_forward, [(i, cells[i].kind, cells[i].scale, macs[i], seconds[i] / forwards)
+                         for i in order]
+
+
+def _print_cells(model, batch, forwards) -> None:
+    per_forward, rows = cell_breakdown(model, batch, forwards)
+    print(f"{model}, batch {batch}, float32, {torch.get_num_threads()} threads: "
+          f"{per_forward * 1e3:.1f} ms per inference forward (mean of {forwards})")
+    print("| cell | kind | scale | MMAC / sample | ms / forward | GMAC/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for index, kind, scale, macs, seconds in rows:
+        print(f"| {index} | {kind} | {scale} | {macs / 1e6:.2f} | {seconds * 1e3:.2f} | "
+              f"{macs * batch / seconds / 1e9:.1f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="msdnet-cifar100-anytime",
                     choices=sorted(cases.MODEL_CASES))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--cells", action="store_true",
+                    help="MSDNet only: time each plan cell of an inference forward instead")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.steps < 1:
         ap.error("--batch and --steps: expected positive counts")
+    if args.cells:
+        _print_cells(args.model, args.batch, args.steps)
+        return 0
     per_step, rows = breakdown(args.model, args.batch, args.steps)
     print(f"{args.model}, batch {args.batch}, float32, {torch.get_num_threads()} threads: "
           f"{per_step * 1e3:.1f} ms per training step (mean of {args.steps})")

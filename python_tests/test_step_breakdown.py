@@ -58,3 +58,26 @@ def test_script_refuses_bad_counts():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benches", "step_breakdown.py"),
                           "--steps", "0"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--batch and --steps: expected positive counts" in out.stderr
+
+
+def test_cells_prints_every_cell_of_an_inference_forward():
+    """``--cells``: a row per plan cell of MSDNet cifar100-anytime in run order, whose
+    multiply-adds add up to the full network's as counted by hooks on the plain model."""
+    import torch
+    from msdnet_ops import MSDNetPlain, msdnet_config
+    from msdnet_ops.models import exit_macs
+    from benches import cases
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benches", "step_breakdown.py"),
+                          "--cells", "--batch", "2", "--steps", "1"], capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "ms per inference forward" in lines[0]
+    rows = [line.strip("| ").split(" | ") for line in lines[3:]]
+    model, _ = cases.build_model("msdnet-cifar100-anytime", "ours", "cpu", torch.float32)
+    assert sorted(int(r[0]) for r in rows) == list(range(len(model.plan.cells)))
+    assert all(r[1] == model.plan.cells[int(r[0])].kind for r in rows)
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    plain = MSDNetPlain(**msdnet_config("cifar100-anytime"))
+    total = sum(float(r[3]) for r in rows) * 1e6  # printed in MMAC, two decimals
+    assert abs(total - exit_macs(plain)[-1]) < 0.001 * total
