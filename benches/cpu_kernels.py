@@ -1,6 +1,7 @@
 """Times the CPU kernels against the equivalent PyTorch ops.
 
-    python benches/cpu_kernels.py [--threads N] [--isa avx2] [--cases planes|nhwc|pointwise|direct|all]
+    python benches/cpu_kernels.py [--threads N] [--isa avx2]
+                                  [--cases planes|nhwc|pointwise|direct|all]
                                   [--against OTHER_BUILD.so] [--out table.md]
 
 Cases: ``planes``, NCHW buffers and their prefixes, a channels_last prefix with channels_last
@@ -211,7 +212,8 @@ def _direct_table(batch=32):
         ops = [
             ("forward", lambda: cpu.direct_conv_into(x, w, None, stride, 1, False, out),
              lambda: F.conv2d(x, w, None, stride, 1)),
-            ("inference (bias, ReLU)", lambda: cpu.direct_conv_into(x, w, bias, stride, 1, True, out),
+            ("inference (bias, ReLU)",
+             lambda: cpu.direct_conv_into(x, w, bias, stride, 1, True, out),
              lambda: torch.relu_(F.conv2d(x, w, bias, stride, 1))),
             ("input gradient", lambda: cpu.direct_conv_into(g, flipped, None, 1, 1, False, dx),
              lambda: torch.ops.aten.convolution_backward(
@@ -282,7 +284,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--isa", default=None, help="baseline, avx2 or avx512")
-    parser.add_argument("--cases", choices=("planes", "nhwc", "pointwise", "direct", "all"), default="all")
+    parser.add_argument("--cases", choices=("planes", "nhwc", "pointwise", "direct", "all"),
+                        default="all")
     parser.add_argument("--against", default=None, metavar="SO",
                         help="another build of msdnet_ops._cpu_kernels to time alongside")
     parser.add_argument("--out", default=None, help="also write the table to this file")

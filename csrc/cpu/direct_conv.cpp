@@ -5,8 +5,9 @@
 // 24 outputs, where oneDNN runs far below the machine's multiply-add rate (measured on the
 // 2-core development CPU, batch 64: 23 GMAC/s for 6 -> 6 channels at 32x32): its NHWC kernels
 // put the output channels on the vector lanes in blocks of 16, mostly empty here. Putting the
-// outputs on the lanes in blocks of 8 instead (pointwise_conv.cpp's scheme) measured no
-// faster: every multiply-add then needs its own broadcast input value. So here the lanes are
+// outputs on the lanes in blocks of 8 instead (pointwise_conv.cpp's scheme) measured at most
+// 1.2x oneDNN, and slower from 24 input channels: every multiply-add then needs its own
+// broadcast input value. So here the lanes are
 // output pixels: the k input rows an output row reads are first transposed into a small planar
 // scratch (channel-major, zero padding materialised, split into `stride` phases so that a tap's
 // pixels are contiguous for any stride), then each (tap, input channel) is one vector load of
