@@ -286,6 +286,13 @@ def goals(results) -> list:
             ""] + table(("goal", "measured", "target", "met", ""), rows)
 
 
+def _segment_rate(exits, i, batch) -> str:
+    """GMAC/s of the part of the anytime pass between exit ``i - 1`` and exit ``i``."""
+    macs = exits[i]["macs"] - (exits[i - 1]["macs"] if i else 0)
+    seconds = exits[i]["time"]["median"] - (exits[i - 1]["time"]["median"] if i else 0.0)
+    return f"{macs * batch / seconds / 1e9:.1f}" if seconds > 0 else "-"
+
+
 def _anytime(sec) -> list:
     a, b = sec["anytime"], sec["budgeted"]
     out = [f"Batch {a['batch']}: exit 1 through `MSDNet.anytime` costs "
@@ -296,13 +303,16 @@ def _anytime(sec) -> list:
     out += ["Cumulative time to each exit in one anytime pass, relative to a full forward; "
             "`plain time / full`: the same fraction of plain's full forward (its classifiers' "
             "outputs, timed by hooks): how this network's time spreads over its exits when "
-            "nothing is skipped.", ""]
+            "nothing is skipped. `GMAC/s since the last exit`: the multiply-adds the pass adds "
+            "for this exit over the time it adds (medians): where the time goes per exit "
+            "(`python benches/step_breakdown.py --cells` splits it by cell).", ""]
     out += table(("exit", "MACs / sample", "MACs / full", "time", "time / full",
-                  "plain time / full"),
+                  "plain time / full", "GMAC/s since the last exit"),
                  [(e["exit"], f"{e['macs'] / 1e6:.1f} M", f"{e['macs_frac']:.2f}",
                    fmt_stat(e["time"]), f"{e['time_frac']:.2f}",
-                   f"{e['plain_time_frac']:.2f}" if "plain_time_frac" in e else "-")
-                  for e in a["exits"]])
+                   f"{e['plain_time_frac']:.2f}" if "plain_time_frac" in e else "-",
+                   _segment_rate(a["exits"], i, a["batch"]))
+                  for i, e in enumerate(a["exits"])])
     out += [f"Budgeted batch classification (`BudgetedClassifier`, batch {b['batch']}, "
             "thresholds from `calibrate_thresholds` on the same batch; untrained weights, so "
             "only speed is meaningful). `time`: the classification (`BudgetedResult.wall_time`); "
