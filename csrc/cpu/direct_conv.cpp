@@ -131,8 +131,9 @@ void run_t(const DirectArgs<T>& a, int64_t batch, int num_threads) {
   }
 }
 
-// Pixels per tile L: one vector, or two when the row has that many; outputs per tile OB: the
-// fewest of the instantiated sizes covering all outputs, within the accumulator budget.
+// Runs with L pixels per tile (half a vector, one or two: direct_conv_t) and OB outputs per
+// tile (outputs_per_tile: the fewest of the instantiated sizes covering all outputs, within the
+// accumulator budget).
 template <typename T, int L>
 void with_outputs(const DirectArgs<T>& a, int64_t ob, int64_t batch, int num_threads) {
   switch (ob) {
