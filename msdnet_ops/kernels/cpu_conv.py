@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from .. import environment
 from ..layout import dense, empty_nhwc, memory_format_of
+from ..validation import conv_output_shape
 from . import cpu as _kernels
 
 
@@ -256,9 +257,8 @@ def _direct(x, weight, bias, stride, padding, relu: bool, out=None):
     if _gemm_applies(x, weight, stride, padding, 1, *outs):
         return _pointwise(x, weight, bias, relu, out)
     if out is None:
-        n, _, h, w = x.shape
-        size = [(d + 2 * padding - weight.shape[2]) // stride + 1 for d in (h, w)]
-        out = empty_nhwc((n, weight.shape[0], *size), dtype=x.dtype, device=x.device)
+        out = empty_nhwc(conv_output_shape(x, weight, stride, padding, 1), dtype=x.dtype,
+                         device=x.device)
     _kernels.direct_conv_into(x, weight, bias, stride, padding, relu, out)
     return out
 
