@@ -64,24 +64,27 @@ class BudgetedClassifier:
         exits = torch.empty(n, dtype=torch.int64)
         alive = torch.arange(n)
         last = self.model.num_exits - 1
-        for k in range(last + 1):
-            logits = run.exit_logits(k)
-            if not torch.isfinite(logits).all():
-                raise ValueError(f"exit {k} produced non-finite logits (NaN or inf): x (the "
-                                 "input) or the model's weights hold NaN or inf")
-            probs = torch.softmax(logits, dim=1)
-            conf, pred = probs.max(dim=1)
-            leave = (conf.to("cpu", torch.float64) >= self.thresholds[k]) if k < last else \
-                torch.ones(alive.numel(), dtype=torch.bool)
-            pred = pred.cpu()
-            predictions[alive[leave]] = pred[leave]
-            exits[alive[leave]] = k
-            stay = ~leave
-            if not stay.any():
-                break
-            if not stay.all():  # compaction only when someone left
-                alive = alive[stay]
-                run.keep_samples(stay.nonzero()[:, 0].to(x.device))
+        try:
+            for k in range(last + 1):
+                logits = run.exit_logits(k)
+                if not torch.isfinite(logits).all():
+                    raise ValueError(f"exit {k} produced non-finite logits (NaN or inf): x "
+                                     "(the input) or the model's weights hold NaN or inf")
+                probs = torch.softmax(logits, dim=1)
+                conf, pred = probs.max(dim=1)
+                leave = (conf.to("cpu", torch.float64) >= self.thresholds[k]) if k < last \
+                    else torch.ones(alive.numel(), dtype=torch.bool)
+                pred = pred.cpu()
+                predictions[alive[leave]] = pred[leave]
+                exits[alive[leave]] = k
+                stay = ~leave
+                if not stay.any():
+                    break
+                if not stay.all():  # compaction only when someone left
+                    alive = alive[stay]
+                    run.keep_samples(stay.nonzero()[:, 0].to(x.device))
+        finally:  # everyone left early, or an error: the buffers still held go back for reuse
+            run.release()
         sync()
         wall = time.perf_counter() - t0
         exit_macs = self.model.exit_macs(tuple(x.shape[1:]))

@@ -6,6 +6,7 @@ from typing import Iterator, List
 import torch
 
 from ..layout import conv_weights_channels_last_
+from .buffer_pool import BufferPool
 from .macs import count_macs
 from .msdnet_inference import FoldedWeights, InferenceRun, can_run_activated
 from .msdnet_plain import MSDNetPlain
@@ -68,6 +69,8 @@ class MSDNet(MSDNetPlain):
         self.sync_group = None
         self._macs_cache: dict = {}
         self._folded = FoldedWeights()
+        # the CPU inference runs' scale buffers, kept for the next run (two batch shapes' worth)
+        self._buffer_pool = BufferPool(2 * len(self.plan.capacity))
         # checked at every forward (eval mode without autograd runs the inference path):
         # listed once, as the plan fixes the module tree at construction
         self._batchnorms = [m for m in self.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -116,7 +119,7 @@ class MSDNet(MSDNetPlain):
         # torch.compile's graph (and, through the resumed frames, recompile it per call site)
         macs = self.cell_macs(tuple(x.shape[1:])) if count_macs else None
         if inference:
-            return InferenceRun(self, self.plan, x, macs, self._folded)
+            return InferenceRun(self, self.plan, x, macs, self._folded, self._buffer_pool)
         return GridRun(self, self.plan, x, macs, self.sync_group)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -140,8 +143,16 @@ class MSDNet(MSDNetPlain):
         """Yields the logits of exit 0, 1, ... in order; each exit computes only the feature
         maps it depends on (the rest are deferred until a later exit needs them)."""
         run = self.start(x)
-        for k in range(self.num_exits):
-            yield run.exit_logits(k)
+        try:
+            for k in range(self.num_exits):
+                yield run.exit_logits(k)
+        finally:  # closed early (or done): the buffers still held go back for reuse
+            run.release()
+
+    def release_inference_buffers(self) -> None:
+        """Frees the feature buffers that CPU inference keeps from one forward pass to the
+        next (one set per batch shape, at most two shapes; see ``models/buffer_pool.py``)."""
+        self._buffer_pool.clear()
 
     # ---------------------------------------------------------------- checkpoints
     def load_reference_state_dict(self, state_dict, strict: bool = True):

@@ -17,6 +17,7 @@ from .. import ops
 from ..layout import empty_nhwc
 from ..nn.bn_affine import uses_batch_stats
 from ..nn.feature_buffer import feature_dtype
+from .buffer_pool import BufferPool
 from .msdnet_runtime import PlanRun
 
 
@@ -62,20 +63,52 @@ def can_run_activated(model, batchnorms) -> bool:
 class InferenceRun(PlanRun):
     """A forward pass without autograd: buffers are plain NHWC tensors of activated values."""
 
-    def __init__(self, model, plan, x: torch.Tensor, cell_macs, folded: FoldedWeights):
+    def __init__(self, model, plan, x: torch.Tensor, cell_macs, folded: FoldedWeights,
+                 pool: BufferPool):
         super().__init__(model, plan, x, cell_macs)
         self.dtype = feature_dtype(x.dtype, x.device)
         self.folded = folded
         self.filled: dict = {}
+        # the buffers taken from the pool: those of the whole batch (after an early exit the
+        # gathered buffers and the new ones of the samples left are not, their batch varies);
+        # under torch.compile none (the pool's lock and lists stay out of the graph)
+        self.pool = None if torch.compiler.is_compiling() else pool
+        self.full_batch = self.batch
+        self.pooled: set = set()
+        self.released = False
 
     # ------------------------------------------------------------------ buffers
     def _buffer(self, key) -> torch.Tensor:
         if key not in self.buffers:
+            if self.released:
+                raise RuntimeError("this MSDNet inference run was released (its anytime "
+                                   "generator closed); start a new one")
             h, w = self.sizes[key[0]]
-            self.buffers[key] = empty_nhwc((self.batch, self.plan.capacity[key], h, w),
-                                           dtype=self.dtype, device=self.device)
+            shape = (self.batch, self.plan.capacity[key], h, w)
+            if self.pool is None or self.batch != self.full_batch:
+                self.buffers[key] = empty_nhwc(shape, dtype=self.dtype, device=self.device)
+            else:
+                self.buffers[key] = self.pool.take(shape, dtype=self.dtype, device=self.device)
+                self.pooled.add(key)
             self.filled[key] = 0
         return self.buffers[key]
+
+    def _let_go(self, key) -> None:
+        """Drops buffer ``key``; one from the pool goes back to it."""
+        values = self.buffers.pop(key)
+        if key in self.pooled:
+            self.pooled.discard(key)
+            self.pool.give_back(values)
+
+    def _drop_dead_buffers(self) -> None:
+        for key in self._dead_buffers():
+            self._let_go(key)
+
+    def release(self) -> None:
+        """Ends the run early: its buffers go back to the pool; no cell can run after this."""
+        self.released = True
+        for key in list(self.buffers):
+            self._let_go(key)
 
     def _prefix(self, key, width: int) -> torch.Tensor:
         return self._buffer(key)[:, :width]
@@ -141,8 +174,10 @@ class InferenceRun(PlanRun):
     # ------------------------------------------------------------------ early exit
     def keep_samples(self, index: torch.Tensor) -> None:
         """Batch compaction: only the samples ``index`` go on (every live buffer gathered)."""
-        for key, values in self.buffers.items():
-            self.buffers[key] = ops.eager.gather_batch(values, index)
+        for key in list(self.buffers):
+            gathered = ops.eager.gather_batch(self.buffers[key], index)
+            self._let_go(key)
+            self.buffers[key] = gathered
         if self.image is not None:
             self.image = ops.eager.gather_batch(self.image, index)
         self.batch = int(index.numel())

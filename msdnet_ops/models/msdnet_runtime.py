@@ -60,6 +60,11 @@ class PlanRun:
         self._drop_dead_buffers()
         return out
 
+    def release(self) -> None:
+        """Ends the run early (an anytime generator closed, a budgeted classification done).
+        The inference run hands its buffers back for reuse; the autograd run keeps them (its
+        graph holds what backward needs)."""
+
     def _dead_buffers(self) -> list:
         """The keys of the buffers no remaining cell reads."""
         return [key for key in self.buffers

@@ -1,0 +1,157 @@
+"""MSDNet's CPU inference keeps its scale buffers from one run to the next
+(``models/buffer_pool.py``): a reused buffer must never change a result, never be shared by
+two live runs, and never travel with a copied model."""
+import copy
+import pickle
+import threading
+
+import pytest
+import torch
+
+import msdnet_ops
+from msdnet_ops.models.buffer_pool import BufferPool
+from test_msdnet import CONFIGS, F64, SMALL, _pair
+
+
+def _eval_pair(cfg=SMALL):
+    ref, ours = _pair(cfg)
+    ref.eval()
+    ours.eval()
+    return ref, ours
+
+
+def _assert_logits(got, want, what):
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{what}: exit {k}")
+
+
+def _kept(model):
+    return list(model._buffer_pool._free.values())
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_a_second_forward_reuses_the_buffers_and_reads_nothing_stale(use_backend, config):
+    """The kept buffers are handed to the next run of the same shape; filled with NaN in
+    between, they change no logit (every value a run reads, it wrote first)."""
+    use_backend("cpu")
+    cfg, size = CONFIGS[config]
+    ref, ours = _eval_pair(cfg)
+    x = torch.randn(3, 3, size, size, dtype=F64)
+    with torch.no_grad():
+        want = ref(x)
+        _assert_logits(ours(x), want, "first forward")
+        kept = _kept(ours)
+        assert kept, "a finished forward kept no buffer"
+        for t in kept:
+            t.fill_(float("nan"))
+        taken = []
+        take = ours._buffer_pool.take
+
+        def spy(*args, **kwargs):
+            taken.append(take(*args, **kwargs))
+            return taken[-1]
+        ours._buffer_pool.take = spy
+        _assert_logits(ours(x), want, "forward on reused buffers")
+    assert {t.data_ptr() for t in kept} <= {t.data_ptr() for t in taken}
+
+
+def test_interleaved_and_abandoned_anytime_runs_stay_apart(use_backend):
+    """Two anytime generators advanced in turn (each holds its own buffers), one closed after
+    its first exit (its buffers go back), then a full forward: every logit as in plain."""
+    use_backend("cpu")
+    ref, ours = _eval_pair()
+    xa, xb = (torch.randn(2, 3, 32, 32, dtype=F64) for _ in range(2))
+    with torch.no_grad():
+        want_a, want_b = ref(xa), ref(xb)
+        gen_a, gen_b = ours.anytime(xa), ours.anytime(xb)
+        got_a, got_b = [], []
+        for _ in range(ours.num_exits):
+            got_a.append(next(gen_a))
+            got_b.append(next(gen_b))
+        _assert_logits(got_a, want_a, "generator a")
+        _assert_logits(got_b, want_b, "generator b")
+        early = ours.anytime(xb)
+        torch.testing.assert_close(next(early), want_b[0], rtol=1e-10, atol=1e-10)
+        early.close()
+        assert _kept(ours)
+        _assert_logits(ours(xa), want_a, "forward after a closed generator")
+
+
+def test_a_released_run_refuses_to_go_on(use_backend):
+    use_backend("cpu")
+    _, ours = _eval_pair()
+    with torch.no_grad():
+        run = ours.start(torch.randn(2, 3, 32, 32, dtype=F64))
+        run.exit_logits(0)
+        run.release()
+        with pytest.raises(RuntimeError, match="released"):
+            run.exit_logits(1)
+
+
+def test_concurrent_runs_on_one_model_never_share_a_buffer(use_backend):
+    use_backend("cpu")
+    ref, ours = _eval_pair()
+    inputs = [torch.randn(2, 3, 32, 32, dtype=F64) for _ in range(4)]
+    with torch.no_grad():
+        wants = [ref(x) for x in inputs]
+    errors = []
+
+    def worker(i):
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    _assert_logits(ours(inputs[i]), wants[i], f"thread {i}")
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_budgeted_classification_gives_its_buffers_back(use_backend):
+    """After a budgeted classification with compaction the pool holds the full-batch buffers
+    again (only the pool's own tensors are kept, not the gathered ones), and a second call
+    on reused buffers gives the same answer."""
+    use_backend("cpu")
+    _, ours = _eval_pair()
+    x = torch.randn(8, 3, 32, 32, dtype=F64)
+    with torch.no_grad():
+        conf = torch.softmax(ours(x)[0], 1).max(1).values
+    clf = msdnet_ops.BudgetedClassifier(ours, [conf.median().item(), 0.0, 0.0])
+    first = clf.predict(x)
+    assert 0 < (first.exits == 0).sum() < 8
+    assert {t.shape[0] for t in _kept(ours)} == {8}
+    second = clf.predict(x)
+    assert torch.equal(first.predictions, second.predictions)
+    assert torch.equal(first.exits, second.exits)
+
+
+def test_copies_start_empty_and_release_frees(use_backend):
+    use_backend("cpu")
+    _, ours = _eval_pair()
+    with torch.no_grad():
+        ours(torch.randn(2, 3, 32, 32, dtype=F64))
+    assert ours._buffer_pool.nbytes() > 0
+    assert copy.deepcopy(ours)._buffer_pool.nbytes() == 0
+    assert pickle.loads(pickle.dumps(ours))._buffer_pool.nbytes() == 0
+    ours.release_inference_buffers()
+    assert ours._buffer_pool.nbytes() == 0
+
+
+def test_the_pool_keeps_cpu_tensors_of_its_most_recent_shapes():
+    pool = BufferPool(max_shapes=2)
+    tensors = [pool.take((n, 4, 3, 3), dtype=torch.float32, device="cpu") for n in (1, 2, 3)]
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
+    for t in tensors:
+        pool.give_back(t)
+    assert sorted(t.shape[0] for t in pool._free.values()) == [2, 3]
+    again = pool.take((3, 4, 3, 3), dtype=torch.float32, device="cpu")
+    assert again.data_ptr() == tensors[2].data_ptr()
+    other = pool.take((3, 4, 3, 3), dtype=torch.float64, device="cpu")
+    assert other.data_ptr() != tensors[2].data_ptr()
+    pool.give_back(torch.empty(8, 4, 3, 3, device="meta"))  # not a CPU tensor: not kept
+    assert all(t.device.type == "cpu" for t in pool._free.values())
