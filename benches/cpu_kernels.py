@@ -1,7 +1,7 @@
 """Times the CPU kernels against the equivalent PyTorch ops.
 
     python benches/cpu_kernels.py [--threads N] [--isa avx2]
-                                  [--cases planes|nhwc|pointwise|direct|all]
+                                  [--cases planes|nhwc|pointwise|direct|bottleneck|all]
                                   [--against OTHER_BUILD.so] [--out table.md]
 
 Cases: ``planes``, NCHW buffers and their prefixes, a channels_last prefix with channels_last
@@ -16,6 +16,9 @@ ReLU fused) and weight gradient.
 ``direct``: the 3x3 convolutions of MSDNet's narrow paths (few outputs, NHWC) by our direct
 kernel against oneDNN (``F.conv2d``): forward, inference (bias and ReLU fused) and, at stride 1,
 the input gradient (our kernel with the flipped, transposed weights).
+``bottleneck``: MSDNet's inference paths at the finest scales (a 1x1 unit on a buffer prefix,
+then a 3x3 unit into a buffer slice) fused in our direct kernel, against the fastest pair of
+separate calls (pointwise kernel or GEMM, then direct kernel or oneDNN).
 Baselines: ``reference`` is :mod:`msdnet_ops.reference` (what the ``reference`` backend
 runs); ``torch best`` is the fastest plain-PyTorch formulation we know for the op
 (``torch.var_mean``; ``batch_norm`` in eval mode + ``relu_``; ``index_select(out=)``).
@@ -229,6 +232,39 @@ def _direct_table(batch=32):
     return lines + [""]
 
 
+# (spatial size, buffer channels, prefix read, bottleneck width, outputs, stride): MSDNet
+# cifar100-anytime's inference paths at the two finest scales
+BOTTLENECK_CASES = ((32, 52, 16, 6, 6, 1), (32, 52, 40, 6, 6, 1), (32, 52, 40, 6, 6, 2),
+                    (16, 116, 44, 12, 12, 1), (16, 116, 56, 24, 12, 2))
+
+
+def _bottleneck_table(batch=32):
+    """The fused 1x1 + k x k inference path against the two calls it replaces: our pointwise
+    kernel or MKL's GEMM (whichever is faster) into a dense temporary, then our direct kernel
+    or oneDNN (whichever is faster) into the buffer slice."""
+    from msdnet_ops.kernels import cpu_conv
+    head = ("| [N, C of C_cap, S, S] -> bottleneck -> outputs, stride | fused ms | "
+            "best separate ms | speedup |")
+    lines = ["### Inference path: 1x1 bottleneck + 3x3 fused (float32)", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    nhwc = torch.channels_last
+    for s, cap, c, mid, n, stride in BOTTLENECK_CASES:
+        x = _nhwc(batch, c, s, s, width=cap)
+        w1, b1 = torch.randn(mid, c, 1, 1), torch.randn(mid)
+        w, bias = torch.randn(n, mid, 3, 3).contiguous(memory_format=nhwc), torch.randn(n)
+        o = (s - 1) // stride + 1
+        out = torch.empty(batch, n + 8, o, o, memory_format=nhwc)[:, 4:4 + n]
+        seps = [lambda a=a, b=b: b(a(x, w1, b1, 1, 0), w, bias, stride, 1, out)
+                for a in (cpu_conv._infer_direct, cpu_conv._infer_gemm)
+                for b in (cpu_conv._infer_direct, cpu_conv._infer_onednn)]
+        times = _min_ms([lambda: cpu.bottleneck_direct_conv_into(x, w1, b1, w, bias, stride, 1,
+                                                                 True, out)] + seps)
+        fused, best = times[0], min(times[1:])
+        lines.append(f"| [{batch}, {c} of {cap}, {s}, {s}] -> {mid} -> {n}, {stride} | "
+                     f"{fused:.3f} | {best:.3f} | {best / fused:.2f}x |")
+    return lines + [""]
+
+
 def _table(title, cases, current, before):
     head = "| case | op | ours ms |" + (" before ms | before/ours |" if before else "") + \
            " reference ms | torch best ms | speedup vs best torch |"
@@ -272,6 +308,8 @@ def run(out_path=None, cases="all", before=None, before_name=""):
         lines += _pointwise_table()
     if cases in ("direct", "all"):
         lines += _direct_table()
+    if cases in ("bottleneck", "all"):
+        lines += _bottleneck_table()
     text = "\n".join(lines)
     print(text)
     if out_path:
@@ -284,7 +322,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--isa", default=None, help="baseline, avx2 or avx512")
-    parser.add_argument("--cases", choices=("planes", "nhwc", "pointwise", "direct", "all"),
+    parser.add_argument("--cases", choices=("planes", "nhwc", "pointwise", "direct", "bottleneck",
+                                            "all"),
                         default="all")
     parser.add_argument("--against", default=None, metavar="SO",
                         help="another build of msdnet_ops._cpu_kernels to time alongside")

@@ -699,3 +699,32 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding
         with torch.autocast(x.device.type, enabled=False):
             return conv_bias_relu(x, weight, bias, stride, padding, out)
     return _kernels(x).conv_bias_relu(x, weight, bias, stride, padding, out)
+
+
+def bottleneck_conv_bias_relu(x: Tensor, w1: Tensor, b1: Tensor, weight: Tensor, bias: Tensor,
+                              stride: int, padding: int, out: Tensor | None = None) -> Tensor:
+    """``conv_bias_relu(conv_bias_relu(x, w1, b1, 1, 0), weight, bias, stride, padding, out)``:
+    a 1x1 unit (``w1``: ``[mid, C, 1, 1]``) then a k x k unit, both with folded BatchNorms
+    (an MSDNet path's bottleneck and 3x3 in inference).
+
+    * cpu: where our direct kernel applies (a bottleneck of at most 32 channels, at most 64
+      outputs, NHWC-strided ``x`` and ``out``), the 1x1 unit's output is computed row by row
+      into the kernel's scratch and never stored; chosen per shape against the two calls.
+    * others: the two :func:`conv_bias_relu` calls.
+    """
+    if w1.dim() != 4 or tuple(w1.shape[2:]) != (1, 1) or w1.shape[1] != x.shape[1]:
+        raise ValueError(f"w1: expected a 1x1 convolution weight [mid, {x.shape[1]}, 1, 1] "
+                         f"(x has {x.shape[1]} channels), got {list(w1.shape)}")
+    if weight.dim() != 4 or weight.shape[1] != w1.shape[0]:
+        raise ValueError(f"weight: expected [out, {w1.shape[0]}, k, k] (w1 has {w1.shape[0]} "
+                         f"outputs), got {list(weight.shape)}")
+    if torch.compiler.is_compiling():  # torch.compile picks its own kernels
+        mid = torch.relu(F.conv2d(x, w1, b1))
+        y = torch.relu(F.conv2d(mid, weight, bias, stride, padding))
+        return y if out is None else out.copy_(y)
+    if out is not None:
+        _check_conv_bias_relu_out(x, weight, stride, padding, out)
+    if torch.is_autocast_enabled(x.device.type):  # the buffers' dtype decides, not autocast
+        with torch.autocast(x.device.type, enabled=False):
+            return bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride, padding, out)
+    return _kernels(x).bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride, padding, out)

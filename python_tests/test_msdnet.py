@@ -77,12 +77,14 @@ def test_msdnet_matches_plain_pytorch_with_each_cpu_convolution(use_backend, mon
     """Each CPU convolution implementation forced wherever it applies (oneDNN elsewhere): the
     whole network, training (forward and backward) and inference, still equals the plain
     model in float64; forced "direct" does run our direct k x k kernel (forward, inference
-    and input gradient) and our pointwise kernel."""
+    and input gradient), our pointwise kernel and, in inference, the two fused (a path's
+    bottleneck computed into the direct kernel's scratch)."""
     from msdnet_ops.kernels import cpu as cpu_kernels
     dev = use_backend("cpu")
     monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)
     calls = []
-    for name, relu_arg in (("direct_conv_into", 5), ("pointwise_conv_rows", 3)):
+    for name, relu_arg in (("direct_conv_into", 5), ("pointwise_conv_rows", 3),
+                           ("bottleneck_direct_conv_into", 7)):
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name, _r=relu_arg:
                             calls.append((_n, a[_r])) or _k(*a))
@@ -98,7 +100,8 @@ def test_msdnet_matches_plain_pytorch_with_each_cpu_convolution(use_backend, mon
     kinds = {(name, relu) for name, relu in calls}
     if choice == "direct":  # relu: the inference convolution; without: forward, input gradient
         assert {("direct_conv_into", True), ("direct_conv_into", False),
-                ("pointwise_conv_rows", True), ("pointwise_conv_rows", False)} <= kinds
+                ("pointwise_conv_rows", True), ("pointwise_conv_rows", False),
+                ("bottleneck_direct_conv_into", True)} <= kinds
     else:
         assert not kinds
 

@@ -588,6 +588,76 @@ def test_cpu_direct_conv_refuses_what_it_cannot_compute(cpu):
         cpu.direct_conv_into(x.contiguous(), w[:4], None, 1, 1, False, out[:, :4])  # NCHW input
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,c,mid,o,h,w,k,stride,pad", [
+    (1, 5, 6, 6, 11, 13, 3, 1, 1),     # batch 1: blocks of output rows
+    (5, 16, 6, 6, 9, 7, 3, 1, 1),      # whole images per unit (two threads)
+    (4, 40, 6, 6, 32, 32, 3, 2, 1),    # MSDNet's finest-scale strided path
+    (4, 13, 24, 12, 16, 16, 3, 1, 1),  # three vectors of bottleneck lanes
+    (3, 3, 1, 64, 5, 6, 3, 1, 0),      # one bottleneck channel, the most outputs
+    (6, 9, 32, 5, 7, 5, 5, 3, 2),      # the widest bottleneck, 5x5, stride 3, wide padding
+    (2, 7, 9, 3, 4, 4, 1, 1, 0),       # 1x1 after the 1x1
+])
+def test_cpu_bottleneck_direct_conv(cpu, dtype, n, c, mid, o, h, w, k, stride, pad):
+    gen = torch.Generator().manual_seed(_seed("bottleneck", n, c, mid, o, h, w, k, stride, pad))
+    x = torch.randn(n, h, w, c + 5, generator=gen, dtype=dtype).permute(0, 3, 1, 2)[:, 2:2 + c]
+    w1 = torch.randn(mid, c, 1, 1, generator=gen, dtype=dtype)
+    b1 = torch.randn(mid, generator=gen, dtype=dtype)
+    weight = torch.randn(o, mid, k, k, generator=gen, dtype=dtype)
+    bias = torch.randn(o, generator=gen, dtype=dtype)
+    x[0, c // 2, h // 2, w // 2] = float("nan")  # kept by both ReLUs, as torch.relu keeps it
+    mid_plain = torch.relu(F.conv2d(x.double(), w1.double(), b1.double()))
+    plain = F.conv2d(mid_plain, weight.double(), None, stride, pad)
+    oh, ow = plain.shape[2:]
+    out_buf = torch.full((n, oh, ow, o + 7), 7.0, dtype=dtype).permute(0, 3, 1, 2)
+    out = out_buf[:, 3:3 + o]
+    for b, relu in ((None, False), (bias, True)):
+        cpu.bottleneck_direct_conv_into(x, w1, b1, weight, b, stride, pad, relu, out)
+        want = plain + (0 if b is None else b.double().view(1, -1, 1, 1))
+        want = torch.relu(want) if relu else want
+        assert out.isnan().equal(want.isnan())
+        _close(torch.nan_to_num(out, 0.0), torch.nan_to_num(want, 0.0), dtype,
+               scale=float(c * mid * k * k), what=f"relu={relu}")
+        assert (out_buf[:, :3] == 7).all() and (out_buf[:, 3 + o:] == 7).all()
+
+
+def test_cpu_bottleneck_direct_conv_every_instruction_set_and_thread_count(cpu):
+    import msdnet_ops._cpu_kernels as module
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 12, 33, 31, generator=gen).contiguous(memory_format=torch.channels_last)
+    w1, b1 = torch.randn(6, 12, 1, 1, generator=gen), torch.randn(6, generator=gen)
+    weight, bias = torch.randn(10, 6, 3, 3, generator=gen), torch.randn(10, generator=gen)
+    mid = torch.relu(F.conv2d(x.double(), w1.double(), b1.double()))
+    current, threads = module.current_isa(), torch.get_num_threads()
+    try:
+        for stride in (1, 2):
+            want = torch.relu(F.conv2d(mid, weight.double(), bias.double(), stride, 1))
+            for isa in module.supported_isas():
+                module.set_isa(isa)
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    out = torch.empty_like(want, dtype=torch.float32)
+                    cpu.bottleneck_direct_conv_into(x, w1, b1, weight, bias, stride, 1, True, out)
+                    _close(out, want, torch.float32, scale=648.0,
+                           what=f"{isa}, {t} threads, stride {stride}")
+    finally:
+        module.set_isa(current)
+        torch.set_num_threads(threads)
+
+
+def test_cpu_bottleneck_direct_conv_refuses_what_it_cannot_compute(cpu):
+    x = torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    w1, b1 = torch.randn(cpu.BOTTLENECK_MAX_MID + 1, 3, 1, 1), torch.randn(33)
+    w = torch.randn(4, w1.shape[0], 3, 3)
+    out = torch.empty(1, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="bottleneck_direct_conv: expected 1 to 64 outputs, 1 to "
+                                         "32 bottleneck channels"):
+        cpu.bottleneck_direct_conv_into(x, w1, b1, w, None, 1, 1, False, out)
+    with pytest.raises(ValueError, match="y of the convolution's shape"):
+        cpu.bottleneck_direct_conv_into(x, w1[:4], b1[:4], w[:, :4], None, 1, 1, False,
+                                        out[:, :, :3])
+
+
 def test_cpu_rejects_half_precision(cpu):
     with pytest.raises(TypeError, match="float32 and float64"):
         cpu.channel_stats(torch.randn(2, 3, 4, 4).half(), 1e-5)

@@ -668,6 +668,67 @@ def test_conv_bias_relu_matches_plain_pytorch(backend, use_backend, monkeypatch,
             torch.testing.assert_close(buf[:, untouched], before[:, untouched], equal_nan=True)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (1, 1)])
+def test_bottleneck_conv_bias_relu_matches_plain_pytorch(backend, use_backend, monkeypatch, k,
+                                                          stride):
+    """A 1x1 unit then a k x k one (MSDNet's inference path) equals the two plain
+    ``relu(conv2d(.))``: new, and written into a channel slice of the buffer (the channels
+    around untouched); NaN kept. On the CPU both implementations: the two convolutions apart
+    (forced oneDNN) and fused into our direct kernel."""
+    dev = use_backend(backend)
+    dt = torch.float32 if dev.type == "cuda" else F64
+    torch.manual_seed(17)
+    n, c, mid, h, w_, cout = 3, 7, 5, 9, 5, 4
+    pad = (k - 1) // 2
+    w1, b1 = torch.randn(mid, c, 1, 1, dtype=dt, device=dev), torch.randn(mid, dtype=dt, device=dev)
+    weight = torch.randn(cout, mid, k, k, dtype=dt, device=dev)
+    bias = torch.randn(cout, dtype=dt, device=dev)
+    calls = []
+    if backend == "cpu":
+        from msdnet_ops.kernels import cpu as cpu_kernels
+        fused = cpu_kernels.bottleneck_direct_conv_into
+        monkeypatch.setattr(cpu_kernels, "bottleneck_direct_conv_into",
+                            lambda *a: calls.append(1) or fused(*a))
+    for choice in (["onednn", "direct"] if backend == "cpu" else [None]):
+        if choice:
+            monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)
+        calls.clear()
+        buf, x = _nhwc_prefix(n, c, h, w_, cap_extra=cout + 2, dtype=dt, device=dev)
+        x[0, 2, 2, 2] = float("nan")  # a pixel every geometry here samples
+        want = _plain_conv_bias_relu(_plain_conv_bias_relu(x, w1, b1, 1, 0), weight, bias,
+                                     stride, pad)
+        got = ops.bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride, pad)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert got[0].isnan().any() and not got[1:].isnan().any()
+        if stride == 1:
+            before = buf.clone()
+            out = buf[:, c + 1:c + 1 + cout]
+            returned = ops.bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride, pad, out)
+            assert returned.data_ptr() == out.data_ptr()
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+            untouched = torch.ones(buf.shape[1], dtype=torch.bool)
+            untouched[c + 1:c + 1 + cout] = False
+            torch.testing.assert_close(buf[:, untouched], before[:, untouched], equal_nan=True)
+        if choice:  # the forced choice was taken
+            assert bool(calls) == (choice == "direct")
+
+
+def test_bottleneck_conv_bias_relu_rejects_mismatched_weights(use_backend):
+    use_backend("cpu")
+    buf, x = _nhwc_prefix(2, 5, 6, 6, cap_extra=6)
+    w1, b1 = torch.randn(4, 5, 1, 1, dtype=F64), torch.randn(4, dtype=F64)
+    weight, bias = torch.randn(3, 4, 3, 3, dtype=F64), torch.randn(3, dtype=F64)
+    with pytest.raises(ValueError, match=r"w1: expected a 1x1 convolution weight \[mid, 5, 1, 1\]"):
+        ops.bottleneck_conv_bias_relu(x, w1[:, :4], b1, weight, bias, 1, 1)
+    with pytest.raises(ValueError, match="w1: expected a 1x1"):
+        ops.bottleneck_conv_bias_relu(x, torch.randn(4, 5, 3, 3, dtype=F64), b1, weight, bias, 1, 1)
+    with pytest.raises(ValueError, match=r"weight: expected \[out, 4, k, k\]"):
+        ops.bottleneck_conv_bias_relu(x, w1, b1, weight[:, :3], bias, 1, 1)
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 3, 6, 6\)"):
+        ops.bottleneck_conv_bias_relu(x, w1, b1, weight, bias, 1, 1, buf[:, 5:9])
+
+
 def test_conv_bias_relu_rejects_a_bad_out(use_backend):
     use_backend("cpu")
     buf, x = _nhwc_prefix(2, 5, 6, 6, cap_extra=6)

@@ -135,6 +135,20 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("k"), py::arg("stride"),
         py::arg("pad"), py::arg("bias"), py::arg("relu"), py::arg("y"), py::arg("num_threads") = 0);
 
+  m.def("bottleneck_direct_conv",
+        [](int dtype, ViewArg x, int64_t w1_ptr, int64_t mid, int64_t b1_ptr, int64_t w_ptr,
+           int64_t k, int64_t stride, int64_t pad, int64_t bias_ptr, bool relu, ViewArg y,
+           int num_threads) {
+          const View4 xv = to_view(x, "x"), yv = to_view(y, "y");
+          auto ptr = [](int64_t p) { return reinterpret_cast<const void*>(static_cast<uintptr_t>(p)); };
+          py::gil_scoped_release nogil;
+          cpu::bottleneck_direct_conv(dtype, xv, ptr(w1_ptr), mid, ptr(b1_ptr), ptr(w_ptr), k,
+                                      stride, pad, ptr(bias_ptr), relu, yv, num_threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("w1"), py::arg("mid"), py::arg("b1"),
+        py::arg("w"), py::arg("k"), py::arg("stride"), py::arg("pad"), py::arg("bias"),
+        py::arg("relu"), py::arg("y"), py::arg("num_threads") = 0);
+
   m.def("compiled_isas", &cpu::compiled_isas, "instruction-set variants compiled in");
   m.def("supported_isas", &cpu::supported_isas, "variants compiled in that this CPU runs");
   m.def("current_isa", &cpu::current_isa, "the variant in use");

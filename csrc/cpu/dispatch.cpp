@@ -164,5 +164,13 @@ void direct_conv(int dtype, const View4& x, const void* w, int64_t k, int64_t st
   MSDNET_DISPATCH(direct_conv(dtype, x, w, k, stride, pad, bias, relu, y, num_threads))
 }
 
+void bottleneck_direct_conv(int dtype, const View4& x, const void* w1, int64_t mid,
+                            const void* b1, const void* w, int64_t k, int64_t stride,
+                            int64_t pad, const void* bias, bool relu, const View4& y,
+                            int num_threads) {
+  MSDNET_DISPATCH(
+      bottleneck_direct_conv(dtype, x, w1, mid, b1, w, k, stride, pad, bias, relu, y, num_threads))
+}
+
 }  // namespace cpu
 }  // namespace msdnet_ops

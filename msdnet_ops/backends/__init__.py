@@ -163,7 +163,7 @@ OP_FUNCTIONS = (
     "bn_scale_shift_backward_", "affine_relu_into", "affine_relu_backward_", "batchnorm_relu_into",
     "batchnorm_relu_backward_", "batchnorm_relu_conv_backward_", "gather_batch_into",
     "transform_conv", "transform_conv_into", "transform_conv_backward_", "conv", "conv_into",
-    "conv_backward_", "conv_bias_relu",
+    "conv_backward_", "conv_bias_relu", "bottleneck_conv_bias_relu",
 )
 _modules: dict = {}
 

@@ -101,6 +101,13 @@ def conv_bias_relu(x, weight, bias, stride, padding, out=None) -> torch.Tensor:
                               out)
 
 
+def bottleneck_conv_bias_relu(conv_bias_relu, x, w1, b1, weight, bias, stride, padding,
+                              out=None) -> torch.Tensor:
+    """A 1x1 unit then a k x k one, each ``conv_bias_relu`` (a backend's): the bottleneck's
+    output is a dense temporary."""
+    return conv_bias_relu(conv_bias_relu(x, w1, b1, 1, 0), weight, bias, stride, padding, out)
+
+
 def transform_convs(elementwise):
     """``(transform_conv, transform_conv_into, transform_conv_backward_)`` of a backend whose
     memory-bound kernels are ``elementwise``, with the backends' common signatures."""

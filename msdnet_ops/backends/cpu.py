@@ -24,6 +24,7 @@ bn_scale_shift_into = _ref.bn_scale_shift_into
 bn_scale_shift_backward_ = _ref.bn_scale_shift_backward_
 conv_backward_ = cpu_conv.conv_backward_
 conv_bias_relu = cpu_conv.conv_bias_relu
+bottleneck_conv_bias_relu = cpu_conv.bottleneck_conv_bias_relu
 
 
 def conv(x, weight, stride, padding, pool):

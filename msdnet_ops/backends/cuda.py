@@ -3,6 +3,8 @@ cuDNN on dense inputs, the transform-convolutions composed with the transform ke
 (:mod:`.composed`)."""
 from __future__ import annotations
 
+import functools
+
 import sys
 
 from ..kernels import cuda as _kernels
@@ -20,6 +22,8 @@ bn_scale_shift_into = _ref.bn_scale_shift_into
 bn_scale_shift_backward_ = _ref.bn_scale_shift_backward_
 conv_backward_ = composed.conv_backward_
 conv_bias_relu = composed.conv_bias_relu
+bottleneck_conv_bias_relu = functools.partial(composed.bottleneck_conv_bias_relu,
+                                              conv_bias_relu)
 
 
 def conv(x, weight, stride, padding, pool):

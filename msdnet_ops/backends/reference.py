@@ -2,6 +2,8 @@
 device."""
 from __future__ import annotations
 
+import functools
+
 from .. import reference as _ref
 from . import composed
 
@@ -21,6 +23,8 @@ transform_conv_backward_ = _ref.transform_conv_backward_
 conv_into = _ref.conv_into
 conv_backward_ = _ref.conv_backward_
 conv_bias_relu = composed.conv_bias_relu
+bottleneck_conv_bias_relu = functools.partial(composed.bottleneck_conv_bias_relu,
+                                              conv_bias_relu)
 
 
 def transform_conv(x, scale, shift, weight, stride, padding, pool):

@@ -5,6 +5,8 @@ as :func:`msdnet_ops.backends.transform_conv_policy` says, per shape when it is 
 (:mod:`msdnet_ops.conv_choice`)."""
 from __future__ import annotations
 
+import functools
+
 import sys
 
 import torch
@@ -85,6 +87,8 @@ def conv_bias_relu(x, weight, bias, stride, padding, out=None):
     _kernels.affine_relu_into(out, torch.ones_like(bias, dtype=sdt), bias.to(sdt), out)
     return out
 
+
+bottleneck_conv_bias_relu = functools.partial(composed.bottleneck_conv_bias_relu, conv_bias_relu)
 
 batchnorm_relu_into, batchnorm_relu_backward_, batchnorm_relu_conv_backward_ = \
     composed.batchnorm_relus(sys.modules[__name__])

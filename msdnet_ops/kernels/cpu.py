@@ -136,6 +136,26 @@ def direct_conv_into(x, weight, bias, stride: int, padding: int, relu: bool, out
                           view(out), torch.get_num_threads())
 
 
+BOTTLENECK_MAX_MID = 32  # csrc/cpu/direct_conv.cpp: kMaxMid
+
+
+def bottleneck_direct_conv_into(x, w1, b1, weight, bias, stride: int, padding: int, relu: bool,
+                                out) -> None:
+    """``out = act(conv2d(relu(conv2d(x, w1, b1)), weight, bias, stride, padding))``: a 1x1
+    unit with 1 to :data:`BOTTLENECK_MAX_MID` outputs fused in front of
+    :func:`direct_conv_into`'s convolution (its output is computed row by row into the
+    kernel's scratch, never stored); ``x`` and ``out`` NHWC-strided views."""
+    w1 = w1.reshape(w1.shape[0], -1).contiguous()
+    weight = weight.permute(0, 2, 3, 1).contiguous()
+    bias = None if bias is None else bias.contiguous()
+    b1 = b1.contiguous()
+    _module().bottleneck_direct_conv(_code(x), view(x), w1.data_ptr(), w1.shape[0],
+                                     b1.data_ptr(), weight.data_ptr(), weight.shape[1],
+                                     int(stride), int(padding),
+                                     0 if bias is None else bias.data_ptr(), bool(relu),
+                                     view(out), torch.get_num_threads())
+
+
 def isa() -> str | None:
     """The instruction-set variant in use (``baseline``, ``avx2``, ``avx512``), if built."""
     m = _MODULE.get()

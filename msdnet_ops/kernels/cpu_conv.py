@@ -31,7 +31,9 @@ our direct kernel (``csrc/cpu/direct_conv.cpp``: output pixels as the vector lan
 rows transposed into a planar scratch) as a candidate beside oneDNN, writing straight into a
 buffer slice, with the bias and ReLU fused in inference (measured on the 2-core development
 CPU at batch 32-64: 1.2-1.6x oneDNN's speed for 6 -> 6 channels at 32x32 and 12 -> 6 at
-16x16, slower at stride 2 and at 24 -> 12 channels; the choice is per shape).
+16x16, slower at stride 2 and at 24 -> 12 channels; the choice is per shape). In inference a
+path's 1x1 unit and k x k unit are one call (:func:`bottleneck_conv_bias_relu`): the direct
+kernel computes the bottleneck's output into its scratch (never stored), or the two calls.
 ``MSDNET_OPS_CPU_CONV`` = ``auto`` (default) |
 ``onednn`` | ``gemm`` | ``direct`` forces a choice where it applies (oneDNN elsewhere); all
 compute the same convolution, with different summation orders.
@@ -353,7 +355,8 @@ class _Chooser:
 
     def __init__(self):
         self.choice: dict = {}
-        self.lock = threading.Lock()
+        # re-entrant: a fused candidate's trial runs calls that make their own first choices
+        self.lock = threading.RLock()
 
     def pick(self, table: dict, key, candidates: tuple, trial) -> str:
         """The fastest of ``candidates`` (names in ``table`` that apply to this shape; oneDNN
@@ -414,6 +417,42 @@ def conv_bias_relu(x, weight, bias, stride: int, padding: int, out=None) -> torc
     name = _chooser.pick(_INFERENCE, _key("infer", x, weight, stride, padding, 1),
                          _forward_candidates(x, weight, stride, padding, 1, out), trial)
     return _INFERENCE[name](x, weight, bias, stride, padding, out)
+
+
+def _bottleneck_fused_applies(x, w1, weight, out) -> bool:
+    return (w1.shape[0] <= _kernels.BOTTLENECK_MAX_MID
+            and _direct_applies(x, weight, 1, *(() if out is None else (out,))))
+
+
+def _bottleneck_separate(x, w1, b1, weight, bias, stride, padding, out=None):
+    return conv_bias_relu(conv_bias_relu(x, w1, b1, 1, 0), weight, bias, stride, padding, out)
+
+
+def _bottleneck_fused(x, w1, b1, weight, bias, stride, padding, out=None):
+    if out is None:
+        out = empty_nhwc(conv_output_shape(x, weight, stride, padding, 1), dtype=x.dtype,
+                         device=x.device)
+    _kernels.bottleneck_direct_conv_into(x, w1, b1, weight, bias, stride, padding, True, out)
+    return out
+
+
+# "direct": our direct kernel with the 1x1 unit computed into its scratch
+_BOTTLENECK = {"separate": _bottleneck_separate, "direct": _bottleneck_fused}
+
+
+def bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride: int, padding: int,
+                              out=None) -> torch.Tensor:
+    """``relu(conv2d(relu(conv2d(x, w1, b1)), weight, bias, stride, padding))`` (a 1x1 unit
+    then a k x k one, inference), new or written into ``out``: the two convolutions apart
+    (each its own choice), or where our direct kernel applies and the bottleneck is narrow,
+    fused (its output never stored), chosen per shape."""
+    def trial(impl):
+        return lambda: impl(x, w1, b1, weight, bias, stride, padding)
+    candidates = ("separate", "direct") if _bottleneck_fused_applies(x, w1, weight, out) \
+        else ("separate",)
+    key = ("bottleneck",) + _key("infer", x, weight, stride, padding, 1) + (tuple(w1.shape),)
+    name = _chooser.pick(_BOTTLENECK, key, candidates, trial)
+    return _BOTTLENECK[name](x, w1, b1, weight, bias, stride, padding, out)
 
 
 def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.Tensor:

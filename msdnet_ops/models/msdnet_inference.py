@@ -131,9 +131,14 @@ class InferenceRun(PlanRun):
 
     def _append_conv_bn_path(self, key, unit, x: torch.Tensor) -> None:
         """One ConvBN path (optional bottleneck, then 3x3) of a dense layer, appended."""
-        if unit.bottleneck:
-            x = self._conv_bn_relu(x, unit.conv1, unit.bn1)
-        self._append_conv_bn_relu(key, x, unit.conv3, unit.bn3)
+        if not unit.bottleneck:
+            self._append_conv_bn_relu(key, x, unit.conv3, unit.bn3)
+            return
+        w1, b1 = self.folded.get(unit.conv1, unit.bn1, self.dtype, self.device)
+        weight, bias = self.folded.get(unit.conv3, unit.bn3, self.dtype, self.device)
+        ops.bottleneck_conv_bias_relu(x, w1, b1, weight, bias, unit.conv3.stride[0],
+                                      unit.conv3.padding[0],
+                                      self._slice(key, unit.conv3.out_channels))
 
     # ------------------------------------------------------------------ cells
     def _run_stem(self, cell) -> None:

@@ -38,7 +38,13 @@
   /* y = act(conv2d(x, w, bias, stride, pad)) for a k x k kernel and 1 <= y.C <= 64 outputs;  \
      x, y: channels-inner (NHWC) views; w: [y.C, k, k, x.C] dense, bias: [y.C] or null. */   \
   void direct_conv(int dtype, const View4& x, const void* w, int64_t k, int64_t stride,       \
-                   int64_t pad, const void* bias, bool relu, const View4& y, int num_threads);
+                   int64_t pad, const void* bias, bool relu, const View4& y, int num_threads); \
+  /* The same on relu(conv1x1(x, w1) + b1), 1 <= mid <= 32 bottleneck channels computed as   \
+     the rows are needed (never stored): w1: [mid, x.C] dense, b1: [mid]; w: [y.C, k, k, mid]. */ \
+  void bottleneck_direct_conv(int dtype, const View4& x, const void* w1, int64_t mid,         \
+                              const void* b1, const void* w, int64_t k, int64_t stride,       \
+                              int64_t pad, const void* bias, bool relu, const View4& y,       \
+                              int num_threads);
 
 namespace msdnet_ops {
 namespace cpu {
