@@ -300,7 +300,8 @@ def _anytime(sec) -> list:
            f"({a['exit1_over_plain_full']:.2f} of plain's), for "
            f"{a['macs_exit1_over_full']:.2f} of its multiply-adds.", ""]
     out += table(("", "time"), [(k, fmt_stat(v)) for k, v in a["times"].items()])
-    out += ["Cumulative time to each exit in one anytime pass, relative to a full forward; "
+    out += ["Cumulative time to each exit in one anytime pass, relative to the same passes' "
+            "last exit (the whole network; medians over the passes); "
             "`plain time / full`: the same fraction of plain's full forward (its classifiers' "
             "outputs, timed by hooks): how this network's time spreads over its exits when "
             "nothing is skipped. `GMAC/s since the last exit`: the multiply-adds the pass adds "

@@ -76,3 +76,39 @@ def run_msdnet(capsys, *args):
     status = cli.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return status, out, err
+
+
+# ---------------------------------------------------------------------------- MSDNet pairs
+
+MSDNET_SMALL = dict(nBlocks=3, nChannels=4, base=2, stepmode="even", step=2, growthRate=4,
+                    grFactor=(1, 2, 4), bnFactor=(1, 2, 4), prune="max", reduction=0.5,
+                    bottleneck=True, num_classes=5, stem="cifar")
+# name -> (constructor arguments, input side)
+MSDNET_CONFIGS = {
+    "cifar-max": (MSDNET_SMALL, 32),
+    # prune min, lin_grow, no bottleneck, two scales, odd input size
+    "min-nobottleneck": (dict(MSDNET_SMALL, nBlocks=3, base=1, stepmode="lin_grow", step=1,
+                              growthRate=2, grFactor=(1, 2), bnFactor=(1, 2), prune="min",
+                              bottleneck=False), 17),
+    # ImageNet stem (7x7 conv with bias, max-pool: already-activated channels), four scales
+    "imagenet": (dict(MSDNET_SMALL, nBlocks=2, base=2, stepmode="lin_grow", step=1,
+                      grFactor=(1, 2, 4, 4), bnFactor=(1, 2, 4, 4), stem="imagenet"), 129),
+}
+
+
+def msdnet_pair(cfg, dtype=torch.float64, device="cpu"):
+    """``(MSDNetPlain, msdnet_ops.MSDNet)`` of ``cfg`` with the same weights (BatchNorm
+    affines randomised, so no BN is the identity)."""
+    import msdnet_ops
+    from msdnet_ops.models import MSDNetPlain
+    torch.manual_seed(0)
+    ref = MSDNetPlain(**cfg)
+    g = torch.Generator().manual_seed(1)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    ref = ref.to(dtype=dtype, device=device)
+    ours = msdnet_ops.MSDNet(**cfg).to(dtype=dtype, device=device)
+    ours.load_reference_state_dict(ref.state_dict())
+    return ref, ours

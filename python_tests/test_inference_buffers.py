@@ -9,12 +9,14 @@ import pytest
 import torch
 
 import msdnet_ops
+from conftest import MSDNET_CONFIGS as CONFIGS, MSDNET_SMALL as SMALL, msdnet_pair
 from msdnet_ops.models.buffer_pool import BufferPool
-from test_msdnet import CONFIGS, F64, SMALL, _pair
+
+F64 = torch.float64
 
 
 def _eval_pair(cfg=SMALL):
-    ref, ours = _pair(cfg)
+    ref, ours = msdnet_pair(cfg)
     ref.eval()
     ours.eval()
     return ref, ours

@@ -6,39 +6,12 @@ import pytest
 import torch
 
 import msdnet_ops
-from conftest import backend_params
+from conftest import MSDNET_CONFIGS, MSDNET_SMALL, backend_params, msdnet_pair
 from msdnet_ops.inference import assign_exits, exit_predictions
 from msdnet_ops.models import MSDNetPlain
 
 F64 = torch.float64
-
-SMALL = dict(nBlocks=3, nChannels=4, base=2, stepmode="even", step=2, growthRate=4,
-             grFactor=(1, 2, 4), bnFactor=(1, 2, 4), prune="max", reduction=0.5,
-             bottleneck=True, num_classes=5, stem="cifar")
-CONFIGS = {
-    "cifar-max": (SMALL, 32),
-    # prune min, lin_grow, no bottleneck, two scales, odd input size
-    "min-nobottleneck": (dict(SMALL, nBlocks=3, base=1, stepmode="lin_grow", step=1,
-                              growthRate=2, grFactor=(1, 2), bnFactor=(1, 2), prune="min",
-                              bottleneck=False), 17),
-    # ImageNet stem (7x7 conv with bias, max-pool: already-activated channels), four scales
-    "imagenet": (dict(SMALL, nBlocks=2, base=2, stepmode="lin_grow", step=1,
-                      grFactor=(1, 2, 4, 4), bnFactor=(1, 2, 4, 4), stem="imagenet"), 129),
-}
-
-
-def _pair(cfg, dtype=F64, device="cpu"):
-    torch.manual_seed(0)
-    ref = MSDNetPlain(**cfg)
-    g = torch.Generator().manual_seed(1)
-    for m in ref.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-    ref = ref.to(dtype=dtype, device=device)
-    ours = msdnet_ops.MSDNet(**cfg).to(dtype=dtype, device=device)
-    ours.load_reference_state_dict(ref.state_dict())
-    return ref, ours
+SMALL, CONFIGS, _pair = MSDNET_SMALL, MSDNET_CONFIGS, msdnet_pair
 
 
 def _compare(ref, ours, x, train, tol):
