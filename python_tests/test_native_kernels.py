@@ -554,22 +554,34 @@ def test_cpu_direct_conv(cpu, dtype, n, c, o, h, w, k, stride, pad):
         assert (out_buf[:, :3] == 7).all() and (out_buf[:, 3 + o:] == 7).all()
 
 
-def test_cpu_direct_conv_every_instruction_set_and_thread_count(cpu):
+@pytest.mark.parametrize("fused", [False, True], ids=["direct", "bottleneck"])
+def test_cpu_direct_conv_every_instruction_set_and_thread_count(cpu, fused):
+    """The direct kernel, alone or with the bottleneck fused in front, on every instruction
+    set this CPU runs, one and two threads."""
     import msdnet_ops._cpu_kernels as module
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(4, 12, 33, 31, generator=gen).contiguous(memory_format=torch.channels_last)
-    weight, bias = torch.randn(10, 12, 3, 3, generator=gen), torch.randn(10, generator=gen)
+    w1, b1 = torch.randn(6, 12, 1, 1, generator=gen), torch.randn(6, generator=gen)
+    weight = torch.randn(10, 6 if fused else 12, 3, 3, generator=gen)
+    bias = torch.randn(10, generator=gen)
+    conv_in = torch.relu(F.conv2d(x.double(), w1.double(), b1.double())) if fused else x.double()
+
+    def run(stride, out):
+        if fused:
+            cpu.bottleneck_direct_conv_into(x, w1, b1, weight, bias, stride, 1, True, out)
+        else:
+            cpu.direct_conv_into(x, weight, bias, stride, 1, True, out)
     current, threads = module.current_isa(), torch.get_num_threads()
     try:
         for stride in (1, 2):
-            want = torch.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride, 1))
+            want = torch.relu(F.conv2d(conv_in, weight.double(), bias.double(), stride, 1))
             for isa in module.supported_isas():
                 module.set_isa(isa)
                 for t in (1, 2):
                     torch.set_num_threads(t)
                     out = torch.empty_like(want, dtype=torch.float32)
-                    cpu.direct_conv_into(x, weight, bias, stride, 1, True, out)
-                    _close(out, want, torch.float32, scale=108.0,
+                    run(stride, out)
+                    _close(out, want, torch.float32, scale=648.0 if fused else 108.0,
                            what=f"{isa}, {t} threads, stride {stride}")
     finally:
         module.set_isa(current)
@@ -619,30 +631,6 @@ def test_cpu_bottleneck_direct_conv(cpu, dtype, n, c, mid, o, h, w, k, stride, p
         _close(torch.nan_to_num(out, 0.0), torch.nan_to_num(want, 0.0), dtype,
                scale=float(c * mid * k * k), what=f"relu={relu}")
         assert (out_buf[:, :3] == 7).all() and (out_buf[:, 3 + o:] == 7).all()
-
-
-def test_cpu_bottleneck_direct_conv_every_instruction_set_and_thread_count(cpu):
-    import msdnet_ops._cpu_kernels as module
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(4, 12, 33, 31, generator=gen).contiguous(memory_format=torch.channels_last)
-    w1, b1 = torch.randn(6, 12, 1, 1, generator=gen), torch.randn(6, generator=gen)
-    weight, bias = torch.randn(10, 6, 3, 3, generator=gen), torch.randn(10, generator=gen)
-    mid = torch.relu(F.conv2d(x.double(), w1.double(), b1.double()))
-    current, threads = module.current_isa(), torch.get_num_threads()
-    try:
-        for stride in (1, 2):
-            want = torch.relu(F.conv2d(mid, weight.double(), bias.double(), stride, 1))
-            for isa in module.supported_isas():
-                module.set_isa(isa)
-                for t in (1, 2):
-                    torch.set_num_threads(t)
-                    out = torch.empty_like(want, dtype=torch.float32)
-                    cpu.bottleneck_direct_conv_into(x, w1, b1, weight, bias, stride, 1, True, out)
-                    _close(out, want, torch.float32, scale=648.0,
-                           what=f"{isa}, {t} threads, stride {stride}")
-    finally:
-        module.set_isa(current)
-        torch.set_num_threads(threads)
 
 
 def test_cpu_bottleneck_direct_conv_refuses_what_it_cannot_compute(cpu):

@@ -4,7 +4,6 @@ cuDNN on dense inputs, the transform-convolutions composed with the transform ke
 from __future__ import annotations
 
 import functools
-
 import sys
 
 from ..kernels import cuda as _kernels

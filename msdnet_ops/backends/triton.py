@@ -6,7 +6,6 @@ as :func:`msdnet_ops.backends.transform_conv_policy` says, per shape when it is 
 from __future__ import annotations
 
 import functools
-
 import sys
 
 import torch
