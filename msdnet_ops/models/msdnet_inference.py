@@ -80,9 +80,6 @@ class InferenceRun(PlanRun):
     # ------------------------------------------------------------------ buffers
     def _buffer(self, key) -> torch.Tensor:
         if key not in self.buffers:
-            if self.released:
-                raise RuntimeError("this MSDNet inference run was released (its anytime "
-                                   "generator closed); start a new one")
             h, w = self.sizes[key[0]]
             shape = (self.batch, self.plan.capacity[key], h, w)
             if self.pool is None or self.batch != self.full_batch:
@@ -92,6 +89,12 @@ class InferenceRun(PlanRun):
                 self.pooled.add(key)
             self.filled[key] = 0
         return self.buffers[key]
+
+    def exit_logits(self, exit_index: int) -> torch.Tensor:
+        if self.released:
+            raise RuntimeError("this MSDNet inference run was released (its anytime "
+                               "generator closed); start a new one")
+        return super().exit_logits(exit_index)
 
     def _let_go(self, key) -> None:
         """Drops buffer ``key``; one from the pool goes back to it."""
