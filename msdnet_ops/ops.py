@@ -719,9 +719,8 @@ def bottleneck_conv_bias_relu(x: Tensor, w1: Tensor, b1: Tensor, weight: Tensor,
         raise ValueError(f"weight: expected [out, {w1.shape[0]}, k, k] (w1 has {w1.shape[0]} "
                          f"outputs), got {list(weight.shape)}")
     if torch.compiler.is_compiling():  # torch.compile picks its own kernels
-        mid = torch.relu(F.conv2d(x, w1, b1))
-        y = torch.relu(F.conv2d(mid, weight, bias, stride, padding))
-        return y if out is None else out.copy_(y)
+        return conv_bias_relu(conv_bias_relu(x, w1, b1, 1, 0), weight, bias, stride, padding,
+                              out)
     if out is not None:
         _check_conv_bias_relu_out(x, weight, stride, padding, out)
     if torch.is_autocast_enabled(x.device.type):  # the buffers' dtype decides, not autocast
