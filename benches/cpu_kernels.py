@@ -1,7 +1,7 @@
 """Times the CPU kernels against the equivalent PyTorch ops.
 
     python benches/cpu_kernels.py [--threads N] [--isa avx2]
-                                  [--cases planes|nhwc|pointwise|direct|bottleneck|all]
+                                  [--cases planes|nhwc|pointwise|direct|bottleneck|im2col|all]
                                   [--against OTHER_BUILD.so] [--out table.md]
 
 Cases: ``planes``, NCHW buffers and their prefixes, a channels_last prefix with channels_last
@@ -19,6 +19,9 @@ the input gradient (our kernel with the flipped, transposed weights).
 ``bottleneck``: MSDNet's inference paths at the finest scales (a 1x1 unit on a buffer prefix,
 then a 3x3 unit into a buffer slice) fused in our direct kernel, against the fastest pair of
 separate calls (pointwise kernel or GEMM, then direct kernel or oneDNN).
+``im2col``: the weight gradient as a GEMM on the im2col patch matrix (the "gemm" backward of
+``cpu_conv.dense_conv_backward``) built for the whole batch at once against a few images at a
+time (``IM2COL_CHUNK_ELEMENTS``), with the matrix's size, and oneDNN's combined backward.
 Baselines: ``reference`` is :mod:`msdnet_ops.reference` (what the ``reference`` backend
 runs); ``torch best`` is the fastest plain-PyTorch formulation we know for the op
 (``torch.var_mean``; ``batch_norm`` in eval mode + ``relu_``; ``index_select(out=)``).
@@ -265,6 +268,43 @@ def _bottleneck_table(batch=32):
     return lines + [""]
 
 
+# (spatial size, input channels, outputs, stride): 3x3 convolutions whose backward the per-shape
+# choice may give to the im2col GEMM (MSDNet's classifiers, its coarser paths)
+IM2COL_CASES = ((8, 128, 128, 2), (4, 128, 128, 1), (16, 24, 12, 1), (16, 96, 24, 2),
+                (8, 200, 24, 1))
+
+
+def _im2col_table(batch=32):
+    """The split backward (oneDNN's input gradient + the im2col GEMM) with the patch matrix
+    built whole and in parts of at most ``IM2COL_CHUNK_ELEMENTS``, and oneDNN's backward."""
+    from msdnet_ops.kernels import cpu_conv
+    chunk = cpu_conv.IM2COL_CHUNK_ELEMENTS
+    head = ("| [N, C, S, S] -> outputs, stride | patch matrix MiB | whole ms | in parts ms | "
+            "whole/parts | oneDNN ms |")
+    lines = [f"### Weight gradient as an im2col GEMM: whole batch vs parts of at most {chunk} "
+             "elements (float32)", "", head, "|" + "---|" * (head.count("|") - 1)]
+    nhwc = torch.channels_last
+    for s, c, n, stride in IM2COL_CASES:
+        z = torch.randn(batch, c, s, s).contiguous(memory_format=nhwc)
+        w = torch.randn(n, c, 3, 3).contiguous(memory_format=nhwc)
+        o = (s - 1) // stride + 1
+        g = torch.randn(batch, n, o, o).contiguous(memory_format=nhwc)
+
+        def split(parts):
+            cpu_conv.IM2COL_CHUNK_ELEMENTS = parts
+            try:
+                return cpu_conv._dense_bwd_split(g, z, w, stride, 1)
+            finally:
+                cpu_conv.IM2COL_CHUNK_ELEMENTS = chunk
+        times = _min_ms([lambda: split(1 << 62), lambda: split(chunk),
+                         lambda: cpu_conv._dense_bwd_onednn(g, z, w, stride, 1)])
+        mib = batch * o * o * 9 * c * 4 / 2**20
+        lines.append(f"| [{batch}, {c}, {s}, {s}] -> {n}, {stride} | {mib:.1f} | "
+                     f"{times[0]:.3f} | {times[1]:.3f} | {times[0] / times[1]:.2f}x | "
+                     f"{times[2]:.3f} |")
+    return lines + [""]
+
+
 def _table(title, cases, current, before):
     head = "| case | op | ours ms |" + (" before ms | before/ours |" if before else "") + \
            " reference ms | torch best ms | speedup vs best torch |"
@@ -310,6 +350,8 @@ def run(out_path=None, cases="all", before=None, before_name=""):
         lines += _direct_table()
     if cases in ("bottleneck", "all"):
         lines += _bottleneck_table()
+    if cases in ("im2col", "all"):
+        lines += _im2col_table()
     text = "\n".join(lines)
     print(text)
     if out_path:
@@ -323,7 +365,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--isa", default=None, help="baseline, avx2 or avx512")
     parser.add_argument("--cases", choices=("planes", "nhwc", "pointwise", "direct", "bottleneck",
-                                            "all"),
+                                            "im2col", "all"),
                         default="all")
     parser.add_argument("--against", default=None, metavar="SO",
                         help="another build of msdnet_ops._cpu_kernels to time alongside")

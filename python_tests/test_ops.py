@@ -542,15 +542,21 @@ def test_cpu_conv_choices_match_the_reference(use_backend, monkeypatch, choice, 
         assert bool(im2col_calls) == (choice == "gemm" and not rows_apply)
 
 
+@pytest.mark.parametrize("images_per_part", [None, 1, 2])
 @pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (5, 2, 2),
                                               (3, 1, 0), (2, 3, 1)])
-def test_cpu_dense_conv_backward_implementations_match_the_reference(k, stride, padding):
+def test_cpu_dense_conv_backward_implementations_match_the_reference(monkeypatch, k, stride,
+                                                                      padding, images_per_part):
     """Every implementation of a dense convolution's backward (what the oneDNN-composed
     convolutions and transform-convolutions call): oneDNN's combined call, its input gradient
-    with the weight gradient as an im2col GEMM, and (stride 1, NHWC) our direct kernel's input
-    gradient with oneDNN's weight gradient, equal autograd through ``F.conv2d`` in float64, on
-    odd sizes, batch 1 and 3, an NCHW and a strided (non-contiguous) input."""
+    with the weight gradient as an im2col GEMM (its patch matrix built for the whole batch, or
+    one or two images at a time), and (stride 1, NHWC) our direct kernel's input gradient with
+    oneDNN's weight gradient, equal autograd through ``F.conv2d`` in float64, on odd sizes,
+    batch 1 and 3, an NCHW and a strided (non-contiguous) input."""
     from msdnet_ops.kernels import cpu_conv
+    parts, im2col = [], cpu_conv.im2col_rows
+    monkeypatch.setattr(cpu_conv, "im2col_rows",
+                        lambda z, *a: parts.append(z.shape[0]) or im2col(z, *a))
     torch.manual_seed(5)
     for n, nchw in ((1, True), (3, False)):
         z = torch.randn(n, 13, 11, 9, dtype=F64)
@@ -561,6 +567,10 @@ def test_cpu_dense_conv_backward_implementations_match_the_reference(k, stride, 
         y = F.conv2d(zr, wr, None, stride, padding)
         grad_out = torch.randn_like(y)
         want_z, want_w = torch.autograd.grad(y, (zr, wr), grad_out)
+        per_image = y.shape[2] * y.shape[3] * k * k * 13  # elements of one image's patches
+        monkeypatch.setattr(cpu_conv, "IM2COL_CHUNK_ELEMENTS",
+                            1 << 62 if images_per_part is None else images_per_part * per_image)
+        parts.clear()
         for name, impl in cpu_conv._DENSE_BACKWARD.items():
             if name == "direct":  # our kernel's input gradient: stride 1, NHWC views only
                 applies = cpu_conv._direct_dgrad_applies(grad_out, z, w, stride, padding)
@@ -570,6 +580,8 @@ def test_cpu_dense_conv_backward_implementations_match_the_reference(k, stride, 
             got_z, got_w = impl(grad_out, z, w, stride, padding)
             torch.testing.assert_close(got_z, want_z, rtol=1e-12, atol=1e-12, msg=name)
             torch.testing.assert_close(got_w, want_w, rtol=1e-12, atol=1e-12, msg=name)
+        step = n if images_per_part is None else images_per_part
+        assert parts == [min(step, n - i) for i in range(0, n, step)], "im2col parts"
 
 
 @pytest.mark.parametrize("wgrad", ["onednn", "gemm", "direct"])
