@@ -727,3 +727,18 @@ def bottleneck_conv_bias_relu(x: Tensor, w1: Tensor, b1: Tensor, weight: Tensor,
         with torch.autocast(x.device.type, enabled=False):
             return bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride, padding, out)
     return _kernels(x).bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride, padding, out)
+
+
+def _conv_bias_relu_unchecked(x, weight, bias, stride, padding, out=None):
+    return _kernels(x).conv_bias_relu(x, weight, bias, stride, padding, out)
+
+
+def _bottleneck_conv_bias_relu_unchecked(x, w1, b1, weight, bias, stride, padding, out=None):
+    return _kernels(x).bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride, padding, out)
+
+
+# in :data:`eager` too: a model's inference run builds every argument itself, and the checks
+# cost ~10-20 us a call, a tenth of a small convolution's
+eager.conv_bias_relu = _Eager._choose(conv_bias_relu, _conv_bias_relu_unchecked)
+eager.bottleneck_conv_bias_relu = _Eager._choose(bottleneck_conv_bias_relu,
+                                                 _bottleneck_conv_bias_relu_unchecked)

@@ -112,6 +112,41 @@ def test_inference_on_activated_buffers_matches_plain_pytorch(backend, use_backe
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_inference_follows_replaced_parameters_and_a_new_dtype(use_backend):
+    """The inference path's folded units are checked once per forward pass against every
+    convolution and BatchNorm tensor (storage address and version counter): parameters
+    replaced by new tensors (a state dict loaded with ``assign=True``), a single weight
+    replaced by a new Parameter, and the model moved to another dtype all reach the next
+    forward pass's logits."""
+    dev = use_backend("cpu")
+    ref, ours = msdnet_pair(MSDNET_SMALL, device=dev)
+    ref.eval()
+    ours.eval()
+
+    def check(dtype):
+        x = torch.randn(2, 3, 32, 32, dtype=dtype, device=dev)
+        tol = 1e-10 if dtype == F64 else 1e-4
+        with torch.no_grad():
+            for k, (a, b) in enumerate(zip(ours(x), ref(x))):
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"logits of exit {k}")
+    check(F64)  # (folds every unit)
+    g = torch.Generator().manual_seed(3)
+    new = {k: v * (1 + 0.2 * torch.rand(v.shape, generator=g, dtype=v.dtype))
+           if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    ref.load_state_dict(new)
+    ours.load_state_dict({k: v.clone() for k, v in new.items()}, assign=True)
+    check(F64)
+    conv = next(m for m in ours.modules() if isinstance(m, torch.nn.Conv2d))
+    name = next(n for n, m in ours.named_modules() if m is conv)
+    weight = torch.randn_like(conv.weight)
+    conv.weight = torch.nn.Parameter(weight.clone())
+    ref.get_submodule(name).weight = torch.nn.Parameter(weight.clone())
+    check(F64)
+    ref.float()
+    ours.float()
+    check(torch.float32)
+
+
 def test_inference_compiles_as_one_graph_from_a_fresh_model(use_backend):
     """torch.compile of a new model in eval mode: one graph with no break (fullgraph raises
     on one) on the first call, as on later ones (no recompilation), and the plain model's

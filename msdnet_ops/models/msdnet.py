@@ -68,7 +68,7 @@ class MSDNet(MSDNetPlain):
         self.plan = build_plan(self)
         self.sync_group = None
         self._macs_cache: dict = {}
-        self._folded = FoldedWeights()
+        self._folded = FoldedWeights(self.modules())
         # the CPU inference runs' scale buffers, kept for the next run (two batch shapes' worth)
         self._buffer_pool = BufferPool(2 * len(self.plan.capacity))
         # checked at every forward (eval mode without autograd runs the inference path):

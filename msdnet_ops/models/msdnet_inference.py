@@ -10,6 +10,8 @@ it, see docs/ARCHITECTURE.md); here nothing is kept for backward.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -32,25 +34,70 @@ def fold_batchnorm(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, dtype: torch
     return (weight.to(dtype).contiguous(memory_format=torch.channels_last), bias.to(dtype))
 
 
+class FoldedUnit(NamedTuple):
+    """A conv -> BN -> ReLU unit with its BatchNorm folded into the convolution."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: int
+    padding: int
+    out_channels: int
+
+
 class FoldedWeights:
-    """Folded (weight, bias) per (conv, BN) pair, recomputed only when a parameter or running
-    statistic changed (their version counters) or the dtype/device differs."""
+    """The folded units of a model's (conv, BN) pairs, built on first use per dtype and device
+    and kept while none of the model's convolution and BatchNorm tensors changes:
+    :meth:`validate`, once per forward pass, compares each one's storage address and version
+    counter with those the units were folded from (one pass over the tensors per forward pass,
+    not one per unit; a unit looked up later in a pass is folded from the tensors as they are
+    then). Under torch.compile every lookup folds inside the graph (the stamps compare storage
+    addresses, which dynamo cannot trace)."""
 
-    def __init__(self):
-        self._cache: dict = {}
+    def __init__(self, modules=()):
+        self._modules = [m for m in modules
+                         if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+        self._units: dict = {}
+        self._stamp = None
 
-    def get(self, conv, bn, dtype, device):
-        # under torch.compile the folding joins the graph: the cache's stamps compare storage
-        # addresses, which dynamo cannot trace
+    def validate(self) -> None:
+        """Forgets every folded unit if a convolution or BatchNorm tensor of the model was
+        replaced or changed in place since the last call."""
         if torch.compiler.is_compiling():
-            return fold_batchnorm(conv, bn, dtype)
-        tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var) + \
-            ((conv.bias,) if conv.bias is not None else ())
-        stamp = tuple((t.data_ptr(), t._version) for t in tensors) + (dtype, device)
-        entry = self._cache.get(id(conv))
-        if entry is None or entry[0] != stamp:
-            entry = self._cache[id(conv)] = (stamp, fold_batchnorm(conv, bn, dtype))
-        return entry[1]
+            return
+        tensors = [t for m in self._modules
+                   for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        stamp = [t.data_ptr() for t in tensors] + [t._version for t in tensors]
+        if stamp != self._stamp:
+            self._units.clear()
+            self._stamp = stamp
+
+    def unit(self, conv, bn, dtype, device) -> FoldedUnit:
+        if torch.compiler.is_compiling():
+            return self._fold(conv, bn, dtype)
+        key = (id(conv), dtype, device)
+        unit = self._units.get(key)
+        if unit is None:
+            unit = self._units[key] = self._fold(conv, bn, dtype)
+        return unit
+
+    def path(self, convbn, dtype, device) -> tuple:
+        """``(bottleneck unit or None, 3x3 unit)`` of an MSDNet ConvBN path (its modules looked
+        up once: their properties cost more than a small convolution's Python call)."""
+        if torch.compiler.is_compiling():
+            return self._path(convbn, dtype, device)
+        key = (id(convbn), dtype, device)
+        path = self._units.get(key)
+        if path is None:
+            path = self._units[key] = self._path(convbn, dtype, device)
+        return path
+
+    def _path(self, convbn, dtype, device) -> tuple:
+        first = self.unit(convbn.conv1, convbn.bn1, dtype, device) if convbn.bottleneck else None
+        return first, self.unit(convbn.conv3, convbn.bn3, dtype, device)
+
+    @staticmethod
+    def _fold(conv, bn, dtype) -> FoldedUnit:
+        weight, bias = fold_batchnorm(conv, bn, dtype)
+        return FoldedUnit(weight, bias, conv.stride[0], conv.padding[0], conv.out_channels)
 
 
 def can_run_activated(model, batchnorms) -> bool:
@@ -76,6 +123,7 @@ class InferenceRun(PlanRun):
         self.full_batch = self.batch
         self.pooled: set = set()
         self.released = False
+        folded.validate()
 
     # ------------------------------------------------------------------ buffers
     def _buffer(self, key) -> torch.Tensor:
@@ -123,25 +171,28 @@ class InferenceRun(PlanRun):
         self.filled[key] = start + channels
         return values[:, start:start + channels]
 
-    def _conv_bn_relu(self, x: torch.Tensor, unit_conv, unit_bn, out=None) -> torch.Tensor:
-        weight, bias = self.folded.get(unit_conv, unit_bn, self.dtype, self.device)
-        return ops.conv_bias_relu(x, weight, bias, unit_conv.stride[0], unit_conv.padding[0],
-                                  out)
+    def _unit(self, conv, bn) -> FoldedUnit:
+        return self.folded.unit(conv, bn, self.dtype, self.device)
 
-    def _append_conv_bn_relu(self, key, x: torch.Tensor, unit_conv, unit_bn) -> None:
+    @staticmethod
+    def _conv_bn_relu(x: torch.Tensor, unit: FoldedUnit, out=None) -> torch.Tensor:
+        # (unchecked: the run builds every argument itself)
+        return ops.eager.conv_bias_relu(x, unit.weight, unit.bias, unit.stride, unit.padding,
+                                        out)
+
+    def _append_conv_bn_relu(self, key, x: torch.Tensor, unit: FoldedUnit) -> None:
         """A unit's output written straight into the next free channels of buffer ``key``."""
-        self._conv_bn_relu(x, unit_conv, unit_bn, self._slice(key, unit_conv.out_channels))
+        self._conv_bn_relu(x, unit, self._slice(key, unit.out_channels))
 
-    def _append_conv_bn_path(self, key, unit, x: torch.Tensor) -> None:
+    def _append_conv_bn_path(self, key, convbn, x: torch.Tensor) -> None:
         """One ConvBN path (optional bottleneck, then 3x3) of a dense layer, appended."""
-        if not unit.bottleneck:
-            self._append_conv_bn_relu(key, x, unit.conv3, unit.bn3)
+        first, second = self.folded.path(convbn, self.dtype, self.device)
+        out = self._slice(key, second.out_channels)
+        if first is None:
+            self._conv_bn_relu(x, second, out)
             return
-        w1, b1 = self.folded.get(unit.conv1, unit.bn1, self.dtype, self.device)
-        weight, bias = self.folded.get(unit.conv3, unit.bn3, self.dtype, self.device)
-        ops.bottleneck_conv_bias_relu(x, w1, b1, weight, bias, unit.conv3.stride[0],
-                                      unit.conv3.padding[0],
-                                      self._slice(key, unit.conv3.out_channels))
+        ops.eager.bottleneck_conv_bias_relu(x, first.weight, first.bias, second.weight,
+                                            second.bias, second.stride, second.padding, out)
 
     # ------------------------------------------------------------------ cells
     def _run_stem(self, cell) -> None:
@@ -150,13 +201,15 @@ class InferenceRun(PlanRun):
             image = self.image.to(self.dtype)
             self.image = None  # only the scale-0 stem reads it
             if self.model.stem_kind == "imagenet":
-                y = F.max_pool2d(self._conv_bn_relu(image, unit.conv, unit.bn), 3, 2, 1)
+                y = F.max_pool2d(self._conv_bn_relu(image, self._unit(unit.conv, unit.bn)),
+                                 3, 2, 1)
                 self._slice(cell.writes, y.shape[1]).copy_(y)
                 return
-            self._append_conv_bn_relu(cell.writes, image, unit.conv, unit.bn)
+            self._append_conv_bn_relu(cell.writes, image, self._unit(unit.conv, unit.bn))
             return
         (key, width), = cell.reads
-        self._append_conv_bn_relu(cell.writes, self._prefix(key, width), unit.conv, unit.bn)
+        self._append_conv_bn_relu(cell.writes, self._prefix(key, width),
+                                  self._unit(unit.conv, unit.bn))
 
     def _run_path(self, cell) -> None:
         unit = cell.module
@@ -170,13 +223,14 @@ class InferenceRun(PlanRun):
     def _run_transition(self, cell) -> None:
         (key, width), = cell.reads
         unit = cell.module
-        self._append_conv_bn_relu(cell.writes, self._prefix(key, width), unit.conv, unit.bn)
+        self._append_conv_bn_relu(cell.writes, self._prefix(key, width),
+                                  self._unit(unit.conv, unit.bn))
 
     def _run_classifier(self, cell) -> torch.Tensor:
         (key, width), = cell.reads
         first, second, pool = cell.module.m
-        y = self._conv_bn_relu(self._prefix(key, width), first.conv, first.bn)
-        y = pool(self._conv_bn_relu(y, second.conv, second.bn))
+        y = self._conv_bn_relu(self._prefix(key, width), self._unit(first.conv, first.bn))
+        y = pool(self._conv_bn_relu(y, self._unit(second.conv, second.bn)))
         return cell.module.linear(y.reshape(y.shape[0], -1))
 
     # ------------------------------------------------------------------ early exit
