@@ -1,7 +1,9 @@
 """MSDNet anytime prediction and budgeted batch classification (eval mode, no_grad).
 
 * anytime: the cost of exit 1 through ``MSDNet.anytime`` (computes only what exit 1 needs)
-  against a full forward, next to the multiply-add ratio; cumulative time to every exit.
+  against a full forward, next to the multiply-add ratio; cumulative time to every exit; the
+  same three times for one image (batch 1: the latency of a single prediction, where the
+  per-cell Python cost weighs most).
 * budgeted: :class:`msdnet_ops.BudgetedClassifier` with thresholds from
   :func:`msdnet_ops.calibrate_thresholds` for several exit distributions (most samples leaving
   at exit 1, :func:`msdnet_ops.exit_proportions` for q = 0.5, 1, 2, everything to the end):
@@ -20,10 +22,8 @@ from benches import cases, checks, harness
 NET = "msdnet-cifar100-anytime"
 
 
-def _anytime(ctx, ours, plain, x):
-    K = ours.num_exits
-    macs = ours.exit_macs(tuple(x.shape[1:]))
-
+def _exit1_and_full(ctx, ours, plain, x, budget):
+    """Exit 1 through ``ours.anytime``, ours' and plain's full forward on ``x``, interleaved."""
     def exit1():
         with torch.no_grad():
             gen = ours.anytime(x)
@@ -37,9 +37,15 @@ def _anytime(ctx, ours, plain, x):
                 return model(x)
         return run
 
-    st = ctx.timer({"ours exit 1 (anytime)": exit1, "ours full forward": full(ours),
-                    "plain full forward": full(plain)}, ctx.p["anytime_budget"],
-                   ctx.p["model_min_reps"], ctx.p["model_max_reps"] + 4, 0.0)
+    return ctx.timer({"ours exit 1 (anytime)": exit1, "ours full forward": full(ours),
+                      "plain full forward": full(plain)}, budget,
+                     ctx.p["model_min_reps"], ctx.p["model_max_reps"] + 4, 0.0)
+
+
+def _anytime(ctx, ours, plain, x):
+    K = ours.num_exits
+    macs = ours.exit_macs(tuple(x.shape[1:]))
+    st = _exit1_and_full(ctx, ours, plain, x, ctx.p["anytime_budget"])
     # cumulative time to each exit through one anytime pass (the first pass is a warm-up)
     per_exit = [[] for _ in range(K)]
     for r in range(max(ctx.p["model_min_reps"], 3) + 1):
@@ -63,10 +69,12 @@ def _anytime(ctx, ours, plain, x):
                                    / statistics.median(plain_per_exit[-1])))
              for k in range(K)]
     e1 = st["ours exit 1 (anytime)"].median
+    one = _exit1_and_full(ctx, ours, plain, x[:1], ctx.p["anytime_budget"] / 4)
     return dict(batch=x.shape[0], times={k: v.to_json() for k, v in st.items()},
                 exit1_over_full=e1 / full_s,
                 exit1_over_plain_full=e1 / st["plain full forward"].median,
-                macs_exit1_over_full=macs[0] / macs[-1], exits=exits)
+                macs_exit1_over_full=macs[0] / macs[-1], exits=exits,
+                batch1_times={k: v.to_json() for k, v in one.items()})
 
 
 def _plain_cumulative(ctx, plain, x):

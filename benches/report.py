@@ -299,7 +299,10 @@ def _anytime(sec) -> list:
            f"**{a['exit1_over_full']:.2f}** of a full forward of ours "
            f"({a['exit1_over_plain_full']:.2f} of plain's), for "
            f"{a['macs_exit1_over_full']:.2f} of its multiply-adds.", ""]
-    out += table(("", "time"), [(k, fmt_stat(v)) for k, v in a["times"].items()])
+    times = [(k, fmt_stat(v), fmt_stat(a["batch1_times"][k]) if "batch1_times" in a else "-")
+             for k, v in a["times"].items()]
+    out += table(("", f"time (batch {a['batch']})", "time (batch 1: one image's latency)"),
+                 times)
     out += ["Cumulative time to each exit in one anytime pass, relative to the same passes' "
             "last exit (the whole network; medians over the passes); "
             "`plain time / full`: the same fraction of plain's full forward (its classifiers' "
