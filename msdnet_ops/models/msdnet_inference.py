@@ -71,24 +71,22 @@ class FoldedWeights:
             self._stamp = stamp
 
     def unit(self, conv, bn, dtype, device) -> FoldedUnit:
-        if torch.compiler.is_compiling():
-            return self._fold(conv, bn, dtype)
-        key = (id(conv), dtype, device)
-        unit = self._units.get(key)
-        if unit is None:
-            unit = self._units[key] = self._fold(conv, bn, dtype)
-        return unit
+        return self._kept(conv, dtype, device, lambda: self._fold(conv, bn, dtype))
 
     def path(self, convbn, dtype, device) -> tuple:
         """``(bottleneck unit or None, 3x3 unit)`` of an MSDNet ConvBN path (its modules looked
         up once: their properties cost more than a small convolution's Python call)."""
+        return self._kept(convbn, dtype, device, lambda: self._path(convbn, dtype, device))
+
+    def _kept(self, module, dtype, device, make):
+        """What ``make()`` built for ``module`` in ``dtype`` on ``device``, built once."""
         if torch.compiler.is_compiling():
-            return self._path(convbn, dtype, device)
-        key = (id(convbn), dtype, device)
-        path = self._units.get(key)
-        if path is None:
-            path = self._units[key] = self._path(convbn, dtype, device)
-        return path
+            return make()
+        key = (id(module), dtype, device)
+        value = self._units.get(key)
+        if value is None:
+            value = self._units[key] = make()
+        return value
 
     def _path(self, convbn, dtype, device) -> tuple:
         first = self.unit(convbn.conv1, convbn.bn1, dtype, device) if convbn.bottleneck else None
