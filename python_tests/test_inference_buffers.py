@@ -134,13 +134,22 @@ def test_budgeted_classification_gives_its_buffers_back(use_backend):
 
 
 def test_copies_start_empty_and_release_frees(use_backend):
+    """Copies and pickles of a model that ran inference carry neither its kept buffers nor its
+    folded weights (a pickle is no larger than the fresh model's), and infer as it does."""
     use_backend("cpu")
     _, ours = _eval_pair()
+    fresh_size = len(pickle.dumps(ours))
+    x = torch.randn(2, 3, 32, 32, dtype=F64)
     with torch.no_grad():
-        ours(torch.randn(2, 3, 32, 32, dtype=F64))
+        want = ours(x)
     assert ours._buffer_pool.nbytes() > 0
     assert copy.deepcopy(ours)._buffer_pool.nbytes() == 0
     assert pickle.loads(pickle.dumps(ours))._buffer_pool.nbytes() == 0
+    assert len(pickle.dumps(ours)) <= fresh_size
+    for twin in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        with torch.no_grad():
+            for a, b in zip(twin(x), want):
+                assert torch.equal(a, b)
     ours.release_inference_buffers()
     assert ours._buffer_pool.nbytes() == 0
 

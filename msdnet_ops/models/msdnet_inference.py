@@ -92,6 +92,9 @@ class FoldedWeights:
         first = self.unit(convbn.conv1, convbn.bn1, dtype, device) if convbn.bottleneck else None
         return first, self.unit(convbn.conv3, convbn.bn3, dtype, device)
 
+    def __getstate__(self):  # copies and pickles fold again: the units are derived data
+        return {"_modules": self._modules, "_units": {}, "_stamp": None}
+
     @staticmethod
     def _fold(conv, bn, dtype) -> FoldedUnit:
         weight, bias = fold_batchnorm(conv, bn, dtype)
