@@ -154,6 +154,25 @@ def test_copies_start_empty_and_release_frees(use_backend):
     assert ours._buffer_pool.nbytes() == 0
 
 
+def test_release_refolds_weights_written_through_data(use_backend):
+    """A write through ``.data`` bumps no version counter, so the folded convolutions kept
+    between passes cannot see it; after ``release_inference_buffers()`` the next pass folds
+    the weights as they are: the plain model's logits with the same write."""
+    use_backend("cpu")
+    ref, ours = _eval_pair()
+    x = torch.randn(2, 3, 32, 32, dtype=F64)
+    with torch.no_grad():
+        ours(x)  # folds and keeps every unit
+    for model in (ref, ours):
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.data.mul_(1.5)
+    ours.release_inference_buffers()
+    with torch.no_grad():
+        for k, (a, b) in enumerate(zip(ours(x), ref(x))):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"logits of exit {k}")
+
+
 def test_the_pool_keeps_cpu_tensors_of_its_most_recent_shapes():
     pool = BufferPool(max_shapes=2)
     tensors = [pool.take((n, 4, 3, 3), dtype=torch.float32, device="cpu") for n in (1, 2, 3)]

@@ -150,9 +150,15 @@ class MSDNet(MSDNetPlain):
             run.release()
 
     def release_inference_buffers(self) -> None:
-        """Frees the feature buffers that CPU inference keeps from one forward pass to the
-        next (one set per batch shape, at most two shapes; see ``models/buffer_pool.py``)."""
+        """Frees what inference keeps from one forward pass to the next: the CPU feature
+        buffers (one set per batch shape, at most two shapes; see ``models/buffer_pool.py``)
+        and the convolutions with their BatchNorms folded in. The folded ones are made again
+        by the next pass anyway when a convolution or BatchNorm tensor changed through
+        PyTorch's version counter (optimizer steps, ``load_state_dict``, in-place ops under
+        ``no_grad``, replaced tensors, ``.to()``); a write through ``.data`` (e.g.
+        ``p.data.mul_(...)``) bumps no counter: call this after one."""
         self._buffer_pool.clear()
+        self._folded.clear()
 
     # ---------------------------------------------------------------- checkpoints
     def load_reference_state_dict(self, state_dict, strict: bool = True):

@@ -70,6 +70,11 @@ class FoldedWeights:
             self._units.clear()
             self._stamp = stamp
 
+    def clear(self) -> None:
+        """Forgets every folded unit (the next pass folds them again)."""
+        self._units.clear()
+        self._stamp = None
+
     def unit(self, conv, bn, dtype, device) -> FoldedUnit:
         return self._kept(conv, dtype, device, lambda: self._fold(conv, bn, dtype))
 
