@@ -52,7 +52,7 @@ class FoldedWeights:
     then). Under torch.compile every lookup folds inside the graph (the stamps compare storage
     addresses, which dynamo cannot trace)."""
 
-    def __init__(self, modules=()):
+    def __init__(self, modules):
         self._modules = [m for m in modules
                          if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
         self._units: dict = {}
