@@ -742,3 +742,40 @@ def _bottleneck_conv_bias_relu_unchecked(x, w1, b1, weight, bias, stride, paddin
 eager.conv_bias_relu = _Eager._choose(conv_bias_relu, _conv_bias_relu_unchecked)
 eager.bottleneck_conv_bias_relu = _Eager._choose(bottleneck_conv_bias_relu,
                                                  _bottleneck_conv_bias_relu_unchecked)
+
+
+# --------------------------------------------------------------------------- prepared inference calls
+
+def preparation_key(device: torch.device, dtype: torch.dtype):
+    """What a prepared call (:func:`prepared_conv_bias_relu`) on ``device``/``dtype`` tensors
+    depends on beyond its arguments' shapes and strides: the backend and its settings
+    (hashable); None where prepared calls are not to be used (under torch.compile, or with
+    autocast on, which the eager ops turn off around their kernels)."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(device.type):
+        return None
+    backend = backends.resolve(device, dtype)
+    key = getattr(backends.kernels_for(backend), "prepared_key", None)
+    return backend, (key() if key is not None else ())
+
+
+def prepared_conv_bias_relu(x, weight, bias, stride: int, padding: int, out):
+    """``eager.conv_bias_relu(x, weight, bias, stride, padding, out)`` as ``run(x, out)`` for
+    tensors of the same shapes, strides, dtype and device, under the same
+    :func:`preparation_key`: for an inference run that calls one unit on every forward pass
+    (unchecked; the CPU backend makes its per-shape choice and its kernels' weight layout once,
+    the others run the op)."""
+    kernels = _kernels(x)
+    prepare = getattr(kernels, "prepared_conv_bias_relu", None)
+    if prepare is not None:
+        return prepare(x, weight, bias, stride, padding, out)
+    return lambda x, out: kernels.conv_bias_relu(x, weight, bias, stride, padding, out)
+
+
+def prepared_bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride: int, padding: int, out):
+    """:func:`prepared_conv_bias_relu` of ``eager.bottleneck_conv_bias_relu``."""
+    kernels = _kernels(x)
+    prepare = getattr(kernels, "prepared_bottleneck_conv_bias_relu", None)
+    if prepare is not None:
+        return prepare(x, w1, b1, weight, bias, stride, padding, out)
+    return lambda x, out: kernels.bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride,
+                                                            padding, out)

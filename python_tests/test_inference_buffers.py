@@ -173,6 +173,53 @@ def test_release_refolds_weights_written_through_data(use_backend):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"logits of exit {k}")
 
 
+def _assert_equals_plain(ours, ref, x, what):
+    with torch.no_grad():
+        for k, (a, b) in enumerate(zip(ours(x), ref(x))):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{what}: exit {k}")
+
+
+def test_prepared_calls_follow_the_convolution_setting(use_backend, monkeypatch):
+    """Each unit's call is prepared once per geometry and setting: after
+    ``MSDNET_OPS_CPU_CONV`` changes between passes the next pass runs the newly chosen kernels
+    (the fused bottleneck where it was oneDNN's two convolutions, and back), every pass equal
+    to the plain model."""
+    from msdnet_ops.kernels import cpu as cpu_kernels
+    use_backend("cpu")
+    ref, ours = _eval_pair()
+    fused_runs = []
+    prepare = cpu_kernels.prepared_bottleneck_direct_conv
+
+    def spied(*args):
+        run = prepare(*args)
+        return lambda x, out: fused_runs.append(1) or run(x, out)
+    monkeypatch.setattr(cpu_kernels, "prepared_bottleneck_direct_conv", spied)
+    x = torch.randn(2, 3, 32, 32, dtype=F64)
+    for choice, fused in (("onednn", False), ("direct", True), ("onednn", False)):
+        monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)
+        fused_runs.clear()
+        _assert_equals_plain(ours, ref, x, choice)
+        assert bool(fused_runs) == fused, choice
+
+
+def test_prepared_calls_per_unit_are_bounded(use_backend, monkeypatch):
+    """Passes over many batch sizes (a budgeted run's samples left after an early exit) keep
+    at most ``FoldedUnit.MAX_PREPARED`` prepared calls per unit, and stay equal to the plain
+    model."""
+    from msdnet_ops.models.msdnet_inference import FoldedUnit
+    use_backend("cpu")
+    monkeypatch.setattr(FoldedUnit, "MAX_PREPARED", 3)
+    ref, ours = _eval_pair()
+    for batch in (1, 2, 3, 4, 5, 2):
+        _assert_equals_plain(ours, ref, torch.randn(batch, 3, 32, 32, dtype=F64),
+                             f"batch {batch}")
+    units = [u for kept in ours._folded._units.values()
+             for u in (kept if isinstance(kept, tuple) and not isinstance(kept, FoldedUnit)
+                       else (kept,)) if u is not None]
+    sizes = [len(u.prepared) for u in units]  # (a path's 3x3 unit: its bottleneck's keeps it)
+    assert units and 0 < max(sizes) <= 3
+
+
 def test_the_pool_keeps_cpu_tensors_of_its_most_recent_shapes():
     pool = BufferPool(max_shapes=2)
     tensors = [pool.take((n, 4, 3, 3), dtype=torch.float32, device="cpu") for n in (1, 2, 3)]

@@ -56,11 +56,16 @@ def test_msdnet_matches_plain_pytorch_with_each_cpu_convolution(use_backend, mon
     dev = use_backend("cpu")
     monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)
     calls = []
-    for name, relu_arg in (("direct_conv_into", 5), ("pointwise_conv_rows", 3),
-                           ("bottleneck_direct_conv_into", 7)):
-        kernel = getattr(cpu_kernels, name)
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name, _r=relu_arg:
-                            calls.append((_n, a[_r])) or _k(*a))
+
+    def spy(name, prepare, relu_arg):  # every use of a kernel runs a call prepared by it
+        def prepared(*args):
+            run = prepare(*args)
+            return lambda x, out: calls.append((name, args[relu_arg])) or run(x, out)
+        return prepared
+    for name, relu_arg in (("direct_conv", 4), ("pointwise_conv_rows", 2),
+                           ("bottleneck_direct_conv", 6)):
+        monkeypatch.setattr(cpu_kernels, "prepared_" + name,
+                            spy(name, getattr(cpu_kernels, "prepared_" + name), relu_arg))
     cfg, size = CONFIGS["cifar-max"]
     ref, ours = _pair(cfg, device=dev)
     x = torch.randn(2, 3, size, size, dtype=F64, device=dev)
@@ -72,9 +77,9 @@ def test_msdnet_matches_plain_pytorch_with_each_cpu_convolution(use_backend, mon
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"logits of exit {k}")
     kinds = {(name, relu) for name, relu in calls}
     if choice == "direct":  # relu: the inference convolution; without: forward, input gradient
-        assert {("direct_conv_into", True), ("direct_conv_into", False),
+        assert {("direct_conv", True), ("direct_conv", False),
                 ("pointwise_conv_rows", True), ("pointwise_conv_rows", False),
-                ("bottleneck_direct_conv_into", True)} <= kinds
+                ("bottleneck_direct_conv", True)} <= kinds
     else:
         assert not kinds
 

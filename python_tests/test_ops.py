@@ -726,6 +726,70 @@ def test_bottleneck_conv_bias_relu_matches_plain_pytorch(backend, use_backend, m
             assert bool(calls) == (choice == "direct")
 
 
+@pytest.mark.parametrize("backend", backend_params(include_triton=False))
+@pytest.mark.parametrize("k,stride", [(1, 1), (3, 1), (3, 2)])
+@pytest.mark.parametrize("bottleneck", [False, True])
+def test_prepared_inference_convolutions_match_plain_pytorch(backend, use_backend, monkeypatch,
+                                                             k, stride, bottleneck):
+    """``ops.prepared_conv_bias_relu`` / ``prepared_bottleneck_conv_bias_relu``: prepared on
+    one buffer prefix and output slice, then run on other buffers of the same geometry (other
+    values), into the slice and new, they equal plain ``relu(conv2d(.))`` and leave the
+    channels around the slice alone. On the CPU each implementation the choice can make."""
+    dev = use_backend(backend)
+    torch.manual_seed(19)
+    n, c, mid, h, w_, cout = 3, 7, 5, 9, 5, 4
+    pad = (k - 1) // 2
+    w1, b1 = torch.randn(mid, c, 1, 1, dtype=F64, device=dev), torch.randn(mid, dtype=F64,
+                                                                           device=dev)
+    weight = torch.randn(cout, mid if bottleneck else c, k, k, dtype=F64, device=dev)
+    bias = torch.randn(cout, dtype=F64, device=dev)
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w_ + 2 * pad - k) // stride + 1
+
+    def slice_of(buf):
+        return buf[:, 1:1 + cout]
+
+    def new_output_buffer():
+        return torch.randn(n, ho, wo, cout + 3, dtype=F64, device=dev).permute(0, 3, 1, 2)
+
+    def plain(x):
+        y = _plain_conv_bias_relu(x, w1, b1, 1, 0) if bottleneck else x
+        return _plain_conv_bias_relu(y, weight, bias, stride, pad)
+
+    def prepare(x, out):
+        if bottleneck:
+            return ops.prepared_bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride, pad,
+                                                          out)
+        return ops.prepared_conv_bias_relu(x, weight, bias, stride, pad, out)
+    choices = [None]
+    if backend == "cpu":
+        choices = ["onednn", "direct"] + (["gemm"] if k == 1 and not bottleneck else [])
+    for choice in choices:
+        if choice:
+            monkeypatch.setenv("MSDNET_OPS_CPU_CONV", choice)
+        assert ops.preparation_key(dev, F64) is not None
+        _, x = _nhwc_prefix(n, c, h, w_, dtype=F64, device=dev)
+        run_into = prepare(x, slice_of(new_output_buffer()))
+        run_new = prepare(x, None)
+        for _ in range(2):
+            _, x = _nhwc_prefix(n, c, h, w_, dtype=F64, device=dev)
+            buf = new_output_buffer()
+            before = buf.clone()
+            returned = run_into(x, slice_of(buf))
+            assert returned.data_ptr() == slice_of(buf).data_ptr()
+            torch.testing.assert_close(slice_of(buf), plain(x), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(buf[:, :1], before[:, :1])
+            torch.testing.assert_close(buf[:, 1 + cout:], before[:, 1 + cout:])
+            torch.testing.assert_close(run_new(x, None), plain(x), rtol=1e-10, atol=1e-10)
+
+
+def test_prepared_inference_calls_are_not_used_under_autocast():
+    """Autocast changes what the eager ops run (they turn it off around their kernels):
+    prepared calls, which skip them, are refused there."""
+    assert ops.preparation_key(torch.device("cpu"), torch.float32) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.preparation_key(torch.device("cpu"), torch.float32) is None
+
+
 def test_bottleneck_conv_bias_relu_rejects_mismatched_weights(use_backend):
     use_backend("cpu")
     buf, x = _nhwc_prefix(2, 5, 6, 6, cap_extra=6)

@@ -25,6 +25,10 @@ bn_scale_shift_backward_ = _ref.bn_scale_shift_backward_
 conv_backward_ = cpu_conv.conv_backward_
 conv_bias_relu = cpu_conv.conv_bias_relu
 bottleneck_conv_bias_relu = cpu_conv.bottleneck_conv_bias_relu
+# optional (ops.prepared_conv_bias_relu): the per-shape choice made once for an inference unit
+prepared_conv_bias_relu = cpu_conv.prepared_conv_bias_relu
+prepared_bottleneck_conv_bias_relu = cpu_conv.prepared_bottleneck_conv_bias_relu
+prepared_key = cpu_conv.prepared_key
 
 
 def conv(x, weight, stride, padding, pool):

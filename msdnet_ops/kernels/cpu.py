@@ -105,11 +105,22 @@ def pointwise_conv_rows(x, weight, bias, relu: bool, out) -> None:
     a 1x1 convolution of NHWC pixels with 1 to :data:`POINTWISE_CONV_MAX_OUTPUTS` outputs;
     ``weight`` ``[N, K]`` dense, ``bias`` ``[N]`` dense or None, ``act`` ReLU (NaN kept) when
     ``relu``."""
+    prepared_pointwise_conv_rows(weight, bias, relu)(x, out)
+
+
+def prepared_pointwise_conv_rows(weight, bias, relu: bool):
+    """:func:`pointwise_conv_rows` with these weights as ``run(x, out)`` (which returns
+    ``out``), their layout made once (an inference unit runs on every forward pass)."""
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    _module().pointwise_conv(_code(x), _rows(x), weight.data_ptr(), weight.shape[0],
-                             0 if bias is None else bias.data_ptr(), bool(relu), _rows(out),
-                             torch.get_num_threads())
+    module, outputs, relu = _module(), weight.shape[0], bool(relu)
+
+    def run(x, out) -> None:
+        module.pointwise_conv(_code(x), _rows(x), weight.data_ptr(), outputs,
+                              0 if bias is None else bias.data_ptr(), relu, _rows(out),
+                              torch.get_num_threads())
+        return out
+    return run
 
 
 def pointwise_conv_wgrad_rows(x, grad_out) -> torch.Tensor:
@@ -129,11 +140,23 @@ def direct_conv_into(x, weight, bias, stride: int, padding: int, relu: bool, out
     """``out = act(conv2d(x, weight, bias, stride, padding))`` for a square kernel and 1 to
     :data:`DIRECT_CONV_MAX_OUTPUTS` outputs; ``x`` and ``out`` NHWC-strided views (channel
     stride 1: a buffer prefix, a buffer slice), ``act`` ReLU (NaN kept) when ``relu``."""
+    prepared_direct_conv(weight, bias, stride, padding, relu)(x, out)
+
+
+def prepared_direct_conv(weight, bias, stride: int, padding: int, relu: bool):
+    """:func:`direct_conv_into` with these weights as ``run(x, out)`` (which returns ``out``),
+    their layout made once."""
     weight = weight.permute(0, 2, 3, 1).contiguous()  # [O, k, k, C]: free for channels_last
     bias = None if bias is None else bias.contiguous()
-    _module().direct_conv(_code(x), view(x), weight.data_ptr(), weight.shape[1], int(stride),
-                          int(padding), 0 if bias is None else bias.data_ptr(), bool(relu),
-                          view(out), torch.get_num_threads())
+    module, k, stride, padding, relu = _module(), weight.shape[1], int(stride), int(padding), \
+        bool(relu)
+
+    def run(x, out) -> None:
+        module.direct_conv(_code(x), view(x), weight.data_ptr(), k, stride, padding,
+                           0 if bias is None else bias.data_ptr(), relu, view(out),
+                           torch.get_num_threads())
+        return out
+    return run
 
 
 BOTTLENECK_MAX_MID = 32  # csrc/cpu/direct_conv.cpp: kMaxMid
@@ -145,15 +168,27 @@ def bottleneck_direct_conv_into(x, w1, b1, weight, bias, stride: int, padding: i
     unit with 1 to :data:`BOTTLENECK_MAX_MID` outputs fused in front of
     :func:`direct_conv_into`'s convolution (its output is computed row by row into the
     kernel's scratch, never stored); ``x`` and ``out`` NHWC-strided views."""
+    prepared_bottleneck_direct_conv(w1, b1, weight, bias, stride, padding, relu)(x, out)
+
+
+def prepared_bottleneck_direct_conv(w1, b1, weight, bias, stride: int, padding: int,
+                                    relu: bool):
+    """:func:`bottleneck_direct_conv_into` with these weights as ``run(x, out)`` (which returns
+    ``out``), their layout made once."""
     w1 = w1.reshape(w1.shape[0], -1).contiguous()
     weight = weight.permute(0, 2, 3, 1).contiguous()
     bias = None if bias is None else bias.contiguous()
     b1 = b1.contiguous()
-    _module().bottleneck_direct_conv(_code(x), view(x), w1.data_ptr(), w1.shape[0],
-                                     b1.data_ptr(), weight.data_ptr(), weight.shape[1],
-                                     int(stride), int(padding),
-                                     0 if bias is None else bias.data_ptr(), bool(relu),
-                                     view(out), torch.get_num_threads())
+    module, mid, k, stride, padding, relu = _module(), w1.shape[0], weight.shape[1], \
+        int(stride), int(padding), bool(relu)
+
+    def run(x, out) -> None:
+        module.bottleneck_direct_conv(_code(x), view(x), w1.data_ptr(), mid, b1.data_ptr(),
+                                      weight.data_ptr(), k, stride, padding,
+                                      0 if bias is None else bias.data_ptr(), relu, view(out),
+                                      torch.get_num_threads())
+        return out
+    return run
 
 
 def isa() -> str | None:

@@ -418,14 +418,39 @@ def conv(x, weight, stride, padding, pool, out=None) -> torch.Tensor:
     return _FORWARD[name](x, weight, stride, padding, pool, out)
 
 
+def _inference_choice(x, weight, bias, stride: int, padding: int, out) -> str:
+    def trial(impl):
+        return lambda: impl(x, weight, bias, stride, padding)
+    return _chooser.pick(_INFERENCE, _key("infer", x, weight, stride, padding, 1),
+                         _forward_candidates(x, weight, stride, padding, 1, out), trial)
+
+
 def conv_bias_relu(x, weight, bias, stride: int, padding: int, out=None) -> torch.Tensor:
     """``relu(conv2d(x, weight, bias, stride, padding))`` (inference with a folded BatchNorm),
     a new dense NHWC tensor, or written into ``out``."""
-    def trial(impl):
-        return lambda: impl(x, weight, bias, stride, padding)
-    name = _chooser.pick(_INFERENCE, _key("infer", x, weight, stride, padding, 1),
-                         _forward_candidates(x, weight, stride, padding, 1, out), trial)
+    name = _inference_choice(x, weight, bias, stride, padding, out)
     return _INFERENCE[name](x, weight, bias, stride, padding, out)
+
+
+def prepared_conv_bias_relu(x, weight, bias, stride: int, padding: int, out=None):
+    """What :func:`conv_bias_relu` runs for these arguments, as ``run(x, out)`` (returning the
+    output) for tensors of the same shapes, strides and dtype (``out`` None again where it is
+    None here): chosen once, our kernels' weights laid out once (an inference unit runs on
+    every forward pass; at batch 1 the per-call choice and layout cost about as much as the
+    convolution)."""
+    name = _inference_choice(x, weight, bias, stride, padding, out)
+    if name == "direct" and out is not None:
+        if _gemm_applies(x, weight, stride, padding, 1, out):
+            rows_run = _kernels.prepared_pointwise_conv_rows(weight.view(weight.shape[0], -1),
+                                                             bias, True)
+
+            def pointwise(x, out):
+                rows_run(rows(x), rows(out))
+                return out
+            return pointwise
+        return _kernels.prepared_direct_conv(weight, bias, stride, padding, True)
+    impl = _INFERENCE[name]
+    return lambda x, out: impl(x, weight, bias, stride, padding, out)
 
 
 def _bottleneck_fused_applies(x, w1, weight, out) -> bool:
@@ -449,19 +474,45 @@ def _bottleneck_fused(x, w1, b1, weight, bias, stride, padding, out=None):
 _BOTTLENECK = {"separate": _bottleneck_separate, "direct": _bottleneck_fused}
 
 
+def _bottleneck_choice(x, w1, b1, weight, bias, stride: int, padding: int, out) -> str:
+    def trial(impl):
+        return lambda: impl(x, w1, b1, weight, bias, stride, padding)
+    candidates = ("separate", "direct") if _bottleneck_fused_applies(x, w1, weight, out) \
+        else ("separate",)
+    key = ("bottleneck",) + _key("infer", x, weight, stride, padding, 1) + (tuple(w1.shape),)
+    return _chooser.pick(_BOTTLENECK, key, candidates, trial)
+
+
 def bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride: int, padding: int,
                               out=None) -> torch.Tensor:
     """``relu(conv2d(relu(conv2d(x, w1, b1)), weight, bias, stride, padding))`` (a 1x1 unit
     then a k x k one, inference), new or written into ``out``: the two convolutions apart
     (each its own choice), or where our direct kernel applies and the bottleneck is narrow,
     fused (its output never stored), chosen per shape."""
-    def trial(impl):
-        return lambda: impl(x, w1, b1, weight, bias, stride, padding)
-    candidates = ("separate", "direct") if _bottleneck_fused_applies(x, w1, weight, out) \
-        else ("separate",)
-    key = ("bottleneck",) + _key("infer", x, weight, stride, padding, 1) + (tuple(w1.shape),)
-    name = _chooser.pick(_BOTTLENECK, key, candidates, trial)
+    name = _bottleneck_choice(x, w1, b1, weight, bias, stride, padding, out)
     return _BOTTLENECK[name](x, w1, b1, weight, bias, stride, padding, out)
+
+
+def prepared_bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride: int, padding: int,
+                                       out=None):
+    """What :func:`bottleneck_conv_bias_relu` runs for these arguments, as ``run(x, out)`` for
+    tensors of the same shapes, strides and dtype (see :func:`prepared_conv_bias_relu`)."""
+    if _bottleneck_choice(x, w1, b1, weight, bias, stride, padding, out) == "direct":
+        fused = _kernels.prepared_bottleneck_direct_conv(w1, b1, weight, bias, stride, padding,
+                                                         True)
+        if out is not None:
+            return fused
+        return lambda x, out: _bottleneck_fused(x, w1, b1, weight, bias, stride, padding, out)
+    first = prepared_conv_bias_relu(x, w1, b1, 1, 0)
+    # the second reads the first's new (dense NHWC) outputs: prepared on one of them
+    second = prepared_conv_bias_relu(first(x, None), weight, bias, stride, padding, out)
+    return lambda x, out: second(first(x, None), out)
+
+
+def prepared_key() -> tuple:
+    """What a prepared call depends on beyond its arguments' shapes: the forced choice and
+    the thread count (the per-shape choices are made per thread count)."""
+    return forced_choice(), torch.get_num_threads()
 
 
 def conv_backward_(grad_out, x, weight, stride, padding, pool, grad_x) -> torch.Tensor:

@@ -41,6 +41,23 @@ class FoldedUnit(NamedTuple):
     stride: int
     padding: int
     out_channels: int
+    # its calls prepared by the ops (or, for a path's bottleneck, the path's) per input and
+    # output geometry: they live and go with the unit, so a run never finds one made from
+    # other weights
+    prepared: dict
+
+    # geometries kept at most (a budgeted run's samples left after an early exit come in many
+    # batch sizes); past it they are all prepared again
+    MAX_PREPARED = 64
+
+    def prepared_call(self, key, make):
+        """The call ``make()`` prepared for ``key``, made once."""
+        call = self.prepared.get(key)
+        if call is None:
+            if len(self.prepared) >= self.MAX_PREPARED:
+                self.prepared.clear()
+            call = self.prepared[key] = make()
+        return call
 
 
 class FoldedWeights:
@@ -63,15 +80,16 @@ class FoldedWeights:
         replaced or changed in place since the last call."""
         if torch.compiler.is_compiling():
             return
-        tensors = [t for m in self._modules
-                   for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
-        stamp = [t.data_ptr() for t in tensors] + [t._version for t in tensors]
+        tensors = [t for m in self._modules for d in (m._parameters, m._buffers)
+                   for t in d.values() if t is not None]
+        stamp = ([t.data_ptr() for t in tensors], [t._version for t in tensors])
         if stamp != self._stamp:
-            self._units.clear()
+            self.clear()
             self._stamp = stamp
 
     def clear(self) -> None:
-        """Forgets every folded unit (the next pass folds them again)."""
+        """Forgets every folded unit, and with them their prepared calls (the next pass folds
+        and prepares them again)."""
         self._units.clear()
         self._stamp = None
 
@@ -103,7 +121,7 @@ class FoldedWeights:
     @staticmethod
     def _fold(conv, bn, dtype) -> FoldedUnit:
         weight, bias = fold_batchnorm(conv, bn, dtype)
-        return FoldedUnit(weight, bias, conv.stride[0], conv.padding[0], conv.out_channels)
+        return FoldedUnit(weight, bias, conv.stride[0], conv.padding[0], conv.out_channels, {})
 
 
 def can_run_activated(model, batchnorms) -> bool:
@@ -130,6 +148,9 @@ class InferenceRun(PlanRun):
         self.pooled: set = set()
         self.released = False
         folded.validate()
+        # the units' calls prepared once per geometry (ops.prepared_conv_bias_relu), or None:
+        # every call through the eager ops
+        self.preparation = ops.preparation_key(self.device, self.dtype)
 
     # ------------------------------------------------------------------ buffers
     def _buffer(self, key) -> torch.Tensor:
@@ -180,11 +201,20 @@ class InferenceRun(PlanRun):
     def _unit(self, conv, bn) -> FoldedUnit:
         return self.folded.unit(conv, bn, self.dtype, self.device)
 
-    @staticmethod
-    def _conv_bn_relu(x: torch.Tensor, unit: FoldedUnit, out=None) -> torch.Tensor:
-        # (unchecked: the run builds every argument itself)
-        return ops.eager.conv_bias_relu(x, unit.weight, unit.bias, unit.stride, unit.padding,
-                                        out)
+    def _conv_bn_relu(self, x: torch.Tensor, unit: FoldedUnit, out=None) -> torch.Tensor:
+        """A unit's output, written into ``out`` or new (unchecked: the run builds every
+        argument itself)."""
+        if self.preparation is None:
+            return ops.eager.conv_bias_relu(x, unit.weight, unit.bias, unit.stride,
+                                            unit.padding, out)
+        return self._prepared(unit, x, out, lambda: ops.prepared_conv_bias_relu(
+            x, unit.weight, unit.bias, unit.stride, unit.padding, out))(x, out)
+
+    def _prepared(self, unit: FoldedUnit, x: torch.Tensor, out, make):
+        """The call ``make()`` prepares for ``unit`` (the first of a path) on tensors like
+        ``x`` and ``out``, kept with the unit."""
+        key = (x.shape, x.stride(), None if out is None else out.stride(), self.preparation)
+        return unit.prepared_call(key, make)
 
     def _append_conv_bn_relu(self, key, x: torch.Tensor, unit: FoldedUnit) -> None:
         """A unit's output written straight into the next free channels of buffer ``key``."""
@@ -196,9 +226,13 @@ class InferenceRun(PlanRun):
         out = self._slice(key, second.out_channels)
         if first is None:
             self._conv_bn_relu(x, second, out)
-            return
-        ops.eager.bottleneck_conv_bias_relu(x, first.weight, first.bias, second.weight,
-                                            second.bias, second.stride, second.padding, out)
+        elif self.preparation is None:
+            ops.eager.bottleneck_conv_bias_relu(x, first.weight, first.bias, second.weight,
+                                                second.bias, second.stride, second.padding, out)
+        else:
+            self._prepared(first, x, out, lambda: ops.prepared_bottleneck_conv_bias_relu(
+                x, first.weight, first.bias, second.weight, second.bias, second.stride,
+                second.padding, out))(x, out)
 
     # ------------------------------------------------------------------ cells
     def _run_stem(self, cell) -> None:
