@@ -66,7 +66,8 @@ def _vector_ptr(v, like) -> tuple:
     pointer (0 for None); keep the tensor alive for the call."""
     if v is None:
         return None, 0
-    v = v.detach().to(like.dtype).contiguous()
+    if v.dtype != like.dtype or not v.is_contiguous():  # (the checks cost less than the calls)
+        v = v.detach().to(like.dtype).contiguous()
     return v, v.data_ptr()
 
 

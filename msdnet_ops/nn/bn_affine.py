@@ -91,8 +91,9 @@ def _apply_running_stats(updates) -> None:
                 store.append(value)
         for factor, (means, vars_, new_means, new_vars) in groups.items():
             torch._foreach_mul_(means + vars_, 1 - factor)
-            torch._foreach_add_(means + vars_, [v.to(r.dtype) for v, r in
-                                                zip(new_means + new_vars, means + vars_)],
+            torch._foreach_add_(means + vars_, [v if v.dtype == r.dtype else v.to(r.dtype)
+                                                for v, r in zip(new_means + new_vars,
+                                                                means + vars_)],
                                 alpha=factor)
 
 
