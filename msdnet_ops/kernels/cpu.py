@@ -116,7 +116,7 @@ def prepared_pointwise_conv_rows(weight, bias, relu: bool):
     bias = None if bias is None else bias.contiguous()
     module, outputs, relu = _module(), weight.shape[0], bool(relu)
 
-    def run(x, out) -> None:
+    def run(x, out) -> torch.Tensor:
         module.pointwise_conv(_code(x), _rows(x), weight.data_ptr(), outputs,
                               0 if bias is None else bias.data_ptr(), relu, _rows(out),
                               torch.get_num_threads())
@@ -152,7 +152,7 @@ def prepared_direct_conv(weight, bias, stride: int, padding: int, relu: bool):
     module, k, stride, padding, relu = _module(), weight.shape[1], int(stride), int(padding), \
         bool(relu)
 
-    def run(x, out) -> None:
+    def run(x, out) -> torch.Tensor:
         module.direct_conv(_code(x), view(x), weight.data_ptr(), k, stride, padding,
                            0 if bias is None else bias.data_ptr(), relu, view(out),
                            torch.get_num_threads())
@@ -183,7 +183,7 @@ def prepared_bottleneck_direct_conv(w1, b1, weight, bias, stride: int, padding: 
     module, mid, k, stride, padding, relu = _module(), w1.shape[0], weight.shape[1], \
         int(stride), int(padding), bool(relu)
 
-    def run(x, out) -> None:
+    def run(x, out) -> torch.Tensor:
         module.bottleneck_direct_conv(_code(x), view(x), w1.data_ptr(), mid, b1.data_ptr(),
                                       weight.data_ptr(), k, stride, padding,
                                       0 if bias is None else bias.data_ptr(), relu, view(out),

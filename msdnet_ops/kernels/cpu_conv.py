@@ -498,11 +498,11 @@ def prepared_bottleneck_conv_bias_relu(x, w1, b1, weight, bias, stride: int, pad
     """What :func:`bottleneck_conv_bias_relu` runs for these arguments, as ``run(x, out)`` for
     tensors of the same shapes, strides and dtype (see :func:`prepared_conv_bias_relu`)."""
     if _bottleneck_choice(x, w1, b1, weight, bias, stride, padding, out) == "direct":
-        fused = _kernels.prepared_bottleneck_direct_conv(w1, b1, weight, bias, stride, padding,
-                                                         True)
-        if out is not None:
-            return fused
-        return lambda x, out: _bottleneck_fused(x, w1, b1, weight, bias, stride, padding, out)
+        if out is None:  # (a new output each call)
+            return lambda x, out: _bottleneck_fused(x, w1, b1, weight, bias, stride, padding,
+                                                    out)
+        return _kernels.prepared_bottleneck_direct_conv(w1, b1, weight, bias, stride, padding,
+                                                        True)
     first = prepared_conv_bias_relu(x, w1, b1, 1, 0)
     # the second reads the first's new (dense NHWC) outputs: prepared on one of them
     second = prepared_conv_bias_relu(first(x, None), weight, bias, stride, padding, out)
