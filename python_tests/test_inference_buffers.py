@@ -133,6 +133,26 @@ def test_budgeted_classification_gives_its_buffers_back(use_backend):
     assert torch.equal(first.exits, second.exits)
 
 
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_budgeted_classification_after_compaction_equals_plain(use_backend, config):
+    """Samples compacted away at exit 1 leave the rest to cells deferred past it (with
+    ``base=1`` the finest scale's first layer, which reads the stem's channels): every sample's
+    class is the plain model's at the exit it left from, and the samples that went on are not
+    given the full batch's stem output."""
+    use_backend("cpu")
+    cfg, size = CONFIGS[config]
+    ref, ours = _eval_pair(cfg)
+    x = torch.randn(7, 3, size, size, dtype=F64)
+    with torch.no_grad():
+        want = ref(x)
+        conf = torch.softmax(want[0], 1).max(1).values
+    thresholds = [conf.median().item()] + [0.0] * (len(want) - 1)
+    got = msdnet_ops.BudgetedClassifier(ours, thresholds).predict(x)
+    assert 0 < (got.exits == 0).sum() < 7 and (got.exits <= 1).all()
+    for i, k in enumerate(got.exits.tolist()):
+        assert got.predictions[i] == want[k][i].argmax(), f"sample {i} at exit {k}"
+
+
 def test_copies_start_empty_and_release_frees(use_backend):
     """Copies and pickles of a model that ran inference carry neither its kept buffers nor its
     folded weights (a pickle is no larger than the fresh model's), and infer as it does."""

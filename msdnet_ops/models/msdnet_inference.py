@@ -146,6 +146,10 @@ class InferenceRun(PlanRun):
         self.pool = None if torch.compiler.is_compiling() else pool
         self.full_batch = self.batch
         self.pooled: set = set()
+        # buffer key -> the dense copy of its first channels (a stem's output, kept as computed
+        # beside the buffer): readers of exactly those channels convolve it, with no prefix
+        # copy for oneDNN and no strided reads of a wide buffer
+        self.dense: dict = {}
         self.released = False
         folded.validate()
         # the units' calls prepared once per geometry (ops.prepared_conv_bias_relu), or None:
@@ -172,7 +176,9 @@ class InferenceRun(PlanRun):
         return super().exit_logits(exit_index)
 
     def _let_go(self, key) -> None:
-        """Drops buffer ``key``; one from the pool goes back to it."""
+        """Drops buffer ``key`` (and its dense stem copy: compaction gathers the buffer alone);
+        one from the pool goes back to it."""
+        self.dense.pop(key, None)
         values = self.buffers.pop(key)
         if key in self.pooled:
             self.pooled.discard(key)
@@ -189,7 +195,16 @@ class InferenceRun(PlanRun):
             self._let_go(key)
 
     def _prefix(self, key, width: int) -> torch.Tensor:
+        dense = self.dense.get(key)
+        if dense is not None and dense.shape[1] == width:
+            return dense
         return self._buffer(key)[:, :width]
+
+    def _append_dense(self, key, y: torch.Tensor) -> None:
+        """A stem's output ``y`` (dense) copied into buffer ``key``'s first channels, and kept
+        for the readers of exactly those."""
+        self._slice(key, y.shape[1]).copy_(y)
+        self.dense[key] = y
 
     def _slice(self, key, channels: int) -> torch.Tensor:
         """The next ``channels`` free channels of buffer ``key``, claimed for a writer."""
@@ -237,19 +252,16 @@ class InferenceRun(PlanRun):
     # ------------------------------------------------------------------ cells
     def _run_stem(self, cell) -> None:
         unit = cell.module
-        if cell.scale == 0:  # reads the image
-            image = self.image.to(self.dtype)
+        if cell.scale == 0:  # reads the image (in NHWC: the convolution's output follows it)
+            image = self.image.to(self.dtype, memory_format=torch.channels_last)
             self.image = None  # only the scale-0 stem reads it
+            y = self._conv_bn_relu(image, self._unit(unit.conv, unit.bn))
             if self.model.stem_kind == "imagenet":
-                y = F.max_pool2d(self._conv_bn_relu(image, self._unit(unit.conv, unit.bn)),
-                                 3, 2, 1)
-                self._slice(cell.writes, y.shape[1]).copy_(y)
-                return
-            self._append_conv_bn_relu(cell.writes, image, self._unit(unit.conv, unit.bn))
-            return
-        (key, width), = cell.reads
-        self._append_conv_bn_relu(cell.writes, self._prefix(key, width),
-                                  self._unit(unit.conv, unit.bn))
+                y = F.max_pool2d(y, 3, 2, 1)
+        else:
+            (key, width), = cell.reads
+            y = self._conv_bn_relu(self._prefix(key, width), self._unit(unit.conv, unit.bn))
+        self._append_dense(cell.writes, y)
 
     def _run_path(self, cell) -> None:
         unit = cell.module
