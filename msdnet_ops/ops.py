@@ -299,6 +299,15 @@ def fuses_batchnorm_relu(y: Tensor) -> bool:
     return getattr(_kernels(y), "FUSED_BATCHNORM_RELU", False)
 
 
+def fuses_batchnorm_relu_epilogue(y: Tensor) -> bool:
+    """Whether :func:`batchnorm_relu_into_` and its backward take fewer kernel calls than
+    their steps on the backend for tensors like ``y``, so that a post-activation unit calls
+    them: where :func:`fuses_batchnorm_relu`, and on Triton (each way a launch fewer: the
+    BatchNorm's vectors, and their gradients, computed in the kernels that use them)."""
+    return (fuses_batchnorm_relu(y)
+            or getattr(_kernels(y), "FUSED_BATCHNORM_RELU_EPILOGUE", False))
+
+
 def _check_batchnorm_backward_rows(y, stats, rows, weight, grad_params):
     for t, name in ((stats, "stats"), (rows, "rows"), (grad_params, "grad_params")):
         _check_rows(t, name, y)

@@ -53,20 +53,45 @@ def _batchnorms(name: str) -> int:
 
 @pytest.mark.parametrize("name", [NAME, "densenet-bc100"])
 def test_ours_batchnorm_vectors_are_one_launch_each_way_per_batchnorm(name):
-    """Each BatchNorm's (scale, shift) and their backward are one kernel each: no per-channel
+    """Each BatchNorm's (scale, shift) and their backward are at most one kernel each: no per-channel
     PyTorch arithmetic (which took 6 launches per BatchNorm), no copy of statistics into a
     buffer's vectors, and the running-statistics counters in one launch; in all, DenseNet
     launches no more kernels than plain."""
     counts = count_launches(name, "ours")
     bns = _batchnorms(name)
-    assert counts["triton._bn_scale_shift_kernel"] == bns
-    assert counts["triton._bn_scale_shift_backward_kernel"] == bns
+    # MSDNet's post-activation units compute their vectors, and their gradients, inside the
+    # kernels that use them; the BatchNorms read by a convolution (its prologue applies
+    # them), in a kernel of their own each way
+    in_epilogue = counts["triton._batchnorm_relu_rows_kernel"]
+    assert (in_epilogue > 0) == (name != "densenet-bc100")
+    assert counts["triton._batchnorm_backward_rows_kernel"] == in_epilogue
+    assert counts["triton._bn_scale_shift_kernel"] + in_epilogue == bns
+    assert counts["triton._bn_scale_shift_backward_kernel"] + in_epilogue == bns
     # per BatchNorm these would number about bns (>= 99); the few left are the loss's and the
     # stem's copy into its first buffer
     for op in ("aten.mul", "aten.addcmul", "aten.addcmul_", "aten.copy_", "aten.add_"):
         assert counts[op] <= 3, (op, counts[op])
     if name == "densenet-bc100":
         assert sum(counts.values()) <= sum(count_launches(name, "plain").values())
+
+
+def test_msdnet_batchnorm_relu_epilogue_saves_a_launch_per_unit_each_way(monkeypatch):
+    """The post-activation units' BatchNorm+ReLU computes the BatchNorm's vectors in the
+    kernel that applies them, and their gradients in the one that adds the statistics' part:
+    against the same step with the steps one by one (statistics, vectors, transform; the
+    transform's backward, the vectors', the statistics'), exactly one launch fewer per unit
+    each way."""
+    fused = count_launches(NAME, "ours")
+    from msdnet_ops import ops
+    monkeypatch.setattr(ops, "fuses_batchnorm_relu_epilogue", lambda y: False)
+    steps = count_launches(NAME, "ours")
+    units = fused["triton._batchnorm_relu_rows_kernel"]
+    assert units > 0 and steps["triton._batchnorm_relu_rows_kernel"] == 0
+    assert fused["triton._batchnorm_backward_rows_kernel"] == units
+    for kernel in ("_bn_scale_shift_kernel", "_bn_scale_shift_backward_kernel",
+                   "_channel_stats_backward_rows_kernel"):
+        assert steps["triton." + kernel] - fused["triton." + kernel] == units, kernel
+    assert sum(steps.values()) - sum(fused.values()) == 2 * units
 
 
 def test_bad_variant_is_named():

@@ -190,20 +190,26 @@ def test_bn_scale_shift_is_batchnorms_transform_and_its_gradient(backend, use_ba
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-@pytest.mark.parametrize("params", ["weight+bias", "weight", "none"])
+@pytest.mark.parametrize("params,layout", [("weight+bias", "nchw"), ("weight", "nchw"),
+                                           ("none", "nchw"), ("weight+bias", "nhwc"),
+                                           ("none", "nhwc")])
 def test_batchnorm_relu_is_batchnorm_then_relu_and_its_gradient(backend, use_backend, dtype,
-                                                                 params):
+                                                                 params, layout):
     """``batchnorm_relu_into_`` writes ``relu(F.batch_norm(y))`` (training mode) into a channel
     slice of another buffer, with ``y``'s batch statistics and the BatchNorm's (scale, shift);
     its backward writes autograd's gradients of that (input, weight, bias) over NaN-filled
     outputs (never read). ``y``: a channel slice of a buffer, odd sizes; a zero and a tiny
-    weight (the ReLU cut where scale is 0) included."""
+    weight (the ReLU cut where scale is 0) included. NHWC buffers (the models' layout) are
+    where the Triton backend computes (scale, shift) inside its BatchNorm+ReLU kernel; NCHW
+    ones take its composed path."""
     dev = use_backend(backend)
     if dtype == F64:
         require_float64(backend, dev)
     torch.manual_seed(5)
     n, c, h, w, eps = 3, 7, 5, 3, 1e-5
-    y = torch.randn(n, c + 4, h, w, dtype=dtype, device=dev)[:, 2:2 + c]
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    y = torch.randn(n, c + 4, h, w, dtype=dtype, device=dev).contiguous(
+        memory_format=fmt)[:, 2:2 + c]
     weight = _vec(c, dtype, dev, 0.5, 1.5) if params != "none" else None
     if weight is not None:
         weight[1], weight[2] = 0.0, 1e-30
@@ -213,7 +219,8 @@ def test_batchnorm_relu_is_batchnorm_then_relu_and_its_gradient(backend, use_bac
     want = torch.relu(F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True, 0.0, eps))
     sdt = reference.stats_dtype(dtype)
     stats, rows = (torch.full((2, c), float("nan"), dtype=sdt, device=dev) for _ in range(2))
-    out_buf = torch.full((n, c + 3, h, w), 7.0, dtype=dtype, device=dev)
+    out_buf = torch.full((n, c + 3, h, w), 7.0, dtype=dtype, device=dev).contiguous(
+        memory_format=fmt)
     ops.batchnorm_relu_into_(y, eps, weight, bias, stats, rows, out_buf[:, 1:1 + c])
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else {}
     torch.testing.assert_close(out_buf[:, 1:1 + c], want.detach(), **tol)
@@ -221,6 +228,11 @@ def test_batchnorm_relu_is_batchnorm_then_relu_and_its_gradient(backend, use_bac
     var, mean = torch.var_mean(y.to(sdt), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(stats[0], mean, **tol)
     torch.testing.assert_close(stats[1], torch.rsqrt(var + eps), **tol)
+    # the BatchNorm's transform, for the backward: F.batch_norm's affine part
+    scale = torch.rsqrt(var + eps) * (1 if weight is None else weight.to(sdt))
+    torch.testing.assert_close(rows[0], scale, **tol)
+    torch.testing.assert_close(rows[1], (0 if bias is None else bias.to(sdt)) - mean * scale,
+                               **tol)
 
     grad_z = torch.randn_like(want)
     wanted = torch.autograd.grad(want, [t for t in leaves if t is not None], grad_z)

@@ -30,15 +30,15 @@ class BatchNormReLU:
     what the backward needs. With batch statistics and no all-reduce (every training step
     except SyncBatchNorm's) one op each way (:func:`msdnet_ops.ops.batchnorm_relu_into_`: on
     the CPU one C++ call, where the separate steps' Python glue cost more than their
-    arithmetic); otherwise the steps one by one: the statistics (all-reduced), the BatchNorm's
-    vectors (batch or running statistics), the transform; so too where the backend has no
-    fused kernel for it (a GPU: the launches stay as they were). ``bn``'s running statistics are
-    updated here from the batch statistics."""
+    arithmetic; on Triton a launch fewer than the steps each way); otherwise the steps one by
+    one: the statistics (all-reduced), the BatchNorm's vectors (batch or running statistics),
+    the transform; so too where the backend has no fused kernels for it (the CUDA extension's).
+    ``bn``'s running statistics are updated here from the batch statistics."""
 
     def __init__(self, y: BufferState, bn, bn_weight, bn_bias, out: torch.Tensor):
         channels = y.values.shape[1]
         self.fused = (y.track_stats and y.sync_group is None
-                      and ops.fuses_batchnorm_relu(y.values))
+                      and ops.fuses_batchnorm_relu_epilogue(y.values))
         self.has_weight, self.has_bias = bn_weight is not None, bn_bias is not None
         if self.fused:
             self.stats, self.rows, self.weight = _write_fused(y, bn, bn_weight, bn_bias, out)

@@ -52,6 +52,15 @@ INTERPRET_BLOCK = 32
 INTERPRET_CHUNKS = 2
 
 
+def check_output(x, out) -> None:
+    """``out``: a feature map of ``x``'s shape, dtype and device (any strides)."""
+    rt.check_features("out", out)
+    rt.check_same_shape("out", out, x.shape, "x")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out: expected dtype {x.dtype} (as x), got {out.dtype}")
+    rt.check_device("out", out, x.device)
+
+
 def affine_relu_into(x, scale, shift, out) -> None:
     """``out[...] = relu(scale * x + shift)`` as ``reference.affine_relu``; ``out`` has ``x``'s
     shape and dtype and any strides."""
@@ -60,11 +69,7 @@ def affine_relu_into(x, scale, shift, out) -> None:
     dev = x.device
     rt.check_vector("scale", scale, C, dev)
     rt.check_vector("shift", shift, C, dev)
-    rt.check_features("out", out)
-    rt.check_same_shape("out", out, x.shape, "x")
-    if out.dtype != x.dtype:
-        raise TypeError(f"out: expected dtype {x.dtype} (as x), got {out.dtype}")
-    rt.check_device("out", out, dev)
+    check_output(x, out)
     if x.numel() == 0:
         return
     sxp, sop = pixel_rows.row_stride(x), pixel_rows.row_stride(out)

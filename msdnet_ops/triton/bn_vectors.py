@@ -20,6 +20,35 @@ from . import _runtime as rt
 
 
 @triton.jit
+def scale_shift_of(mean_ptr, invstd_ptr, w_ptr, b_ptr, c, m, s_mean, s_invstd, s_w, s_b,
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``(scale, shift)`` of channels ``c`` (mask ``m``): also the prologue of the fused
+    BatchNorm+ReLU kernel (``pixel_rows``), which computes them where it applies them."""
+    scale = tl.load(invstd_ptr + c * s_invstd, mask=m, other=0.0).to(ACC_DTYPE)
+    if HAS_WEIGHT:
+        scale *= tl.load(w_ptr + c * s_w, mask=m, other=0.0).to(ACC_DTYPE)
+    shift = -tl.load(mean_ptr + c * s_mean, mask=m, other=0.0).to(ACC_DTYPE) * scale
+    if HAS_BIAS:
+        shift += tl.load(b_ptr + c * s_b, mask=m, other=0.0).to(ACC_DTYPE)
+    return scale, shift
+
+
+@triton.jit
+def grads_of_scale_shift(g_scale, g_shift, mean, invstd, w_ptr, c, m, s_w,
+                         HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``(grad_weight, grad_mean, grad_invstd)`` of channels ``c`` from the gradients of their
+    ``(scale, shift)``: also the prologue of the fused BatchNorm backward (``pixel_rows``)."""
+    centred = g_scale - g_shift * mean
+    w_invstd = invstd
+    w_centred = centred
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + c * s_w, mask=m, other=0.0).to(ACC_DTYPE)
+        w_invstd = w * invstd
+        w_centred = w * centred
+    return invstd * centred, -g_shift * w_invstd, w_centred
+
+
+@triton.jit
 def _bn_scale_shift_kernel(
     mean_ptr, invstd_ptr, w_ptr, b_ptr, out_ptr,
     C, s_mean, s_invstd, s_w, s_b, s_out_row, s_out,
@@ -28,12 +57,8 @@ def _bn_scale_shift_kernel(
 ):
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = c < C
-    scale = tl.load(invstd_ptr + c * s_invstd, mask=m, other=0.0).to(ACC_DTYPE)
-    if HAS_WEIGHT:
-        scale *= tl.load(w_ptr + c * s_w, mask=m, other=0.0).to(ACC_DTYPE)
-    shift = -tl.load(mean_ptr + c * s_mean, mask=m, other=0.0).to(ACC_DTYPE) * scale
-    if HAS_BIAS:
-        shift += tl.load(b_ptr + c * s_b, mask=m, other=0.0).to(ACC_DTYPE)
+    scale, shift = scale_shift_of(mean_ptr, invstd_ptr, w_ptr, b_ptr, c, m, s_mean, s_invstd,
+                                  s_w, s_b, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
     tl.store(out_ptr + c * s_out, scale, mask=m)
     tl.store(out_ptr + s_out_row + c * s_out, shift, mask=m)
 
@@ -51,16 +76,12 @@ def _bn_scale_shift_backward_kernel(
     g_shift = tl.load(grad_ptr + s_grad_row + c * s_grad, mask=m, other=0.0).to(ACC_DTYPE)
     mean = tl.load(mean_ptr + c * s_mean, mask=m, other=0.0).to(ACC_DTYPE)
     invstd = tl.load(invstd_ptr + c * s_invstd, mask=m, other=0.0).to(ACC_DTYPE)
-    centred = g_scale - g_shift * mean
-    tl.store(gw_ptr + c, invstd * centred, mask=m)
+    grad_weight, gm, gi = grads_of_scale_shift(g_scale, g_shift, mean, invstd, w_ptr, c, m, s_w,
+                                               HAS_WEIGHT, ACC_DTYPE)
+    tl.store(gw_ptr + c, grad_weight, mask=m)
     if STATS_GRADS:
-        w = tl.full((BLOCK,), 1.0, ACC_DTYPE)
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + c * s_w, mask=m, other=0.0).to(ACC_DTYPE)
         gi_ptrs = ginvstd_ptr + c * s_ginvstd
         gm_ptrs = gmean_ptr + c * s_gmean
-        gi = w * centred
-        gm = -g_shift * (w * invstd)
         if ACCUMULATE:  # else only written: their old values are never read
             gi += tl.load(gi_ptrs, mask=m, other=0.0).to(ACC_DTYPE)
             gm += tl.load(gm_ptrs, mask=m, other=0.0).to(ACC_DTYPE)
@@ -90,13 +111,23 @@ def _grid(C: int, device: torch.device):
     return block, (rt.cdiv(C, block),)
 
 
+def check_scale_shift_args(mean, invstd, weight, bias, out, out_name: str = "out") -> int:
+    """The vectors' checks; ``out``: the ``[2, C]`` rows ``(scale, shift)`` of ``mean``'s
+    dtype. Returns ``C``."""
+    C, dev = _check(mean, invstd, weight, bias)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, C) \
+            or out.dtype != mean.dtype or out.device != dev:
+        raise ValueError(f"{out_name}: expected a [2, {C}] {mean.dtype} tensor on {dev}, got "
+                         f"{tuple(getattr(out, 'shape', ()))} {getattr(out, 'dtype', type(out))} "
+                         f"on {getattr(out, 'device', '-')}")
+    return C
+
+
 def bn_scale_shift_into(mean, invstd, weight, bias, out) -> None:
     """As ``reference.bn_scale_shift_into``: ``out`` ``[2, C]`` (any strides) of ``mean``'s
     dtype."""
-    C, dev = _check(mean, invstd, weight, bias)
-    if tuple(out.shape) != (2, C) or out.dtype != mean.dtype or out.device != dev:
-        raise ValueError(f"out: expected a [2, {C}] {mean.dtype} tensor on {dev}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    C = check_scale_shift_args(mean, invstd, weight, bias, out)
+    dev = mean.device
     if C == 0:
         return
     block, grid = _grid(C, dev)

@@ -1,6 +1,6 @@
 """Memory-bound kernels on NHWC (channels_last) feature maps, read as a matrix of pixel rows:
-affine-ReLU and its backward, the statistics and their backward (finalize), and the batch
-gather of early exit.
+affine-ReLU and its backward, BatchNorm+ReLU from the statistics and the rest of its backward,
+the statistics and their backward (finalize), and the batch gather of early exit.
 
 The plane kernels of ``affine_relu`` and ``channel_stats`` give each program one (image,
 channel) plane. On NHWC buffers, the layout of every feature map in the models, a plane's
@@ -19,6 +19,7 @@ import triton.language as tl
 
 from . import _runtime as rt
 from ._math import invstd_of, relu
+from .bn_vectors import grads_of_scale_shift, scale_shift_of
 
 
 def row_stride(t: torch.Tensor) -> int | None:
@@ -51,6 +52,13 @@ def _tile(P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _affine_relu_tile(x_ptr, out_ptr, sc, sh, rows, cols, m, sxp, sop, ACC_DTYPE: tl.constexpr):
+    xv = tl.load(x_ptr + rows[:, None] * sxp + cols[None, :], mask=m, other=0.0).to(ACC_DTYPE)
+    z = relu(xv * sc[None, :] + sh[None, :])
+    tl.store(out_ptr + rows[:, None] * sop + cols[None, :], z.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _affine_relu_rows_kernel(
     x_ptr, scale_ptr, shift_ptr, out_ptr,
     P, C, sxp, sop, s_scale, s_shift,
@@ -59,9 +67,7 @@ def _affine_relu_rows_kernel(
     rows, cols, mask_c, m = _tile(P, C, BLOCK_P, BLOCK_C)
     sc = tl.load(scale_ptr + cols * s_scale, mask=mask_c, other=0.0).to(ACC_DTYPE)
     sh = tl.load(shift_ptr + cols * s_shift, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    xv = tl.load(x_ptr + rows[:, None] * sxp + cols[None, :], mask=m, other=0.0).to(ACC_DTYPE)
-    z = relu(xv * sc[None, :] + sh[None, :])
-    tl.store(out_ptr + rows[:, None] * sop + cols[None, :], z.to(out_ptr.dtype.element_ty), mask=m)
+    _affine_relu_tile(x_ptr, out_ptr, sc, sh, rows, cols, m, sxp, sop, ACC_DTYPE)
 
 
 def affine_relu_into(x, scale, shift, out, sxp: int, sop: int) -> None:
@@ -77,6 +83,104 @@ def affine_relu_into(x, scale, shift, out, sxp: int, sop: int) -> None:
 
 
 @triton.jit
+def _batchnorm_relu_rows_kernel(
+    x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, vec_ptr, out_ptr,
+    P, C, sxp, sop, s_mean, s_invstd, s_w, s_b, s_vec_row, s_vec,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``relu(scale * x + shift)`` with a BatchNorm's ``(scale, shift)`` computed from its
+    statistics and parameters by every program for its channels (a few flops: cheaper than a
+    launch of their own); the programs of the first row tile also write them into ``vec``
+    (rows ``(scale, shift)``), which the backward reads."""
+    rows, cols, mask_c, m = _tile(P, C, BLOCK_P, BLOCK_C)
+    sc, sh = scale_shift_of(mean_ptr, invstd_ptr, w_ptr, b_ptr, cols, mask_c, s_mean, s_invstd,
+                            s_w, s_b, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    if tl.program_id(0) == 0:
+        tl.store(vec_ptr + cols * s_vec, sc.to(vec_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(vec_ptr + s_vec_row + cols * s_vec, sh.to(vec_ptr.dtype.element_ty), mask=mask_c)
+    _affine_relu_tile(x_ptr, out_ptr, sc, sh, rows, cols, m, sxp, sop, ACC_DTYPE)
+
+
+def batchnorm_relu_into(x, mean, invstd, weight, bias, vectors, out, sxp: int, sop: int) -> None:
+    """``out = relu(bn(x))`` from the statistics, ``vectors`` = ``(scale, shift)`` written, for
+    pixel-row tensors (checked by the caller; ``weight``/``bias`` may be None)."""
+    N, C, H, W = x.shape
+    P = N * H * W
+    interp = rt.interpreting(_batchnorm_relu_rows_kernel, x.device)
+    bp, bc = tiles(P, C, interp)
+    w = mean if weight is None else weight  # placeholder pointers, never dereferenced
+    b = mean if bias is None else bias
+    rt.launch(_batchnorm_relu_rows_kernel, (rt.cdiv(P, bp), rt.cdiv(C, bc)),
+              (x, mean, invstd, w, b, vectors, out, P, C, sxp, sop, mean.stride(0),
+               invstd.stride(0), w.stride(0), b.stride(0), vectors.stride(0), vectors.stride(1)),
+              dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                   ACC_DTYPE=rt.acc_tl_dtype(x.dtype)),
+              dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=4), x.device)
+
+
+@triton.jit
+def _stats_backward_tile(x_ptr, gx_ptr, rows, cols, m, sxp, sdp, P, mean, invstd, gm, gi,
+                         ACC_DTYPE: tl.constexpr):
+    """``grad_x += grad_mean/n - grad_invstd*(x-mean)*invstd^3/n`` on one tile (n = ``P``)."""
+    inv_n = 1.0 / (tl.zeros((), dtype=ACC_DTYPE) + P)
+    a = gm * inv_n
+    b = gi * invstd * invstd * invstd * inv_n
+    x_ptrs = x_ptr + rows[:, None] * sxp + cols[None, :]
+    g_ptrs = gx_ptr + rows[:, None] * sdp + cols[None, :]
+    xv = tl.load(x_ptrs, mask=m, other=0.0).to(ACC_DTYPE)
+    g = tl.load(g_ptrs, mask=m, other=0.0).to(ACC_DTYPE)
+    g = g + (a[None, :] - b[None, :] * (xv - mean[None, :]))
+    tl.store(g_ptrs, g.to(gx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _batchnorm_backward_rows_kernel(
+    x_ptr, mean_ptr, invstd_ptr, w_ptr, g_ptr, gx_ptr, out_ptr,
+    P, C, sxp, sdp, s_mean, s_invstd, s_w, s_g_row, s_g, s_out_row, s_out,
+    HAS_WEIGHT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The rest of a training-mode BatchNorm's backward once its transform's backward has left
+    ``(grad_scale, grad_shift)`` in ``g`` and the gradient through the transform in ``gx``:
+    every program derives its channels' statistics gradients from them (a few flops: cheaper
+    than a launch of their own) and adds the statistics' part to its tile of ``gx``; the
+    programs of the first row tile write ``out`` = rows ``(grad_weight, grad_bias)`` (``out``
+    is not ``g``: the other programs still read it)."""
+    rows, cols, mask_c, m = _tile(P, C, BLOCK_P, BLOCK_C)
+    g_scale = tl.load(g_ptr + cols * s_g, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    g_shift = tl.load(g_ptr + s_g_row + cols * s_g, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    mean = tl.load(mean_ptr + cols * s_mean, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    invstd = tl.load(invstd_ptr + cols * s_invstd, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    grad_weight, gm, gi = grads_of_scale_shift(g_scale, g_shift, mean, invstd, w_ptr, cols,
+                                               mask_c, s_w, HAS_WEIGHT, ACC_DTYPE)
+    if tl.program_id(0) == 0:
+        tl.store(out_ptr + cols * s_out, grad_weight.to(out_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(out_ptr + s_out_row + cols * s_out, g_shift.to(out_ptr.dtype.element_ty),
+                 mask=mask_c)
+    _stats_backward_tile(x_ptr, gx_ptr, rows, cols, m, sxp, sdp, P, mean, invstd, gm, gi,
+                         ACC_DTYPE)
+
+
+def batchnorm_backward_(x, mean, invstd, weight, grads, grad_x, grad_params, sxp: int,
+                        sdp: int) -> None:
+    """Adds the statistics' part of a BatchNorm's backward to ``grad_x`` and writes
+    ``grad_params`` rows ``(grad_weight, grad_bias)``, from ``grads`` rows ``(grad_scale,
+    grad_shift)`` (another tensor), for pixel-row tensors (checked by the caller)."""
+    N, C, H, W = x.shape
+    P = N * H * W
+    interp = rt.interpreting(_batchnorm_backward_rows_kernel, x.device)
+    bp, bc = tiles(P, C, interp)
+    w = mean if weight is None else weight  # placeholder pointer, never dereferenced
+    rt.launch(_batchnorm_backward_rows_kernel, (rt.cdiv(P, bp), rt.cdiv(C, bc)),
+              (x, mean, invstd, w, grads, grad_x, grad_params, P, C, sxp, sdp, mean.stride(0),
+               invstd.stride(0), w.stride(0), grads.stride(0), grads.stride(1),
+               grad_params.stride(0), grad_params.stride(1)),
+              dict(HAS_WEIGHT=weight is not None, ACC_DTYPE=rt.acc_tl_dtype(x.dtype)),
+              dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=4), x.device)
+
+
+@triton.jit
 def _channel_stats_backward_rows_kernel(
     x_ptr, mean_ptr, invstd_ptr, gmean_ptr, ginvstd_ptr, gx_ptr,
     P, C, sxp, sdp, s_mean, s_invstd, s_gmean, s_ginvstd,
@@ -84,22 +188,16 @@ def _channel_stats_backward_rows_kernel(
     ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows, cols, mask_c, m = _tile(P, C, BLOCK_P, BLOCK_C)
-    inv_n = 1.0 / (tl.zeros((), dtype=ACC_DTYPE) + P)
     mean = tl.load(mean_ptr + cols * s_mean, mask=mask_c, other=0.0).to(ACC_DTYPE)
     invstd = tl.load(invstd_ptr + cols * s_invstd, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    a = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
-    b = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    gm = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    gi = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
     if HAS_GMEAN:
-        a = tl.load(gmean_ptr + cols * s_gmean, mask=mask_c, other=0.0).to(ACC_DTYPE) * inv_n
+        gm = tl.load(gmean_ptr + cols * s_gmean, mask=mask_c, other=0.0).to(ACC_DTYPE)
     if HAS_GINVSTD:
-        b = tl.load(ginvstd_ptr + cols * s_ginvstd, mask=mask_c, other=0.0).to(ACC_DTYPE) \
-            * invstd * invstd * invstd * inv_n
-    x_ptrs = x_ptr + rows[:, None] * sxp + cols[None, :]
-    g_ptrs = gx_ptr + rows[:, None] * sdp + cols[None, :]
-    xv = tl.load(x_ptrs, mask=m, other=0.0).to(ACC_DTYPE)
-    g = tl.load(g_ptrs, mask=m, other=0.0).to(ACC_DTYPE)
-    g = g + (a[None, :] - b[None, :] * (xv - mean[None, :]))
-    tl.store(g_ptrs, g.to(gx_ptr.dtype.element_ty), mask=m)
+        gi = tl.load(ginvstd_ptr + cols * s_ginvstd, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    _stats_backward_tile(x_ptr, gx_ptr, rows, cols, m, sxp, sdp, P, mean, invstd, gm, gi,
+                         ACC_DTYPE)
 
 
 def channel_stats_backward_(x, mean, invstd, grad_mean, grad_invstd, grad_x, sxp: int, sdp: int) -> None:
