@@ -294,8 +294,9 @@ def _(y, eps, weight, bias, stats, rows, out):
 
 def fuses_batchnorm_relu(y: Tensor) -> bool:
     """Whether the backend for tensors like ``y`` runs :func:`batchnorm_relu_into_` and its
-    backward as one kernel call each (the CPU's); elsewhere they are the steps' composition,
-    which the fused modules then call step by step (their own launch count)."""
+    backward, and :func:`batchnorm_relu_conv_backward_`'s BatchNorm part, as one kernel call
+    each (the CPU's), so that a bottleneck's one reader, too, reads it through them; elsewhere
+    the reader's convolution applies the BatchNorm in its prologue."""
     return getattr(_kernels(y), "FUSED_BATCHNORM_RELU", False)
 
 

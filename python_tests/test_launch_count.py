@@ -53,10 +53,10 @@ def _batchnorms(name: str) -> int:
 
 @pytest.mark.parametrize("name", [NAME, "densenet-bc100"])
 def test_ours_batchnorm_vectors_are_one_launch_each_way_per_batchnorm(name):
-    """Each BatchNorm's (scale, shift) and their backward are at most one kernel each: no per-channel
-    PyTorch arithmetic (which took 6 launches per BatchNorm), no copy of statistics into a
-    buffer's vectors, and the running-statistics counters in one launch; in all, DenseNet
-    launches no more kernels than plain."""
+    """Each BatchNorm's (scale, shift) and their backward are at most one kernel each: no
+    per-channel PyTorch arithmetic (which took 6 launches per BatchNorm), no copy of
+    statistics into a buffer's vectors, and the running-statistics counters in one launch; in
+    all, DenseNet launches no more kernels than plain."""
     counts = count_launches(name, "ours")
     bns = _batchnorms(name)
     # MSDNet's post-activation units compute their vectors, and their gradients, inside the
