@@ -293,20 +293,20 @@ def _(y, eps, weight, bias, stats, rows, out):
 
 
 def fuses_batchnorm_relu(y: Tensor) -> bool:
-    """Whether the backend for tensors like ``y`` runs :func:`batchnorm_relu_into_` and its
-    backward, and :func:`batchnorm_relu_conv_backward_`'s BatchNorm part, as one kernel call
-    each (the CPU's), so that a bottleneck's one reader, too, reads it through them; elsewhere
-    the reader's convolution applies the BatchNorm in its prologue."""
+    """Whether the backend for tensors like ``y`` runs :func:`batchnorm_relu_into_`, its
+    backward and :func:`batchnorm_relu_conv_backward_` in fewer kernel calls than their steps
+    (the CPU: one C++ call each; Triton: a launch fewer each way, the BatchNorm's vectors and
+    their gradients computed in the kernels that use them), so that a post-activation unit and
+    a bottleneck's one reader call them; elsewhere the modules call the steps one by one."""
     return getattr(_kernels(y), "FUSED_BATCHNORM_RELU", False)
 
 
-def fuses_batchnorm_relu_epilogue(y: Tensor) -> bool:
-    """Whether :func:`batchnorm_relu_into_` and its backward take fewer kernel calls than
-    their steps on the backend for tensors like ``y``, so that a post-activation unit calls
-    them: where :func:`fuses_batchnorm_relu`, and on Triton (each way a launch fewer: the
-    BatchNorm's vectors, and their gradients, computed in the kernels that use them)."""
-    return (fuses_batchnorm_relu(y)
-            or getattr(_kernels(y), "FUSED_BATCHNORM_RELU_EPILOGUE", False))
+def transform_in_conv_prologue(y: Tensor) -> bool:
+    """Whether the backend's convolutions of tensors like ``y`` apply a BatchNorm+ReLU as they
+    load them (Triton's prologue), so that a bottleneck's reader gives them its statistics'
+    ``(scale, shift)`` instead of an activated copy (the CPU's, written by
+    :func:`batchnorm_relu_into_` with the statistics in one call)."""
+    return getattr(_kernels(y), "TRANSFORM_IN_CONV_PROLOGUE", False)
 
 
 def _check_batchnorm_backward_rows(y, stats, rows, weight, grad_params):

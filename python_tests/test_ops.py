@@ -63,7 +63,10 @@ def test_opcheck_every_op(backend, use_backend):
             grad, mean, invstd, None if weight is None else weight.detach(),
             _vec(5, device=dev), _vec(5, device=dev)))
         torch.library.opcheck(ops.bn_scale_shift_backward_, (grad, mean, invstd, None, None, None))
-        bn_rows = [torch.empty(2, 5, dtype=F64, device=dev) for _ in range(3)]
+        # (mean, invstd), (scale, shift) as the forward writes them, and an output: opcheck
+        # may run each op on copies, so the backward must not depend on the forward's writes
+        bn_rows = [torch.stack([mean, invstd]), torch.stack([scale, shift]).detach(),
+                   torch.empty(2, 5, dtype=F64, device=dev)]
         wd, bd = (None if v is None else v.detach() for v in (weight, bias))
         torch.library.opcheck(ops.batchnorm_relu_into_, (xd, 1e-5, wd, bd, bn_rows[0],
                                                          bn_rows[1], torch.empty_like(xd)))

@@ -6,7 +6,6 @@ as :func:`msdnet_ops.backends.transform_conv_policy` says, per shape when it is 
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
 
@@ -89,9 +88,20 @@ def conv_bias_relu(x, weight, bias, stride, padding, out=None):
 
 bottleneck_conv_bias_relu = functools.partial(composed.bottleneck_conv_bias_relu, conv_bias_relu)
 
-# a post-activation unit's BatchNorm+ReLU: a launch fewer than the steps each way (the vectors
-# and their gradients computed in the kernels that use them), so the units call these ops
-FUSED_BATCHNORM_RELU_EPILOGUE = True
+# a BatchNorm+ReLU written by a post-activation unit or read by a bottleneck's one consumer: a
+# launch fewer than the steps each way (the vectors and their gradients computed in the kernels
+# that use them), so the units and readers call these ops; a reader's convolution applies the
+# transform in its prologue rather than reading a materialised copy
+FUSED_BATCHNORM_RELU = True
+TRANSFORM_IN_CONV_PROLOGUE = True
 batchnorm_relu_into = _kernels.batchnorm_relu_into
 batchnorm_relu_backward_ = _kernels.batchnorm_relu_backward_
-_, _, batchnorm_relu_conv_backward_ = composed.batchnorm_relus(sys.modules[__name__])
+
+
+def batchnorm_relu_conv_backward_(grad_out, y, stats, rows, weight, conv_weight, stride, padding,
+                                  grad_y, grad_params):
+    grads = torch.zeros_like(stats)  # (grad_scale, grad_shift), accumulated by the prologue's
+    grad_conv_weight = transform_conv_backward_(grad_out, y, rows[0], rows[1], conv_weight, stride,
+                                                padding, 1, grad_y, grads[0], grads[1], False)
+    _kernels.batchnorm_backward_rest_(y, stats, weight, grads, grad_y, grad_params)
+    return grad_conv_weight

@@ -38,7 +38,7 @@ class BatchNormReLU:
     def __init__(self, y: BufferState, bn, bn_weight, bn_bias, out: torch.Tensor):
         channels = y.values.shape[1]
         self.fused = (y.track_stats and y.sync_group is None
-                      and ops.fuses_batchnorm_relu_epilogue(y.values))
+                      and ops.fuses_batchnorm_relu(y.values))
         self.has_weight, self.has_bias = bn_weight is not None, bn_bias is not None
         if self.fused:
             self.stats, self.rows, self.weight = _write_fused(y, bn, bn_weight, bn_bias, out)
@@ -79,11 +79,26 @@ class BatchNormReLU:
                 grad_bias if self.has_bias else None)
 
 
+def _batch_vectors(y: BufferState, bn, bn_weight, bn_bias) -> tuple:
+    """``y``'s batch statistics and ``bn``'s ``(scale, shift)`` from them, two ops; sets ``y``'s
+    statistics and returns ``(stats, rows, weight)`` as :func:`_write_fused` does."""
+    values = y.values
+    stats = values.new_empty((2, values.shape[1]), dtype=stats_dtype(values.dtype))
+    ops.eager.channel_stats_into_(values, bn.eps, stats[0], stats[1])
+    weight = None if bn_weight is None else bn_weight.detach()
+    rows = ops.eager.bn_scale_shift(stats[0], stats[1], weight,
+                                    None if bn_bias is None else bn_bias.detach())
+    y.mean, y.invstd = stats[0], stats[1]
+    return stats, rows, weight
+
+
 class BatchNormReLURead:
     """A unit's read of its sole input ``src`` (a bottleneck's output, before its BatchNorm):
-    ``relu(bn(src))`` with ``src``'s batch statistics, computed here with the statistics in one
-    op (:func:`msdnet_ops.ops.batchnorm_relu_into_`) into a transient dense tensor that the
-    unit's convolution reads; backward is one op too
+    ``relu(bn(src))`` with ``src``'s batch statistics, computed here: on the CPU with the
+    statistics in one op (:func:`msdnet_ops.ops.batchnorm_relu_into_`) into a transient dense
+    tensor that the unit's convolution reads; where the convolution applies the transform in
+    its prologue (Triton, :func:`msdnet_ops.ops.transform_in_conv_prologue`), the statistics
+    and the BatchNorm's vectors only. Backward is one op
     (:func:`msdnet_ops.ops.batchnorm_relu_conv_backward_`), which writes ``src``'s whole
     gradient (so ``src`` keeps no statistics of its own). Where the backend fuses the
     BatchNorm+ReLU (:func:`applies`); elsewhere the unit reads through :class:`AffineParams`,
@@ -91,9 +106,14 @@ class BatchNormReLURead:
 
     def __init__(self, src: BufferState, bn, bn_weight, bn_bias):
         self.has_weight, self.has_bias = bn_weight is not None, bn_bias is not None
-        self.activated = torch.empty_like(src.values)
-        self.stats, self.rows, self.weight = _write_fused(src, bn, bn_weight, bn_bias,
-                                                          self.activated)
+        self.prologue = ops.transform_in_conv_prologue(src.values)
+        if self.prologue:
+            self.activated = None
+            self.stats, self.rows, self.weight = _batch_vectors(src, bn, bn_weight, bn_bias)
+        else:
+            self.activated = torch.empty_like(src.values)
+            self.stats, self.rows, self.weight = _write_fused(src, bn, bn_weight, bn_bias,
+                                                              self.activated)
         update_running_stats(bn, src, 0, src.values.shape[1])
 
     @staticmethod
@@ -106,7 +126,14 @@ class BatchNormReLURead:
              out: torch.Tensor | None = None) -> torch.Tensor:
         """The convolution of ``relu(bn(src))`` written into ``out``, or a new tensor: of the
         tensor written in forward the first time, of the transform applied again after that
-        (a recomputed unit's backward)."""
+        (a recomputed unit's backward); or with the transform in its prologue."""
+        if self.prologue:
+            scale, shift = self.rows[0], self.rows[1]
+            if out is None:
+                return ops.eager.transform_conv(src.values, scale, shift, weight, stride,
+                                                padding, 1)
+            return ops.eager.transform_conv_into_(src.values, scale, shift, weight, stride,
+                                                  padding, 1, out)
         z, self.activated = self.activated, None
         if z is None:
             z = ops.eager.affine_relu(src.values, self.rows[0], self.rows[1])

@@ -17,7 +17,7 @@ if _os.environ.get("TRITON_INTERPRET", "0") == "1":  # bfloat16 rounds as on a G
     round_bfloat16_to_nearest_even()
 
 from .affine_relu import affine_relu, affine_relu_backward_, affine_relu_into
-from .batchnorm_relu import batchnorm_relu_backward_, batchnorm_relu_into
+from .batchnorm_relu import batchnorm_backward_rest_, batchnorm_relu_backward_, batchnorm_relu_into
 from .bn_vectors import bn_scale_shift_backward_, bn_scale_shift_into
 from .channel_stats import channel_stats, channel_stats_backward_, channel_stats_into
 from .conv import conv_backward_, conv_into, transform_conv, transform_conv_backward_, transform_conv_into
@@ -27,6 +27,7 @@ __all__ = [
     "affine_relu",
     "affine_relu_into",
     "affine_relu_backward_",
+    "batchnorm_backward_rest_",
     "batchnorm_relu_backward_",
     "batchnorm_relu_into",
     "bn_scale_shift_into",

@@ -8,6 +8,9 @@ the transform's backward (:mod:`.affine_relu`), then one kernel that derives the
 gradients from ``(grad_scale, grad_shift)`` in its prologue, adds their part to ``grad_y``
 and writes the parameters' gradients (``pixel_rows._batchnorm_backward_rows_kernel``).
 
+The rest of the backward is also that of a bottleneck read by one convolution that applies its
+BatchNorm+ReLU in its prologue (the Triton backend's ``batchnorm_relu_conv_backward_``).
+
 The ops' composition launches a kernel of its own for the vectors each way: a launch per unit
 more each way, and on a GPU an eager step is bound by the host's time per launch (Triton's
 launcher: tens of microseconds; ``benches/RESULTS-gpu.md``). Tensors that are not pixel rows
@@ -47,6 +50,14 @@ def batchnorm_relu_backward_(y, grad_z, stats, rows, weight, grad_y, grad_params
     check_scale_shift_args(stats[0], stats[1], weight, None, grad_params, "grad_params")
     grads = torch.zeros_like(stats)  # (grad_scale, grad_shift), accumulated by the transform's
     affine_relu_backward_(y, rows[0], rows[1], grad_z, grad_y, grads[0], grads[1], False)
+    batchnorm_backward_rest_(y, stats, weight, grads, grad_y, grad_params)
+
+
+def batchnorm_backward_rest_(y, stats, weight, grads, grad_y, grad_params) -> None:
+    """What a BatchNorm's backward leaves once the backward of its transform's one consumer
+    (the ReLU's, or a convolution's prologue) has written ``grad_y`` and accumulated ``grads``
+    rows ``(grad_scale, grad_shift)``: adds the batch statistics' part to ``grad_y`` and writes
+    ``grad_params`` rows ``(grad_weight, grad_bias)`` (another tensor than ``grads``)."""
     sxp, sdp = pixel_rows.row_stride(y), pixel_rows.row_stride(grad_y)
     if sxp is not None and sdp is not None:
         pixel_rows.batchnorm_backward_(y, stats[0], stats[1], weight, grads, grad_y, grad_params,
