@@ -8,6 +8,7 @@ import os
 import sys
 
 import pytest
+import torch
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,6 +101,25 @@ def test_fused_batchnorm_relu_saves_a_launch_per_batchnorm_and_way(monkeypatch, 
         return sum(n for op, n in counts.items() if op.startswith(kind))
     assert launches(steps, "triton.") - launches(fused, "triton.") == units + backward
     assert launches(steps, "aten.") >= launches(fused, "aten.")
+
+
+@pytest.mark.parametrize("name", [NAME, "densenet-bc100"])
+def test_weight_gradients_are_zeroed_inside_the_dgrad_launch(monkeypatch, name):
+    """A convolution's weight-gradient accumulator (the wgrad kernel adds its split-K partial
+    tiles into it) is zeroed by the programs of the dgrad kernel launched before it, not by a
+    fill of its own: against the same step with a zero-filled accumulator, exactly one
+    PyTorch launch fewer per dgrad launch, and the same Triton launches."""
+    zeroed = count_launches(name, "ours")
+    from msdnet_ops.triton import conv
+    monkeypatch.setattr(conv, "new_weight_grad", torch.zeros_like)
+    filled = count_launches(name, "ours")
+    dgrads = zeroed["triton._conv_dgrad_kernel"]
+    assert dgrads > 0
+    assert filled["aten.zeros_like"] - zeroed["aten.zeros_like"] == dgrads
+    assert sum(n for op, n in filled.items() if op.startswith("aten.")) \
+        - sum(n for op, n in zeroed.items() if op.startswith("aten.")) == dgrads
+    assert {op: n for op, n in filled.items() if op.startswith("triton.")} \
+        == {op: n for op, n in zeroed.items() if op.startswith("triton.")}
 
 
 def test_bad_variant_is_named():

@@ -161,6 +161,33 @@ def test_transform_conv_backward_without_grad_x():
 
 
 @interpreter_only
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("case", [CONV_CASES[i] for i in (0, 2, 6)],
+                         ids=[CONV_CASES[i][0] for i in (0, 2, 6)])
+def test_weight_gradient_accumulator_is_zeroed_by_the_dgrad_launch(monkeypatch, case, chunks):
+    """The weight gradient's accumulator is allocated uninitialised and zeroed by the dgrad
+    kernel's programs (one launch fewer than a fill), before the wgrad kernel adds into it:
+    handed out full of NaN here, every element must still come back as the reference's, in
+    one batch chunk and in one chunk per image (the int32-indexing split, forced), with and
+    without ``grad_x``."""
+    from msdnet_ops.triton import conv as C
+    handed = []
+
+    def poisoned(weight, dtype, device):
+        handed.append(1)
+        return torch.full_like(weight, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(C, "new_weight_grad", poisoned)
+    if chunks > 1:
+        assert case[5] == chunks  # N: one image per chunk
+        monkeypatch.setattr(C, "batch_chunks", lambda n, *tensors: [(i, i + 1) for i in range(n)])
+    for with_grad_x in (True, False):
+        r = run_backward(case, torch.float32, CPU, with_grad_x=with_grad_x)
+        got, ref = r["gw"]
+        assert rel_err(got, ref) < TOL[torch.float32], with_grad_x
+    assert len(handed) == 2  # both runs took the uninitialised accumulator
+
+
+@interpreter_only
 def test_transform_conv_allocating_and_relu_zero():
     """``transform_conv`` allocates; pre-activations of exactly 0 give a zero ReLU derivative;
     a whole image of padding-only taps still writes every output."""

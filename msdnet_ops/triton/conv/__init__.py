@@ -35,6 +35,12 @@ def _forward_into(x, scale, shift, weight, g: Geometry, out) -> None:
         launch_forward(x[n0:n1], scale, shift, weight, g, out[n0:n1])
 
 
+def new_weight_grad(weight, dtype, device):
+    """The weight gradient's uninitialised accumulator (the dgrad kernel zeroes it): dense, in
+    ``weight``'s strides. Apart so that a test can hand out one filled with garbage."""
+    return torch.empty_like(weight, dtype=dtype, device=device)
+
+
 def _backward(grad_out, x, scale, shift, weight, g: Geometry, grad_x, grad_scale, grad_shift,
               accumulate: bool = True):
     check_output("grad_out", grad_out, g, x)
@@ -46,18 +52,22 @@ def _backward(grad_out, x, scale, shift, weight, g: Geometry, grad_x, grad_scale
             grad_x.zero_()
             accumulate = True
     sdt = rt.stats_dtype(x.dtype)
-    # in weight's strides (the kernel writes any): returned as they are, no copy to match them
-    grad_w = torch.zeros_like(weight, dtype=sdt, device=x.device)
-    if x.numel() == 0 or grad_out.numel() == 0:
+    empty = x.numel() == 0 or grad_out.numel() == 0
+    dgrad = grad_x is not None or scale is not None
+    # in weight's strides (the kernel writes any): returned as they are, no copy to match them;
+    # zeroed by the first dgrad launch where there is one
+    grad_w = (new_weight_grad if dgrad and not empty else torch.zeros_like)(
+        weight, dtype=sdt, device=x.device)
+    if empty:
         if grad_x is not None and not accumulate:
             grad_x.zero_()  # no output: no gradient, written as zeros
         return grad_w.to(weight.dtype)
     chunks = batch_chunks(g.N, grad_out, x, grad_x)
     for n0, n1 in chunks:
         gx = None if grad_x is None else grad_x[n0:n1]
-        if gx is not None or scale is not None:
+        if dgrad:
             launch_dgrad(grad_out[n0:n1], x[n0:n1], scale, shift, weight, g, gx, grad_scale,
-                         grad_shift, accumulate)
+                         grad_shift, accumulate, zero=grad_w if n0 == 0 else None)
         # the autotuner zeroes its output between trials: one fresh buffer per chunk beyond the first
         part = grad_w if len(chunks) == 1 else torch.zeros_like(grad_w)
         launch_wgrad(grad_out[n0:n1], x[n0:n1], scale, shift, g, part)

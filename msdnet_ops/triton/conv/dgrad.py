@@ -27,10 +27,14 @@ from .. import _runtime as rt
 from .operand import pixels_of_rows
 
 
-@triton.jit(do_not_specialize_on_alignment=["scale_ptr", "shift_ptr", "gscale_ptr", "gshift_ptr"])
+ZERO_BLOCK = tl.constexpr(256)  # elements each program zeroes per step (``zero``)
+
+
+@triton.jit(do_not_specialize=["n_zero"],
+            do_not_specialize_on_alignment=["scale_ptr", "shift_ptr", "gscale_ptr", "gshift_ptr"])
 def _conv_dgrad_kernel(
-    gy_ptr, x_ptr, scale_ptr, shift_ptr, w_ptr, gx_ptr, gscale_ptr, gshift_ptr,
-    M, Cin, H, W, Cout, Ho, Wo, Hq, Wq,
+    gy_ptr, x_ptr, scale_ptr, shift_ptr, w_ptr, gx_ptr, gscale_ptr, gshift_ptr, zero_ptr,
+    M, Cin, H, W, Cout, Ho, Wo, Hq, Wq, n_zero,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
     swo, swi, swh, sww,
@@ -38,7 +42,7 @@ def _conv_dgrad_kernel(
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, POOL: tl.constexpr,
     TRANSFORM: tl.constexpr, HAS_GX: tl.constexpr, ACCUMULATE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -46,6 +50,15 @@ def _conv_dgrad_kernel(
     phase = tl.program_id(2)
     ph = phase // STRIDE
     pw = phase - ph * STRIDE
+
+    if ZERO:  # the weight gradient's accumulator, for the wgrad kernel launched next
+        # (first: nothing of the GEMM is live yet, so it costs the main loop no registers)
+        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        first = (pid_m + tl.num_programs(0) * (pid_n + tl.num_programs(1) * phase)) * ZERO_BLOCK
+        zoffs = tl.arange(0, ZERO_BLOCK)
+        for z0 in range(first, n_zero, programs * ZERO_BLOCK):
+            tl.store(zero_ptr + z0 + zoffs, tl.zeros((ZERO_BLOCK,), zero_ptr.dtype.element_ty),
+                     mask=z0 + zoffs < n_zero)
 
     # rows: (n, qh, qw), input pixel (qh*STRIDE + ph, qw*STRIDE + pw); reading grad_out at
     # (qh // POOL + dh, qw // POOL + dw) for each tap
@@ -112,14 +125,17 @@ def _conv_dgrad_kernel(
             dz += tl.load(gx_ptr + g_offs, mask=emask, other=0.0).to(ACC_DTYPE)
         tl.store(gx_ptr + g_offs, dz.to(gx_ptr.dtype.element_ty), mask=emask)
 
+
 INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
 
 
 def launch_dgrad(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_shift,
-                 accumulate: bool = True) -> None:
+                 accumulate: bool = True, zero=None) -> None:
     """Launch the dgrad kernel over one batch chunk (arguments validated). ``scale`` None: no
     transform (then ``grad_x`` is required); ``grad_x`` None: only the vector gradients;
-    ``accumulate=False``: ``grad_x`` is overwritten (every pixel: pool 1 or even sizes)."""
+    ``accumulate=False``: ``grad_x`` is overwritten (every pixel: pool 1 or even sizes).
+    ``zero``: a dense tensor the kernel's programs also fill with zeros (the weight gradient
+    the wgrad kernel accumulates into next: one launch fewer than a separate fill)."""
     dev = x.device
     transform = scale is not None
     if g.pool == 1:
@@ -134,13 +150,14 @@ def launch_dgrad(grad_out, x, scale, shift, weight, g, grad_x, grad_scale, grad_
     vecs = (scale.contiguous(), shift.contiguous(), gs, gh) if transform else (weight,) * 4
     M = x.shape[0] * Hq * Wq
     args = (grad_out, x, vecs[0], vecs[1], weight, gx, vecs[2], vecs[3],
-            M, g.Cin, g.H, g.W, g.Cout, g.Ho, g.Wo, Hq, Wq,
+            weight if zero is None else zero,
+            M, g.Cin, g.H, g.W, g.Cout, g.Ho, g.Wo, Hq, Wq, 0 if zero is None else zero.numel(),
             *grad_out.stride(), *x.stride(), *weight.stride(), *gx.stride())
     meta = dict(KSIZE=g.k, STRIDE=g.stride, PAD=g.padding, POOL=g.pool, TRANSFORM=transform,
                 HAS_GX=has_gx, ACCUMULATE=bool(accumulate), ACC_DTYPE=rt.acc_tl_dtype(x.dtype),
                 X_DTYPE=rt.tl_dtype(x.dtype),
                 DOT_UPCAST=rt.dot_upcast(_conv_dgrad_kernel, x.dtype, dev),
-                INPUT_PRECISION=rt.input_precision(x.dtype, dev))
+                INPUT_PRECISION=rt.input_precision(x.dtype, dev), ZERO=zero is not None)
     # the kernel accumulates into its outputs: the autotuner restores them between its runs
     restore = (("gx_ptr",) if has_gx else ()) + (("gscale_ptr", "gshift_ptr") if transform else ())
     tuning = _autotune.Tuning("conv_dgrad", _autotune.operand_class(x.dtype),

@@ -4,7 +4,9 @@ A GEMM per tap (a grid axis) with rows ``Cout``, columns ``Cin`` and the reducti
 output pixels ``N*Ho*Wo``. The ``[BLOCK_P, BLOCK_CI]`` operand ``z`` (transformed and pooled as
 in the forward) is rebuilt in the prologue by :func:`operand.load_input_tile`, never
 materialised. The pixel reduction is split over a grid axis (split-K: the output is small, the
-reduction long); partial tiles are atomically added into a zeroed float32 (float64) buffer.
+reduction long); partial tiles are atomically added into a zeroed float32 (float64) buffer,
+which the dgrad kernel launched before it zeroes (``dgrad.launch_dgrad``'s ``zero``; a fill of
+its own only where no dgrad runs).
 """
 from __future__ import annotations
 
