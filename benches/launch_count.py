@@ -3,8 +3,8 @@
 A forward and backward of the model (no optimizer step) runs on CPU tensors:
 
 * every ATen operation that reaches a kernel is counted (a ``TorchDispatchMode`` below
-  autograd: views, allocations and other metadata-only operations launch nothing on a GPU and
-  are left out);
+  autograd: views, allocations, other metadata-only operations and operations whose outputs
+  have no elements launch nothing on a GPU and are left out);
 * ``ours`` runs on the ``triton`` backend inside :func:`msdnet_ops.triton._runtime.capturing`,
   so each Triton kernel launch is decided as on a GPU and counted instead of run (its outputs
   are left unwritten: nothing here reads them).
@@ -39,9 +39,18 @@ class _CountOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if not (func.is_view or name in _NO_KERNEL):
+        out = func(*args, **(kwargs or {}))
+        if not (func.is_view or name in _NO_KERNEL or _all_empty(out)):
             self.counts["aten." + name] += 1
-        return func(*args, **(kwargs or {}))
+        return out
+
+
+def _all_empty(out) -> bool:
+    """Whether the operation produced only tensors of no elements (on a GPU, ATen returns
+    before launching for those: e.g. autograd summing the empty gradients of the fused nodes'
+    ordering tokens)."""
+    tensors = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return bool(tensors) and all(t.numel() == 0 for t in tensors)
 
 
 class _CountTriton:
