@@ -50,7 +50,7 @@ MODELS = (("msdnet-cifar100-anytime", 64, None), ("densenet-bc100", 64, None),
 GPU_TESTS = ["python_tests/test_triton_kernels.py", "python_tests/test_triton_conv_activated.py",
              "python_tests/test_ops.py", "python_tests/test_op_properties.py",
              "python_tests/test_native_kernels.py", "python_tests/test_conv_choice.py",
-             "python_tests/test_cuda_graph.py"]
+             "python_tests/test_cuda_graph.py", "python_tests/test_direct_launch.py"]
 TESTS_LOG = "gpu-tests.log"  # the tests' whole output, beside the report
 WARM_JSON = "gpu-compile.json"  # the cache warm-up's compile records, beside the report
 
@@ -72,6 +72,7 @@ class Params:
     warm_estimate_s: float = 150.0   # Triton cache warm-up (H200 host: 47 s, 3 models, no trials)
     graphs_estimate_s: float = 45.0
     profile_estimate_s: float = 45.0   # plain and ours, 3 steps each, three ways
+    direct_estimate_s: float = 90.0    # two models: 3 variants built and warmed, timed ~12 s
     time_budget_s: float = 2.0       # per timed group
     bandwidth_shape: tuple = (64, 512, 32, 56)   # batch, prefix channels, growth, side
     run_tests: bool = True
@@ -265,6 +266,13 @@ def warm_triton_cache(arch: str, models, dtypes, timeout_s: float, out_dir: str)
     return {"summary": done[-1], "exit": p.returncode, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def direct_launch(device, models, budget_s, out_dir) -> list:
+    """Ours' eager steps with remembered kernels launched directly vs through Triton's
+    launcher, beside plain (``benches/gpu_direct_launch.py``; its table beside the report)."""
+    from benches import gpu_direct_launch
+    return gpu_direct_launch.run(models, device, budget_s, out_dir)
+
+
 def profile(device, name, batch, out_dir) -> dict:
     """Where plain's and ours' training steps spend their time (``benches/gpu_profile.py``):
     wall vs device-busy time per step and launches; the whole profile beside the report."""
@@ -435,6 +443,11 @@ def run(device, params: Params, out_dir: str, log=print) -> dict:
     elif "ours" in params.variants:
         name, batch, _ = params.models[0]
         s.step("profile", params.profile_estimate_s, profile, device, name, batch, out_dir)
+    if device.type != "cuda":
+        s.skip("direct launch", "times Triton launches on a CUDA device")
+    elif "ours" in params.variants:
+        s.step("direct launch", params.direct_estimate_s, direct_launch, device,
+               [(n, b) for n, b, _ in params.models[:2]], params.time_budget_s * 4, out_dir)
     if params.run_tests:  # after ours' first timings (op parity above already ran every op)
         s.step("tests", params.tests_timeout_s, run_tests, min(params.tests_timeout_s, clock.left() - params.reserve_s),
                GPU_TESTS, os.path.join(out_dir, TESTS_LOG))
@@ -482,6 +495,10 @@ def markdown(results: dict) -> str:
             lines += ["", "## Op parity (worst relative error vs the reference, all ops)", "",
                       "| backend | dtype | worst rel. err |", "| --- | --- | --- |"]
             lines += [f"| {b} | {d} | {e:.2e} |" for (b, d), e in sorted(worst.items())]
+        elif st["name"] == "direct launch":
+            from benches import gpu_direct_launch
+            lines += ["", "## Direct launches (`benches/gpu_direct_launch.py`; also `direct-launch.md`)", "",
+                      gpu_direct_launch.table(r, None, heading=False)]
         elif st["name"] == "profile":
             lines += ["", f"## Where a training step's time goes: {r['name']}, batch {r['batch']}", "",
                       f"The whole profile: `profile-{r['name']}.txt`.", "",

@@ -90,13 +90,15 @@ def test_whole_run_on_cpu_with_tiny_shapes(tmp_path, monkeypatch):
     assert skipped and all(("cuda graphs" in line and "need a CUDA device" in line)
                            or ("warm Triton cache" in line and "compiles for a CUDA GPU" in line)
                            or ("| profile |" in line and "needs a CUDA device" in line)
+                           or ("| direct launch |" in line and "on a CUDA device" in line)
                            for line in skipped)  # the only steps a CPU cannot run
 
 
 def test_plan_on_a_cuda_device_puts_what_matters_first(monkeypatch, tmp_path):
     """On a CUDA device (the steps themselves stubbed: no GPU here) the plan warms Triton's
     cache, runs the float32 models eager, the first model (plain and ours) in CUDA graphs and
-    profiled, then torch.compile, the other models in CUDA graphs, then the other dtypes (each warmed first);
+    profiled, ours with and without direct launches, then torch.compile, the other models in CUDA
+    graphs, then the other dtypes (each warmed first);
     cudnn.benchmark is on for the whole run."""
     calls = []
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
@@ -110,6 +112,8 @@ def test_plan_on_a_cuda_device_puts_what_matters_first(monkeypatch, tmp_path):
                         lambda *a: calls.append((a[1], a[4], a[5], torch.backends.cudnn.benchmark)))
     monkeypatch.setattr(gpu_session, "profile", lambda device, name, *a: calls.append(("profile", name))
                         or {"name": name, "batch": 2, "rows": []})
+    monkeypatch.setattr(gpu_session, "direct_launch",
+                        lambda device, models, *a: calls.append(("direct", models)) or [])
     from benches import harness
     monkeypatch.setattr(harness, "machine", lambda device: {"device": "stub"})
     params = gpu_session.quick_params()
@@ -122,7 +126,8 @@ def test_plan_on_a_cuda_device_puts_what_matters_first(monkeypatch, tmp_path):
     bf16 = [(n, params.variants, torch.bfloat16, True) for n in names]
     def warm(dtype):  # every model, before the first timing in that dtype
         return [("warm", "90", params.models, (dtype,))]
-    assert calls == (warm(torch.float32) + eager + graphs[:1] + [("profile", names[0])] + compiled
+    direct = [("direct", [(n, b) for n, b, _ in params.models[:2]])]
+    assert calls == (warm(torch.float32) + eager + graphs[:1] + [("profile", names[0])] + direct + compiled
                      + graphs[1:] + warm(torch.bfloat16) + bf16)
     assert all(st["status"] == "ok" for st in results["steps"])
     assert results["meta"]["cudnn_benchmark"] is True
@@ -244,3 +249,19 @@ def test_profile_writes_where_a_step_spends_its_time(tmp_path):
     text = (tmp_path / "profile-densenet-bc100.txt").read_text()
     assert text.startswith("## densenet-bc100 plain, batch 2") and "host (cProfile, own time):" in text
     assert "aten::convolution" in text  # plain's convolutions appear in the op table
+
+
+def test_direct_launch_bench_writes_its_table(tmp_path):
+    """benches/gpu_direct_launch.py on the CPU (ours runs the CPU backend there: no Triton
+    launches, so both ways of ours are the same code): every variant timed, the table written."""
+    from benches import gpu_direct_launch
+    results = gpu_direct_launch.run([("densenet-bc100", 2)], torch.device("cpu"), 0.0, str(tmp_path))
+    (r,) = results
+    for what in ("train", "infer"):
+        assert set(r[what]) == {"plain", "channels_last", "ours direct", "ours through Triton"}
+        assert all(v["median"] > 0 and v["n"] >= 5 for v in r[what].values())
+    assert r["launches_per_step"] == {"direct": {"direct": 0, "through_triton": 0},
+                                      "through Triton": {"direct": 0, "through_triton": 0}}
+    text = (tmp_path / "direct-launch.md").read_text()
+    assert text.count("| densenet-bc100 | 2 |") == 2
+    assert json.loads((tmp_path / "direct-launch.json").read_text())[0]["name"] == "densenet-bc100"

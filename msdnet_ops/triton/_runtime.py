@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..dtypes import stats_dtype  # noqa: F401  (used by the kernels' launchers)
+from . import _direct_launch
 
 try:  # Triton >= 3.0
     from triton.runtime.interpreter import InterpretedFunction
@@ -77,7 +78,8 @@ def launch(kernel, grid, args, meta, blocks, device: torch.device, tuning=None) 
 
     Interpreted (CPU tensors, or ``TRITON_INTERPRET=1``): with the fixed ``blocks``.
     Compiled: autotuned over ``tuning``'s configs (an ``_autotune.Tuning``), or with ``blocks``
-    when ``tuning`` is None. While :func:`capturing`, recorded instead."""
+    when ``tuning`` is None; a launch like an earlier one skips Triton's binder
+    (:mod:`._direct_launch`). While :func:`capturing`, recorded instead."""
     if _capture is not None:
         from . import _autotune
         named = dict(zip(kernel.arg_names, args))
@@ -85,13 +87,26 @@ def launch(kernel, grid, args, meta, blocks, device: torch.device, tuning=None) 
         _capture(kernel, args, meta, configs, tuning)
     elif is_interpreted(device):
         _interpreted(kernel)[grid](*args, **meta, **blocks)
-    elif interpreting(kernel, device) or tuning is None:
+    elif interpreting(kernel, device):
         with on_device(device):
             kernel[grid](*args, **meta, **blocks)
     else:
-        from . import _autotune
         with on_device(device):
-            _autotune.autotuned(kernel, tuning)[grid](*args, **meta)
+            index = torch.cuda.current_device() if device.index is None else device.index
+            if tuning is None:
+                _direct_launch.launch(kernel, grid, args, meta, blocks, index,
+                                      lambda: (kernel[grid](*args, **meta, **blocks), blocks))
+            else:
+                _direct_launch.launch(kernel, grid, args, meta, None, index,
+                                      lambda: _launch_tuned(kernel, tuning, grid, args, meta), tuning)
+
+
+def _launch_tuned(kernel, tuning, grid, args, meta):
+    """Triton's autotuned launch; returns the compiled kernel it ran and the block sizes chosen."""
+    from . import _autotune
+    tuned = _autotune.autotuned(kernel, tuning)
+    compiled = tuned[grid](*args, **meta)
+    return compiled, dict(tuned.best_config.kwargs)
 
 
 _CURRENT = contextlib.nullcontext()
