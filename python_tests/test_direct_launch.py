@@ -186,6 +186,78 @@ def test_every_launch_of_a_training_step_gets_a_value_for_every_parameter(name):
             assert all(v is named[p] for p, v in zip(params[len(args):], tail) if p in named)
 
 
+class _InterpretedLaunch:
+    """A stand-in ``CompiledKernel`` for an interpreted kernel: its launcher runs the kernel
+    with the argument list a direct launch passes (every parameter, positionally)."""
+    function = packed_metadata = None
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def run(self, g0, g1, g2, stream, function, packed, metadata, enter, exit, *args):
+        assert (metadata, enter, exit) == (None, None, None)
+        self.kernel[(g0, g1, g2)](*args)
+
+
+@pytest.fixture
+def interpreter_as_launcher(fresh, monkeypatch):
+    """Launches on CPU tensors take the compiled path (direct launches on), with the
+    interpreter standing in for Triton's launch and launcher: the first launch of a signature
+    runs the kernel as Triton would (keywords; tuned kernels with the first candidate config)
+    and hands back a stand-in whose launcher runs it again from the direct launch's list."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from msdnet_ops.triton import _autotune
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        return _InterpretedLaunch(self)
+
+    def launch_tuned(kernel, tuning, grid, args, meta):
+        config = _autotune.candidates(tuning, dict(zip(kernel.arg_names, args)))[0]
+        blocks = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+        return kernel[grid](*args, **meta, **blocks), blocks
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    monkeypatch.setattr(rt, "_launch_tuned", launch_tuned)
+    monkeypatch.setattr(rt, "is_interpreted", lambda device: False)
+    monkeypatch.setattr(rt, "interpreting", lambda kernel, device: False)
+    monkeypatch.setattr(rt, "FLOAT32_PRECISION", "ieee")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_direct_launches_of_the_real_kernels_compute_what_their_first_launch_did(interpreter_as_launcher):
+    """Tuned GEMMs (a 3x3 stride-2 convolution forward, dgrad, wgrad) and untuned kernels
+    (statistics) twice with fresh inputs: the second time every launch is direct, its argument
+    list assembled from the first (block sizes from the config, constexprs, defaults), and
+    the results still match float64."""
+    from msdnet_ops import reference as R
+    from msdnet_ops import triton as T
+    d = torch.float64
+    for i in range(2):
+        gen = torch.Generator().manual_seed(i)
+        x = torch.randn(2, 5, 23, 23, generator=gen)  # 12x12 outputs: several row tiles
+        w = torch.randn(3, 5, 3, 3, generator=gen)
+        scale, shift = torch.rand(5, generator=gen) + 0.5, torch.randn(5, generator=gen)
+        out = T.transform_conv(x, scale, shift, w, 2, 1, 1)
+        torch.testing.assert_close(out.double(), R.transform_conv(x.to(d), scale.to(d), shift.to(d), w.to(d), 2, 1, 1),
+                                   rtol=1e-4, atol=1e-5)
+        grad_out = torch.randn(out.shape, generator=gen)
+        gx, gs, gh = torch.zeros_like(x), torch.zeros(5), torch.zeros(5)
+        rx, rs, rh = gx.to(d), gs.to(d), gh.to(d)
+        gw = T.transform_conv_backward_(grad_out, x, scale, shift, w, 2, 1, 1, gx, gs, gh)
+        rw = R.transform_conv_backward_(grad_out.to(d), x.to(d), scale.to(d), shift.to(d), w.to(d), 2, 1, 1, rx, rs, rh)
+        for got, want in ((gx, rx), (gs, rs), (gh, rh), (gw, rw)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+        mean, invstd = T.channel_stats(x, 1e-5)
+        rm, ri = R.channel_stats(x.to(d), 1e-5)
+        torch.testing.assert_close((mean.double(), invstd.double()), (rm, ri), rtol=1e-4, atol=1e-6)
+        if i == 0:
+            first = dict(direct.stats)
+    assert first["direct"] == 0 and first["through_triton"] >= 4  # forward, dgrad, wgrad, statistics
+    assert direct.stats["direct"] == first["through_triton"], direct.stats
+
+
 # ----------------------------------------------------------------------------- on a GPU
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
