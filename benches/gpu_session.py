@@ -18,7 +18,8 @@
    parallel with pytest-xdist where installed; the whole output in ``gpu-tests.log``); then,
    as time allows, torch.compile, plain and ours with each step captured in a CUDA graph (no
    per-kernel launch cost: what the roofline's "launches free" column predicts), and the
-   models in bfloat16;
+   models in bfloat16; ours' eager steps with direct launches against Triton's launcher
+   (``benches/gpu_direct_launch.py``) come right after the tests;
 4. writes ``RESULTS-gpu.md`` and ``results-gpu.json``, after every step (a run cut short
    leaves the report of what it did).
 
@@ -389,8 +390,9 @@ def model_rows(device, name, batch, image, variants, dtype, budget_s) -> dict:
 def run(device, params: Params, out_dir: str, log=print) -> dict:
     """Runs the plan, in order of what matters most should time run out: op parity, bandwidth,
     the float32 models (after warming Triton's cache for them), the first model in CUDA graphs
-    and its profile, the tests, torch.compile, the other models in CUDA graphs, then the other
-    dtypes (each after its own warm-up). The report is rewritten after every step, so a run
+    and its profile, the tests, ours' direct launches against Triton's launcher,
+    torch.compile, the other models in CUDA graphs, then the other dtypes (each after its own
+    warm-up). The report is rewritten after every step, so a run
     cut short still leaves one."""
     from benches import harness
     if device.type == "cuda":
@@ -443,14 +445,14 @@ def run(device, params: Params, out_dir: str, log=print) -> dict:
     elif "ours" in params.variants:
         name, batch, _ = params.models[0]
         s.step("profile", params.profile_estimate_s, profile, device, name, batch, out_dir)
+    if params.run_tests:  # after ours' first timings (op parity above already ran every op)
+        s.step("tests", params.tests_timeout_s, run_tests, min(params.tests_timeout_s, clock.left() - params.reserve_s),
+               GPU_TESTS, os.path.join(out_dir, TESTS_LOG))
     if device.type != "cuda":
         s.skip("direct launch", "times Triton launches on a CUDA device")
     elif "ours" in params.variants:
         s.step("direct launch", params.direct_estimate_s, direct_launch, device,
                [(n, b) for n, b, _ in params.models[:2]], params.time_budget_s * 4, out_dir)
-    if params.run_tests:  # after ours' first timings (op parity above already ran every op)
-        s.step("tests", params.tests_timeout_s, run_tests, min(params.tests_timeout_s, clock.left() - params.reserve_s),
-               GPU_TESTS, os.path.join(out_dir, TESTS_LOG))
     if params.compile:
         for name, batch, image in params.models:
             s.step(f"model {name} float32 compile", params.compile_estimate_s, model_rows, device,
