@@ -164,6 +164,17 @@ def test_a_float_constexpr_passed_positionally_is_not_remembered(fresh):
     assert (triton.launches, triton.compiled.calls) == (2, [])
 
 
+@pytest.mark.parametrize("value, expected", [(None, False), ("", False), ("0", False), ("1", True), (" 1 ", True)])
+def test_the_switch_reads_0_or_1(value, expected):
+    assert direct.enabled_by(value) is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "2", "on"])
+def test_the_switch_refuses_anything_else(value):
+    with pytest.raises(ValueError, match=f"MSDNET_OPS_DIRECT_LAUNCH='{value}': expected 0 .* or 1"):
+        direct.enabled_by(value)
+
+
 # ----------------------------------------------------------------------------- real launches
 
 @pytest.mark.parametrize("name", ["msdnet-cifar100-anytime", "densenet-bc100"])

@@ -37,7 +37,19 @@ try:  # Triton >= 3.4
 except ImportError:  # pragma: no cover
     _knobs = None
 
-ENABLED = os.environ.get("MSDNET_OPS_DIRECT_LAUNCH", "0") == "1" and _knobs is not None
+
+
+def enabled_by(value: str | None) -> bool:
+    """The switch's meaning: unset, ``0`` or ``1``; anything else is refused (at import)."""
+    if value is None or value.strip() in ("", "0"):
+        return False
+    if value.strip() == "1":
+        return True
+    raise ValueError(f"MSDNET_OPS_DIRECT_LAUNCH={value!r}: expected 0 (launch through Triton, the "
+                     "default) or 1 (launch remembered kernels directly)")
+
+
+ENABLED = enabled_by(os.environ.get("MSDNET_OPS_DIRECT_LAUNCH")) and _knobs is not None
 
 _Tensor = torch.Tensor
 _FLOAT = object()   # a float argument's place in a signature: Triton passes floats unspecialised
