@@ -49,6 +49,11 @@ struct DirectArgs {
   T* y;
   int64_t OH, OW, ysN, ysH, ysW;
   int64_t J;      // scratch pixels per (row, channel, phase)
+  // per (kx, c) of a kernel row, in weight-row order: where its pixels start in a scratch row
+  // (the phase and shift of kx, the channel's plane), so that a tile's inner loop runs over
+  // k * C rows with no division (a 64-bit idiv per tap cost as much as a few channels' FMAs)
+  const int64_t* xoff;
+  const int64_t* xcol;  // per input column iw: its place in a scratch row's first plane
 };
 
 // Scratch row: xs[(c * stride + phase) * J + j] = x[n, ih, j*stride + phase - pad, c]. Only
@@ -59,9 +64,8 @@ void transpose_row(const DirectArgs<T>& a, int64_t n, int64_t ih, T* __restrict_
   const int64_t s = a.stride;
   const T* xr = a.x + n * a.sN + ih * a.sH;
   for (int64_t iw = 0; iw < a.W; ++iw) {
-    const int64_t iwp = iw + a.pad;
     const T* __restrict__ px = xr + iw * a.sW;
-    T* __restrict__ dst = xs + (iwp % s) * a.J + iwp / s;
+    T* __restrict__ dst = xs + a.xcol[iw];
     for (int64_t c = 0; c < a.C; ++c) dst[c * s * a.J] = px[c];
   }
 }
@@ -102,8 +106,7 @@ void bottleneck_row(const DirectArgs<T>& a, const BottleneckArgs<T>& b, int64_t 
       }
     }
     for (int64_t r = 0; r < rn; ++r) {
-      const int64_t iwp = iw0 + r + a.pad;
-      T* __restrict__ dst = xs + (iwp % s) * a.J + iwp / s;
+      T* __restrict__ dst = xs + a.xcol[iw0 + r];
       for (int64_t c = 0; c < a.C; ++c) {  // NaN < 0 is false: NaN stays, as torch.relu
         const T v = acc[r][c];
         dst[c * s * a.J] = v < T(0) ? T(0) : v;
@@ -121,22 +124,20 @@ void tile_t(const DirectArgs<T>& a, const T* const* rows, int64_t o0, int64_t ow
   for (int o = 0; o < OB; ++o)
 #pragma omp simd
     for (int l = 0; l < L; ++l) acc[o][l] = a.bias[o0 + o];
-  const int64_t s = a.stride;
+  const int64_t kc = a.k * a.C;
   for (int64_t ky = 0; ky < a.k; ++ky) {
     const T* xs = rows[ky];
     if (xs == nullptr) continue;  // a row of the zero padding
-    for (int64_t kx = 0; kx < a.k; ++kx) {
-      const T* xt = xs + (kx % s) * a.J + ow0 + kx / s;
-      const T* wk = a.wt + (ky * a.k + kx) * a.C * a.NP + o0;
-      for (int64_t c = 0; c < a.C; ++c) {
-        const T* __restrict__ xv = xt + c * s * a.J;
-        const T* __restrict__ wc = wk + c * a.NP;
+    const T* xt = xs + ow0;
+    const T* wk = a.wt + ky * kc * a.NP + o0;
+    for (int64_t i = 0; i < kc; ++i) {  // (kx, c), in the weight rows' order
+      const T* __restrict__ xv = xt + a.xoff[i];
+      const T* __restrict__ wc = wk + i * a.NP;
 #pragma GCC unroll 32
-        for (int o = 0; o < OB; ++o) {
-          const T w = wc[o];
+      for (int o = 0; o < OB; ++o) {
+        const T w = wc[o];
 #pragma omp simd
-          for (int l = 0; l < L; ++l) acc[o][l] += xv[l] * w;
-        }
+        for (int l = 0; l < L; ++l) acc[o][l] += xv[l] * w;
       }
     }
   }
@@ -234,9 +235,16 @@ void direct_conv_t(const View4& x, int64_t C, const void* w, int64_t N, int64_t 
   }
   // a tile's vectors read pixels [ow0 + (k-1)/stride, + L) of a phase row
   const int64_t J = ceil_div(y.W, L) * L + (k - 1) / stride + 1;
+  std::vector<int64_t> xoff(static_cast<size_t>(k * C)), xcol(static_cast<size_t>(x.W));
+  for (int64_t kx = 0; kx < k; ++kx)
+    for (int64_t c = 0; c < C; ++c)
+      xoff[kx * C + c] = (kx % stride) * J + kx / stride + c * stride * J;
+  for (int64_t iw = 0; iw < x.W; ++iw)  // (the divisions once per call, not per pixel)
+    xcol[iw] = ((iw + pad) % stride) * J + (iw + pad) / stride;
   const DirectArgs<T> a{static_cast<const T*>(x.ptr), x.H, x.W, C, x.sN, x.sH, x.sW,
                         k, stride, pad, wt.data(), b.data(), NP, relu, N,
-                        static_cast<T*>(y.ptr), y.H, y.W, y.sN, y.sH, y.sW, J};
+                        static_cast<T*>(y.ptr), y.H, y.W, y.sN, y.sH, y.sW, J, xoff.data(),
+                        xcol.data()};
   make_fill(a, [&](const auto& fill) {
     if (L == 2 * V)
       with_outputs<T, 2 * V>(a, ob, y.N, rows_per_unit, fill, num_threads);
