@@ -284,7 +284,8 @@ def _rel_err(a, b):
 def test_kernels_launched_again_and_again_match_the_reference_on_a_gpu(monkeypatch):
     """A tuned GEMM (convolution forward and backward) and untuned kernels (statistics), six
     times each with fresh inputs, every other time 4 bytes off 16-byte alignment (another
-    specialisation): every result matches float64, and most launches were direct."""
+    specialisation): every result matches float64, and from the third round on every launch is
+    direct."""
     from msdnet_ops import reference as R
     from msdnet_ops import triton as T
     monkeypatch.setattr(rt, "FLOAT32_PRECISION", "ieee")
@@ -304,9 +305,13 @@ def test_kernels_launched_again_and_again_match_the_reference_on_a_gpu(monkeypat
         gw = T.transform_conv_backward_(grad_out, x, scale, shift, w, 1, 1, 1, gx, gs, gh)
         rw = R.transform_conv_backward_(grad_out.to(d), x.to(d), scale.to(d), shift.to(d), w.to(d),
                                         1, 1, 1, rx, rs, rh)
-        for got, want in ((gx, rx), (gs, rs), (gh, rh), (gw, rw)):
-            assert _rel_err(got, want) < 1e-5
+        for got, want, tol in ((gx, rx, 1e-5), (gs, rs, 4e-5), (gh, rh, 4e-5), (gw, rw, 1e-5)):
+            assert _rel_err(got, want) < tol  # as test_gpu_transform_conv (per-channel sums: 4x)
         mean, invstd = T.channel_stats(x, 1e-5)
         rm, ri = R.channel_stats(x.to(d), 1e-5)
         assert _rel_err(mean, rm) < 1e-5 and _rel_err(invstd, ri) < 1e-4
-    assert direct.stats["direct"] > 2 * direct.stats["through_triton"] > 0, direct.stats
+        if i == 1:
+            after_two = dict(direct.stats)
+    # rounds 0 and 1 went through Triton (aligned, then not); rounds 2-5 repeat their signatures
+    assert direct.stats["through_triton"] == after_two["through_triton"] > 0, direct.stats
+    assert direct.stats["direct"] >= 2 * after_two["through_triton"], direct.stats
