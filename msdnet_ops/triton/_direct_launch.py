@@ -129,7 +129,8 @@ def launch(kernel, grid, args, meta, blocks, device_index: int, call_triton, tun
         if _rememberable(kernel, compiled, args, meta):
             if len(_remembered) >= MAX_REMEMBERED:
                 _forget_all_once()
-            _remembered[key] = _Remembered(compiled, _tail(kernel, len(args), meta, chosen), chosen)
+            tail = _tail(kernel, len(args), meta, chosen)
+            _remembered[key] = _Remembered(compiled, tail, dict(chosen))
         return
     if _current_stream is None:
         _current_stream = _stream_getter()

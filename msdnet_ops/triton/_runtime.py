@@ -102,11 +102,12 @@ def launch(kernel, grid, args, meta, blocks, device: torch.device, tuning=None) 
 
 
 def _launch_tuned(kernel, tuning, grid, args, meta):
-    """Triton's autotuned launch; returns the compiled kernel it ran and the block sizes chosen."""
+    """Triton's autotuned launch; returns the compiled kernel it ran and the block sizes chosen
+    (the config's own dict: copied only where the launch is remembered)."""
     from . import _autotune
     tuned = _autotune.autotuned(kernel, tuning)
     compiled = tuned[grid](*args, **meta)
-    return compiled, dict(tuned.best_config.kwargs)
+    return compiled, tuned.best_config.kwargs
 
 
 _CURRENT = contextlib.nullcontext()
