@@ -13,9 +13,11 @@ of the call such a prefix), at the MSDNet shapes [32, C, S, S], S in 32, 16, 8 a
 few outputs) by our pointwise kernel against MKL's GEMM on the same strided rows and oneDNN
 (``F.conv2d`` on a dense copy of the prefix, the copy included): forward, inference (bias and
 ReLU fused) and weight gradient.
-``direct``: the 3x3 convolutions of MSDNet's narrow paths (few outputs, NHWC) by our direct
-kernel against oneDNN (``F.conv2d``): forward, inference (bias and ReLU fused) and, at stride 1,
-the input gradient (our kernel with the flipped, transposed weights).
+``direct``: the 3x3 convolutions of MSDNet's narrow paths and DenseNet-BC's (few outputs,
+NHWC) by our direct kernels against oneDNN (``F.conv2d``, ``convolution_backward``): forward,
+inference (bias and ReLU fused), the input gradient (at stride 1 our forward kernel with the
+flipped, transposed weights, strided ``direct_dgrad``), and the weight gradient
+(``direct_wgrad``).
 ``bottleneck``: MSDNet's inference paths at the finest scales (a 1x1 unit on a buffer prefix,
 then a 3x3 unit into a buffer slice) fused in our direct kernel, against the fastest pair of
 separate calls (pointwise kernel or GEMM, then direct kernel or oneDNN).
@@ -196,9 +198,10 @@ def _pointwise_table(batch=32):
     return lines + [""]
 
 
-# (spatial size, input channels, outputs, stride): MSDNet cifar100-anytime's narrow 3x3s
+# (spatial size, input channels, outputs, stride): MSDNet cifar100-anytime's narrow 3x3s, and
+# DenseNet-BC's (48 -> 12) at its first block's size
 DIRECT_CASES = ((32, 6, 6, 1), (16, 12, 6, 1), (32, 6, 6, 2), (16, 24, 12, 1), (16, 24, 12, 2),
-                (8, 48, 12, 1), (8, 96, 24, 1))
+                (8, 48, 12, 1), (8, 96, 24, 1), (32, 48, 12, 1))
 
 
 def _direct_table(batch=32):
@@ -221,13 +224,19 @@ def _direct_table(batch=32):
             ("inference (bias, ReLU)",
              lambda: cpu.direct_conv_into(x, w, bias, stride, 1, True, out),
              lambda: torch.relu_(F.conv2d(x, w, bias, stride, 1))),
-            ("input gradient", lambda: cpu.direct_conv_into(g, flipped, None, 1, 1, False, dx),
+            ("input gradient",
+             (lambda: cpu.direct_conv_into(g, flipped, None, 1, 1, False, dx)) if stride == 1
+             else (lambda: cpu.direct_conv_dgrad_into(g, w, stride, 1, dx)),
              lambda: torch.ops.aten.convolution_backward(
                  g, x, w, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1,
                  [True, False, False])),
+            ("weight gradient", lambda: cpu.direct_conv_wgrad(x, g, 3, stride, 1),
+             lambda: torch.ops.aten.convolution_backward(
+                 g, x, w, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1,
+                 [False, True, False])),
         ]
         for op, ours, onednn in ops:
-            if op == "input gradient" and (stride != 1 or c > cpu.DIRECT_CONV_MAX_OUTPUTS):
+            if op == "input gradient" and c > cpu.DIRECT_CONV_MAX_OUTPUTS:
                 continue  # not a candidate there
             o, d = _min_ms([ours, onednn])
             lines.append(f"| [{batch}, {c}, {s}, {s}] -> {n}, {stride} | {op} | {o:.3f} | "
@@ -293,7 +302,8 @@ def _im2col_table(batch=32):
         def split(parts):
             cpu_conv.IM2COL_CHUNK_ELEMENTS = parts
             try:
-                return cpu_conv._dense_bwd_split(g, z, w, stride, 1)
+                return (cpu_conv._dense_dgrad_onednn(g, z, w, stride, 1),
+                        cpu_conv._dense_wgrad_gemm(g, z, w, stride, 1))
             finally:
                 cpu_conv.IM2COL_CHUNK_ELEMENTS = chunk
         times = _min_ms([lambda: split(1 << 62), lambda: split(chunk),

@@ -600,6 +600,163 @@ def test_cpu_direct_conv_refuses_what_it_cannot_compute(cpu):
         cpu.direct_conv_into(x.contiguous(), w[:4], None, 1, 1, False, out[:, :4])  # NCHW input
 
 
+# ---------------------------------------------------------------------------- direct weight gradient
+# direct_conv's weight gradient, input channels on the lanes: blocks of one and two channel
+# vectors and a partial last one (1 to 97 channels), every output block size and a partial
+# last block (1 to 64 outputs), taps whose columns leave the image (padding 0 to 2, strides 1
+# to 3, maps smaller than the kernel), 1x1 and 5x5, batch 1, several images per unit and
+# several units per image, a buffer prefix as the input and a buffer slice as the gradient.
+
+def _wgrad_reference(x, grad_out, k, stride, pad):
+    weight = torch.empty(grad_out.shape[1], x.shape[1], k, k, dtype=torch.float64)
+    return torch.ops.aten.convolution_backward(
+        grad_out.double(), x.double(), weight, None, [stride] * 2, [pad] * 2, [1, 1], False,
+        [0, 0], 1, [False, True, False])[1]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("n,c,o,h,w,k,stride,pad", [
+    (1, 1, 1, 1, 1, 3, 1, 1), (2, 6, 6, 32, 32, 3, 1, 1), (3, 12, 6, 16, 17, 3, 2, 1),
+    (1, 5, 3, 7, 5, 3, 1, 0), (2, 7, 13, 9, 11, 3, 3, 1), (2, 4, 24, 6, 19, 5, 2, 2),
+    (1, 3, 25, 2, 3, 3, 1, 1), (2, 9, 64, 5, 8, 1, 2, 0), (1, 2, 40, 4, 33, 3, 1, 2),
+    (9, 48, 12, 8, 8, 3, 1, 1), (2, 97, 7, 6, 5, 3, 1, 1), (3, 17, 11, 3, 3, 3, 2, 1)])
+def test_cpu_direct_conv_wgrad(cpu, dtype, n, c, o, h, w, k, stride, pad):
+    """Against autograd's weight gradient in float64. The input is a channel prefix of a
+    buffer whose other channels hold NaN: a lane that read past the prefix into a sum that
+    is kept would show."""
+    gen = torch.Generator().manual_seed(_seed("wgrad", n, c, o, h, w, k, stride, pad))
+    buf = torch.full((n, h, w, c + 5), float("nan"), dtype=dtype)
+    buf[..., 2:2 + c] = torch.randn(n, h, w, c, generator=gen, dtype=dtype)
+    x = buf.permute(0, 3, 1, 2)[:, 2:2 + c]
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    grad_buf = torch.full((n, oh, ow, o + 3), float("nan"), dtype=dtype)
+    grad_buf[..., 1:1 + o] = torch.randn(n, oh, ow, o, generator=gen, dtype=dtype)
+    grad_out = grad_buf.permute(0, 3, 1, 2)[:, 1:1 + o]
+    got = cpu.direct_conv_wgrad(x, grad_out, k, stride, pad)
+    assert got.shape == (o, c, k, k) and got.is_contiguous(memory_format=torch.channels_last)
+    _close(got, _wgrad_reference(x, grad_out, k, stride, pad), dtype,
+           scale=float(n * oh * ow) ** 0.5)
+
+
+def test_cpu_direct_conv_wgrad_reads_nothing_past_a_dense_input(cpu):
+    """A dense NHWC input whose channels are not whole vectors, its last pixel at the end of
+    an allocation: the last pixel of a row reads only its own channels (past them: another
+    allocation, or unmapped memory)."""
+    gen = torch.Generator().manual_seed(12)
+    for c in (3, 6, 13):
+        x = torch.randn(2, c, 7, 9, generator=gen).contiguous(memory_format=torch.channels_last)
+        grad_out = torch.randn(2, 5, 7, 9, generator=gen)
+        _close(cpu.direct_conv_wgrad(x, grad_out.contiguous(memory_format=torch.channels_last),
+                                     3, 1, 1),
+               _wgrad_reference(x, grad_out, 3, 1, 1), torch.float32, scale=11.0,
+               what=f"{c} channels")
+
+
+def test_cpu_direct_conv_wgrad_every_instruction_set_and_thread_count(cpu):
+    """Every instruction set this CPU runs, one and two threads: close to autograd, and the
+    same bits for any thread count (a fixed summation order)."""
+    import msdnet_ops._cpu_kernels as module
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(10, 21, 17, 15, generator=gen).contiguous(memory_format=torch.channels_last)
+    current, threads = module.current_isa(), torch.get_num_threads()
+    try:
+        for stride in (1, 2):
+            oh, ow = (17 - 1) // stride + 1, (15 - 1) // stride + 1
+            grad_out = torch.randn(10, 9, oh, ow, generator=gen).contiguous(
+                memory_format=torch.channels_last)
+            want = _wgrad_reference(x, grad_out, 3, stride, 1)
+            for isa in module.supported_isas():
+                module.set_isa(isa)
+                results = []
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    results.append(cpu.direct_conv_wgrad(x, grad_out, 3, stride, 1))
+                    _close(results[-1], want, torch.float32, scale=50.0,
+                           what=f"{isa}, {t} threads, stride {stride}")
+                assert torch.equal(results[0], results[1]), f"{isa}: depends on the threads"
+    finally:
+        module.set_isa(current)
+        torch.set_num_threads(threads)
+
+
+def test_cpu_direct_conv_wgrad_refuses_what_it_cannot_compute(cpu):
+    x = torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(1, cpu.DIRECT_WGRAD_MAX_OUTPUTS + 1, 4, 4).contiguous(
+        memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="direct_wgrad: expected 1 to 64 outputs"):
+        cpu.direct_conv_wgrad(x, g, 3, 1, 1)
+    with pytest.raises(ValueError, match="g of the convolution's output shape"):
+        cpu.direct_conv_wgrad(x, g[:, :4, :3], 3, 1, 1)  # wrong output size
+    with pytest.raises(ValueError, match="channels-inner views"):
+        cpu.direct_conv_wgrad(x.contiguous(), g[:, :4], 3, 1, 1)  # NCHW input
+
+
+# ---------------------------------------------------------------------------- direct input gradient
+# direct_conv's input gradient, each input pixel gathering the taps that reach it: strides 1
+# to 3 (every phase of rows and columns), padding 0 to k-1, 1x1, 3x3 and 5x5, maps smaller
+# than the kernel, tiles of one and two channel vectors and a partial last vector (1 to 64
+# channels) and a partial last tile, batch 1 (units of rows) and several images, a strided
+# gradient (a buffer slice) written into a buffer slice (the channels around it untouched).
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("n,c,o,h,w,k,stride,pad", [
+    (1, 1, 1, 1, 1, 3, 2, 1), (2, 6, 6, 32, 32, 3, 2, 1), (3, 12, 6, 16, 17, 3, 2, 1),
+    (1, 5, 3, 7, 5, 3, 1, 0), (2, 7, 13, 9, 11, 3, 3, 1), (2, 4, 24, 6, 19, 5, 2, 2),
+    (1, 3, 25, 2, 3, 3, 2, 1), (2, 9, 30, 5, 8, 1, 2, 0), (1, 64, 3, 6, 9, 3, 2, 2),
+    (5, 24, 12, 16, 16, 3, 2, 1), (2, 17, 5, 9, 10, 5, 3, 4), (4, 16, 32, 8, 8, 3, 2, 1)])
+def test_cpu_direct_conv_dgrad(cpu, dtype, n, c, o, h, w, k, stride, pad):
+    gen = torch.Generator().manual_seed(_seed("dgrad", n, c, o, h, w, k, stride, pad))
+    weight = torch.randn(o, c, k, k, generator=gen, dtype=dtype)
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    grad_buf = torch.full((n, oh, ow, o + 3), float("nan"), dtype=dtype)
+    grad_buf[..., 1:1 + o] = torch.randn(n, oh, ow, o, generator=gen, dtype=dtype)
+    grad_out = grad_buf.permute(0, 3, 1, 2)[:, 1:1 + o]
+    out_buf = torch.full((n, h, w, c + 7), 7.0, dtype=dtype).permute(0, 3, 1, 2)
+    out = out_buf[:, 3:3 + c]
+    cpu.direct_conv_dgrad_into(grad_out, weight, stride, pad, out)
+    want = torch.ops.aten.convolution_backward(
+        grad_out.double(), torch.empty(n, c, h, w, dtype=torch.float64), weight.double(), None,
+        [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [True, False, False])[0]
+    _close(out, want, dtype, scale=float(o * k * k) ** 0.5)
+    assert (out_buf[:, :3] == 7).all() and (out_buf[:, 3 + c:] == 7).all()
+
+
+def test_cpu_direct_conv_dgrad_every_instruction_set_and_thread_count(cpu):
+    import msdnet_ops._cpu_kernels as module
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(7, 13, 3, 3, generator=gen)
+    grad_out = torch.randn(3, 7, 9, 8, generator=gen).contiguous(memory_format=torch.channels_last)
+    want = torch.ops.aten.convolution_backward(
+        grad_out.double(), torch.empty(3, 13, 17, 15, dtype=torch.float64), weight.double(),
+        None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+    current, threads = module.current_isa(), torch.get_num_threads()
+    try:
+        for isa in module.supported_isas():
+            module.set_isa(isa)
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                out = torch.empty(3, 13, 17, 15).contiguous(memory_format=torch.channels_last)
+                cpu.direct_conv_dgrad_into(grad_out, weight, 2, 1, out)
+                _close(out, want, torch.float32, scale=8.0, what=f"{isa}, {t} threads")
+    finally:
+        module.set_isa(current)
+        torch.set_num_threads(threads)
+
+
+def test_cpu_direct_conv_dgrad_refuses_what_it_cannot_compute(cpu):
+    w = torch.randn(4, cpu.DIRECT_DGRAD_MAX_CHANNELS + 1, 3, 3)
+    g = torch.randn(1, 4, 2, 2).contiguous(memory_format=torch.channels_last)
+    out = torch.empty(1, w.shape[1], 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="direct_dgrad: expected 1 to 64 input channels"):
+        cpu.direct_conv_dgrad_into(g, w, 2, 1, out)
+    with pytest.raises(ValueError, match="g of the convolution's output shape"):
+        cpu.direct_conv_dgrad_into(g, w[:, :3], 1, 1, out[:, :3])  # stride 1: 4x4 outputs
+    with pytest.raises(ValueError, match="padding below the kernel size"):
+        cpu.direct_conv_dgrad_into(g, w[:, :3], 2, 3, out[:, :3, :, :])
+    with pytest.raises(ValueError, match="channels-inner views"):
+        cpu.direct_conv_dgrad_into(g, w[:, :3], 2, 1, out[:, :3].contiguous())  # NCHW output
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,c,mid,o,h,w,k,stride,pad", [
     (1, 5, 6, 6, 11, 13, 3, 1, 1),     # batch 1: blocks of output rows

@@ -562,12 +562,13 @@ def test_cpu_conv_choices_match_the_reference(use_backend, monkeypatch, choice, 
                                               (3, 1, 0), (2, 3, 1)])
 def test_cpu_dense_conv_backward_implementations_match_the_reference(monkeypatch, k, stride,
                                                                       padding, images_per_part):
-    """Every implementation of a dense convolution's backward (what the oneDNN-composed
-    convolutions and transform-convolutions call): oneDNN's combined call, its input gradient
-    with the weight gradient as an im2col GEMM (its patch matrix built for the whole batch, or
-    one or two images at a time), and (stride 1, NHWC) our direct kernel's input gradient with
-    oneDNN's weight gradient, equal autograd through ``F.conv2d`` in float64, on odd sizes,
-    batch 1 and 3, an NCHW and a strided (non-contiguous) input."""
+    """Every implementation of the two halves of a dense convolution's backward (what the
+    oneDNN-composed convolutions and transform-convolutions call): the input gradient by
+    oneDNN and (NHWC) by our direct kernels (stride 1 and strided); the weight gradient by
+    oneDNN, as an im2col GEMM (its patch matrix built for the whole batch, or one or two
+    images at a time) and (NHWC) by our direct kernel; and oneDNN's combined call: each
+    equals autograd through ``F.conv2d`` in float64, on odd sizes, batch 1 and 3, an NCHW
+    and a strided (non-contiguous) input."""
     from msdnet_ops.kernels import cpu_conv
     parts, im2col = [], cpu_conv.im2col_rows
     monkeypatch.setattr(cpu_conv, "im2col_rows",
@@ -586,15 +587,20 @@ def test_cpu_dense_conv_backward_implementations_match_the_reference(monkeypatch
         monkeypatch.setattr(cpu_conv, "IM2COL_CHUNK_ELEMENTS",
                             1 << 62 if images_per_part is None else images_per_part * per_image)
         parts.clear()
-        for name, impl in cpu_conv._DENSE_BACKWARD.items():
-            if name == "direct":  # our kernel's input gradient: stride 1, NHWC views only
-                applies = cpu_conv._direct_dgrad_applies(grad_out, z, w, stride, padding)
-                assert applies == (stride == 1 and not nchw), "direct input gradient applies"
-                if not applies:
-                    continue
-            got_z, got_w = impl(grad_out, z, w, stride, padding)
-            torch.testing.assert_close(got_z, want_z, rtol=1e-12, atol=1e-12, msg=name)
-            torch.testing.assert_close(got_w, want_w, rtol=1e-12, atol=1e-12, msg=name)
+        # our kernels: on NHWC views only, the input gradient with padding below the kernel
+        applies = {"dgrad": cpu_conv._direct_dgrad_applies(grad_out, z, w, stride, padding),
+                   "wgrad": cpu_conv._direct_wgrad_applies(grad_out, z, w)}
+        assert applies == {"dgrad": padding < k and not nchw, "wgrad": not nchw}
+        halves = [("dgrad", name, impl, want_z) for name, impl in cpu_conv._DENSE_DGRAD.items()]
+        halves += [("wgrad", name, impl, want_w) for name, impl in cpu_conv._DENSE_WGRAD.items()]
+        for half, name, impl, want in halves:
+            if name == "direct" and not applies[half]:
+                continue
+            got = impl(grad_out, z, w, stride, padding)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{half} {name}")
+        got_z, got_w = cpu_conv._dense_bwd_onednn(grad_out, z, w, stride, padding)
+        torch.testing.assert_close(got_z, want_z, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_w, want_w, rtol=1e-12, atol=1e-12)
         step = n if images_per_part is None else images_per_part
         assert parts == [min(step, n - i) for i in range(0, n, step)], "im2col parts"
 

@@ -149,6 +149,28 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         py::arg("w"), py::arg("k"), py::arg("stride"), py::arg("pad"), py::arg("bias"),
         py::arg("relu"), py::arg("y"), py::arg("num_threads") = 0);
 
+  m.def("direct_wgrad",
+        [](int dtype, ViewArg x, ViewArg g, int64_t k, int64_t stride, int64_t pad, int64_t dw_ptr,
+           int num_threads) {
+          const View4 xv = to_view(x, "x"), gv = to_view(g, "g");
+          void* dw = reinterpret_cast<void*>(static_cast<uintptr_t>(dw_ptr));
+          py::gil_scoped_release nogil;
+          cpu::direct_wgrad(dtype, xv, gv, k, stride, pad, dw, num_threads);
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("g"), py::arg("k"), py::arg("stride"),
+        py::arg("pad"), py::arg("dw"), py::arg("num_threads") = 0);
+
+  m.def("direct_dgrad",
+        [](int dtype, ViewArg g, int64_t w_ptr, int64_t k, int64_t stride, int64_t pad, ViewArg dx,
+           int num_threads) {
+          const View4 gv = to_view(g, "g"), dxv = to_view(dx, "dx");
+          const void* w = reinterpret_cast<const void*>(static_cast<uintptr_t>(w_ptr));
+          py::gil_scoped_release nogil;
+          cpu::direct_dgrad(dtype, gv, w, k, stride, pad, dxv, num_threads);
+        },
+        py::arg("dtype"), py::arg("g"), py::arg("w"), py::arg("k"), py::arg("stride"),
+        py::arg("pad"), py::arg("dx"), py::arg("num_threads") = 0);
+
   m.def("compiled_isas", &cpu::compiled_isas, "instruction-set variants compiled in");
   m.def("supported_isas", &cpu::supported_isas, "variants compiled in that this CPU runs");
   m.def("current_isa", &cpu::current_isa, "the variant in use");

@@ -172,5 +172,15 @@ void bottleneck_direct_conv(int dtype, const View4& x, const void* w1, int64_t m
       bottleneck_direct_conv(dtype, x, w1, mid, b1, w, k, stride, pad, bias, relu, y, num_threads))
 }
 
+void direct_wgrad(int dtype, const View4& x, const View4& g, int64_t k, int64_t stride,
+                  int64_t pad, void* dw, int num_threads) {
+  MSDNET_DISPATCH(direct_wgrad(dtype, x, g, k, stride, pad, dw, num_threads))
+}
+
+void direct_dgrad(int dtype, const View4& g, const void* w, int64_t k, int64_t stride,
+                  int64_t pad, const View4& dx, int num_threads) {
+  MSDNET_DISPATCH(direct_dgrad(dtype, g, w, k, stride, pad, dx, num_threads))
+}
+
 }  // namespace cpu
 }  // namespace msdnet_ops

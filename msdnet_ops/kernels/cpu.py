@@ -160,6 +160,34 @@ def prepared_direct_conv(weight, bias, stride: int, padding: int, relu: bool):
     return run
 
 
+DIRECT_WGRAD_MAX_OUTPUTS = 64  # csrc/cpu/direct_wgrad.cpp: kMaxOutputs
+
+
+def direct_conv_wgrad(x, grad_out, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    """The weight gradient of :func:`direct_conv_into`'s convolution of ``x`` (a square
+    ``kernel``) for 1 to :data:`DIRECT_WGRAD_MAX_OUTPUTS` outputs: ``[O, C, k, k]``, new, in
+    channels_last strides; ``x`` and ``grad_out`` NHWC-strided views. Summed in a fixed order
+    (the same for any thread count)."""
+    grad_weight = torch.empty(grad_out.shape[1], kernel, kernel, x.shape[1], dtype=x.dtype)
+    _module().direct_wgrad(_code(x), view(x), view(grad_out), int(kernel), int(stride),
+                           int(padding), grad_weight.data_ptr(), torch.get_num_threads())
+    return grad_weight.permute(0, 3, 1, 2)
+
+
+DIRECT_DGRAD_MAX_CHANNELS = 64  # csrc/cpu/direct_dgrad.cpp: kMaxChannels
+
+
+def direct_conv_dgrad_into(grad_out, weight, stride: int, padding: int, out) -> None:
+    """``out =`` the input gradient of ``conv2d(x, weight, None, stride, padding)`` for
+    ``grad_out`` (a square kernel, ``padding`` below its size, 1 to
+    :data:`DIRECT_DGRAD_MAX_CHANNELS` input channels); ``grad_out`` and ``out`` (shaped like
+    ``x``) NHWC-strided views. Each input pixel gathers only the taps that reach it."""
+    weight = weight.contiguous()
+    _module().direct_dgrad(_code(grad_out), view(grad_out), weight.data_ptr(),
+                           int(weight.shape[2]), int(stride), int(padding), view(out),
+                           torch.get_num_threads())
+
+
 BOTTLENECK_MAX_MID = 32  # csrc/cpu/direct_conv.cpp: kMaxMid
 
 

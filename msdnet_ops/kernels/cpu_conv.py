@@ -98,6 +98,7 @@ def _aten_backward(grad_out, z, weight, stride: int, padding: int, mask):
 
 
 def _dense_bwd_onednn(grad_out, z, weight, stride: int, padding: int):
+    """oneDNN's combined backward (what runs where both halves' choice is oneDNN)."""
     grad_z, grad_weight, _ = _aten_backward(grad_out, z, weight, stride, padding,
                                             [True, True, False])
     return grad_z, grad_weight
@@ -122,10 +123,36 @@ def im2col_rows(z, kernel: int, stride: int, padding: int) -> torch.Tensor:
     return patches.permute(0, 1, 2, 4, 5, 3).reshape(n * oh * ow, -1)
 
 
-def _dense_bwd_split(grad_out, z, weight, stride: int, padding: int):
-    """oneDNN's input gradient alone, and the weight gradient as one GEMM on the patch matrix:
-    ``grad_W = grad_out_rows^T @ im2col(z)``."""
-    grad_z = _aten_backward(grad_out, z, weight, stride, padding, [True, False, False])[0]
+# The two halves of a dense convolution's backward, chosen apart per shape:
+# the input gradient (grad_z) ...
+def _dense_dgrad_onednn(grad_out, z, weight, stride: int, padding: int):
+    return _aten_backward(grad_out, z, weight, stride, padding, [True, False, False])[0]
+
+
+def _dense_dgrad_direct(grad_out, z, weight, stride: int, padding: int):
+    """Our kernels. At stride 1 the input gradient is a convolution of ``grad_out`` with the
+    flipped, transposed weights and padding ``k - 1 - padding``: with few input channels, our
+    direct kernel's shape (the 3x3 convolutions of MSDNet's narrow bottlenecks). Strided, each
+    input pixel gathers the taps that reach it (``direct_dgrad``: 1.5-2x oneDNN for MSDNet's
+    narrow stride-2 paths, benches/cpu_kernels.py --cases direct)."""
+    k = weight.shape[2]
+    grad_z = empty_nhwc(tuple(z.shape), dtype=z.dtype, device=z.device)
+    if stride == 1:
+        _kernels.direct_conv_into(grad_out, weight.transpose(0, 1).flip(2, 3), None, 1,
+                                  k - 1 - padding, False, grad_z)
+    else:
+        _kernels.direct_conv_dgrad_into(grad_out, weight, stride, padding, grad_z)
+    return grad_z
+
+
+# ... and the weight gradient
+def _dense_wgrad_onednn(grad_out, z, weight, stride: int, padding: int):
+    return _aten_backward(grad_out, z, weight, stride, padding, [False, True, False])[1]
+
+
+def _dense_wgrad_gemm(grad_out, z, weight, stride: int, padding: int):
+    """One GEMM on the patch matrix: ``grad_W = grad_out_rows^T @ im2col(z)`` (measured
+    1.2-1.7x oneDNN for the classifiers' 3x3 convolutions to 128 channels)."""
     c_out, c_in, k, _ = weight.shape
     n, _, oh, ow = grad_out.shape
     g = grad_out.permute(0, 2, 3, 1).reshape(n, oh * ow, c_out)
@@ -134,32 +161,36 @@ def _dense_bwd_split(grad_out, z, weight, stride: int, padding: int):
     for start in range(0, n, images):
         grad_w.addmm_(g[start:start + images].reshape(-1, c_out).t(),
                       im2col_rows(z[start:start + images], k, stride, padding))
-    return grad_z, grad_w.view(c_out, k, k, c_in).permute(0, 3, 1, 2)
+    return grad_w.view(c_out, k, k, c_in).permute(0, 3, 1, 2)
 
 
-def _dense_bwd_direct(grad_out, z, weight, stride: int, padding: int):
-    """Our direct kernel's input gradient, oneDNN's weight gradient. At stride 1 the input
-    gradient is a convolution of ``grad_out`` with the flipped, transposed weights and padding
-    ``k - 1 - padding``: with few input channels, our kernel's shape (the 3x3 convolutions of
-    MSDNet's narrow bottlenecks)."""
-    k = weight.shape[2]
-    grad_z = empty_nhwc(tuple(z.shape), dtype=z.dtype, device=z.device)
-    _kernels.direct_conv_into(grad_out, weight.transpose(0, 1).flip(2, 3), None, 1,
-                              k - 1 - padding, False, grad_z)
-    grad_weight = _aten_backward(grad_out, z, weight, stride, padding, [False, True, False])[1]
-    return grad_z, grad_weight
+def _dense_wgrad_direct(grad_out, z, weight, stride: int, padding: int):
+    """Our direct weight-gradient kernel (input channels on the vector lanes, read in place):
+    1.4-2.1x oneDNN's for 6 to 96 input channels into 6 to 64 outputs
+    (benches/cpu_kernels.py --cases wgrad)."""
+    return _kernels.direct_conv_wgrad(z, grad_out, weight.shape[2], stride, padding)
+
+
+_DENSE_DGRAD = {"onednn": _dense_dgrad_onednn, "direct": _dense_dgrad_direct}
+_DENSE_WGRAD = {"onednn": _dense_wgrad_onednn, "gemm": _dense_wgrad_gemm,
+                "direct": _dense_wgrad_direct}
 
 
 def _direct_dgrad_applies(grad_out, z, weight, stride: int, padding: int) -> bool:
-    """Our direct kernel as the input gradient: stride 1, a square kernel, few input channels
-    (its outputs), channels-inner views."""
-    return (stride == 1 and weight.shape[2] == weight.shape[3] and padding < weight.shape[2]
-            and weight.shape[1] <= _kernels.DIRECT_CONV_MAX_OUTPUTS and _kernels.available()
+    """Our kernels as the input gradient: a square kernel, padding below its size, few input
+    channels (64: the direct kernel's outputs at stride 1, direct_dgrad's channels strided),
+    channels-inner views."""
+    most = _kernels.DIRECT_CONV_MAX_OUTPUTS if stride == 1 else _kernels.DIRECT_DGRAD_MAX_CHANNELS
+    return (weight.shape[2] == weight.shape[3] and padding < weight.shape[2]
+            and weight.shape[1] <= most and _kernels.available()
             and _channels_inner(grad_out) and _channels_inner(z))
 
 
-_DENSE_BACKWARD = {"onednn": _dense_bwd_onednn, "gemm": _dense_bwd_split,
-                   "direct": _dense_bwd_direct}
+def _direct_wgrad_applies(grad_out, z, weight) -> bool:
+    """Our direct weight-gradient kernel: a square kernel, few outputs, channels-inner views."""
+    return (weight.shape[2] == weight.shape[3]
+            and weight.shape[0] <= _kernels.DIRECT_WGRAD_MAX_OUTPUTS and _kernels.available()
+            and _channels_inner(grad_out) and _channels_inner(z))
 
 
 def _split_applies(grad_out, z, weight) -> bool:
@@ -171,19 +202,29 @@ def _split_applies(grad_out, z, weight) -> bool:
 
 def dense_conv_backward(grad_out, z, weight, stride: int, padding: int):
     """(grad_z, grad_weight) of ``conv2d(z, weight, None, stride, padding)`` for a dense ``z``:
-    oneDNN's combined backward, or on the CPU its input gradient alone with the weight
-    gradient as an im2col GEMM (measured 1.2-1.7x faster for the classifiers' 3x3
-    convolutions to 128 channels, slower for narrow outputs), chosen per shape by timing."""
+    the input gradient (oneDNN, or our direct kernels) and the weight gradient (oneDNN, an
+    im2col GEMM, or our direct kernel) chosen apart per shape by timing; where both are
+    oneDNN's, its combined call."""
     grad_out = dense(grad_out)  # a buffer's channel slice: the engines take dense tensors
 
     def trial(impl):
         return lambda: impl(grad_out, z, weight, stride, padding)
-    candidates = ("onednn", "gemm") if _split_applies(grad_out, z, weight) else ("onednn",)
+    dgrads = ("onednn",)
     if _direct_dgrad_applies(grad_out, z, weight, stride, padding):
-        candidates += ("direct",)
-    name = _chooser.pick(_DENSE_BACKWARD, _key("dense bwd", z, weight, stride, padding, 1),
-                         candidates, trial)
-    return _DENSE_BACKWARD[name](grad_out, z, weight, stride, padding)
+        dgrads += ("direct",)
+    wgrads = ("onednn",)
+    if _split_applies(grad_out, z, weight):
+        wgrads += ("gemm",)
+    if _direct_wgrad_applies(grad_out, z, weight):
+        wgrads += ("direct",)
+    dgrad = _chooser.pick(_DENSE_DGRAD, _key("dense dgrad", z, weight, stride, padding, 1),
+                          dgrads, trial)
+    wgrad = _chooser.pick(_DENSE_WGRAD, _key("dense wgrad", z, weight, stride, padding, 1),
+                          wgrads, trial)
+    if dgrad == wgrad == "onednn":
+        return _dense_bwd_onednn(grad_out, z, weight, stride, padding)
+    return (_DENSE_DGRAD[dgrad](grad_out, z, weight, stride, padding),
+            _DENSE_WGRAD[wgrad](grad_out, z, weight, stride, padding))
 
 
 def unpool_grad(grad_zp, z, pool: int):

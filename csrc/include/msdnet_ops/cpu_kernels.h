@@ -44,7 +44,17 @@
   void bottleneck_direct_conv(int dtype, const View4& x, const void* w1, int64_t mid,         \
                               const void* b1, const void* w, int64_t k, int64_t stride,       \
                               int64_t pad, const void* bias, bool relu, const View4& y,       \
-                              int num_threads);
+                              int num_threads);                                               \
+  /* dw[o, ky, kx, c] = sum g[n, oh, ow, o] * x[n, oh*stride-pad+ky, ow*stride-pad+kx, c]:    \
+     direct_conv's weight gradient for 1 <= g.C <= 64 outputs; x, g: channels-inner views;   \
+     dw: [g.C, k, k, x.C] dense; summed in a fixed order (the same for any thread count). */ \
+  void direct_wgrad(int dtype, const View4& x, const View4& g, int64_t k, int64_t stride,     \
+                    int64_t pad, void* dw, int num_threads);                                  \
+  /* dx = the input gradient of conv2d(x, w, stride, pad) for g (its output's gradient), for \
+     1 <= dx.C <= 64 input channels and pad < k; g, dx: channels-inner views (dx written);   \
+     w: [g.C, dx.C, k, k] dense. */                                                           \
+  void direct_dgrad(int dtype, const View4& g, const void* w, int64_t k, int64_t stride,      \
+                    int64_t pad, const View4& dx, int num_threads);
 
 namespace msdnet_ops {
 namespace cpu {
