@@ -166,8 +166,8 @@ def _dense_wgrad_gemm(grad_out, z, weight, stride: int, padding: int):
 
 def _dense_wgrad_direct(grad_out, z, weight, stride: int, padding: int):
     """Our direct weight-gradient kernel (input channels on the vector lanes, read in place):
-    1.4-2.1x oneDNN's for 6 to 96 input channels into 6 to 64 outputs
-    (benches/cpu_kernels.py --cases wgrad)."""
+    1.1-2.5x oneDNN's on MSDNet's and DenseNet-BC's narrow 3x3s, slower for the 3-channel
+    stem (benches/cpu_kernels.py --cases direct)."""
     return _kernels.direct_conv_wgrad(z, grad_out, weight.shape[2], stride, padding)
 
 
