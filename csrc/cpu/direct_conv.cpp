@@ -25,7 +25,6 @@
 #include <vector>
 
 #include "common.h"
-#include "direct_scratch.h"
 #include "row_copy.h"
 
 namespace msdnet_ops {
@@ -49,10 +48,27 @@ struct DirectArgs {
   int64_t N;      // outputs written
   T* y;
   int64_t OH, OW, ysN, ysH, ysW;
-  int64_t J;             // the scratch rows' geometry (direct_scratch.h: ScratchTables)
+  int64_t J;      // scratch pixels per (row, channel, phase)
+  // per (kx, c) of a kernel row, in weight-row order: where its pixels start in a scratch row
+  // (the phase and shift of kx, the channel's plane), so that a tile's inner loop runs over
+  // k * C rows with no division (a 64-bit idiv per tap cost as much as a few channels' FMAs)
   const int64_t* xoff;
-  const int64_t* xcol;
+  const int64_t* xcol;  // per input column iw: its place in a scratch row's first plane
 };
+
+// Scratch row: xs[(c * stride + phase) * J + j] = x[n, ih, j*stride + phase - pad, c]. Only
+// the input's pixels are written, the same positions for every row: the zero padding (and the
+// slack up to J that the last tile's vectors read) is zeroed once, when the scratch is made.
+template <typename T>
+void transpose_row(const DirectArgs<T>& a, int64_t n, int64_t ih, T* __restrict__ xs) {
+  const int64_t s = a.stride;
+  const T* xr = a.x + n * a.sN + ih * a.sH;
+  for (int64_t iw = 0; iw < a.W; ++iw) {
+    const T* __restrict__ px = xr + iw * a.sW;
+    T* __restrict__ dst = xs + a.xcol[iw];
+    for (int64_t c = 0; c < a.C; ++c) dst[c * s * a.J] = px[c];
+  }
+}
 
 // The fused bottleneck: relu(x @ w1^T + b1) per pixel, MP = MV * 8 outputs as the lanes.
 template <typename T>
@@ -217,11 +233,18 @@ void direct_conv_t(const View4& x, int64_t C, const void* w, int64_t N, int64_t 
     for (int64_t t = 0; t < taps; ++t) wt[t * NP + o] = wp[o * taps + t];
     if (bias != nullptr) b[o] = static_cast<const T*>(bias)[o];
   }
-  const ScratchTables tables(x.W, y.W, C, k, stride, pad, L);
+  // a tile's vectors read pixels [ow0 + (k-1)/stride, + L) of a phase row
+  const int64_t J = ceil_div(y.W, L) * L + (k - 1) / stride + 1;
+  std::vector<int64_t> xoff(static_cast<size_t>(k * C)), xcol(static_cast<size_t>(x.W));
+  for (int64_t kx = 0; kx < k; ++kx)
+    for (int64_t c = 0; c < C; ++c)
+      xoff[kx * C + c] = (kx % stride) * J + kx / stride + c * stride * J;
+  for (int64_t iw = 0; iw < x.W; ++iw)  // (the divisions once per call, not per pixel)
+    xcol[iw] = ((iw + pad) % stride) * J + (iw + pad) / stride;
   const DirectArgs<T> a{static_cast<const T*>(x.ptr), x.H, x.W, C, x.sN, x.sH, x.sW,
                         k, stride, pad, wt.data(), b.data(), NP, relu, N,
-                        static_cast<T*>(y.ptr), y.H, y.W, y.sN, y.sH, y.sW, tables.J,
-                        tables.xoff.data(), tables.xcol.data()};
+                        static_cast<T*>(y.ptr), y.H, y.W, y.sN, y.sH, y.sW, J, xoff.data(),
+                        xcol.data()};
   make_fill(a, [&](const auto& fill) {
     if (L == 2 * V)
       with_outputs<T, 2 * V>(a, ob, y.N, rows_per_unit, fill, num_threads);
