@@ -24,15 +24,22 @@ inline VecT<T> load(const T* p) {
 }
 template <typename T>
 inline void store(T* p, VecT<T> v) { __builtin_memcpy(p, &v, sizeof v); }
-// The first n <= lanes elements at p, the rest zero (never reads past p + n).
+// The first n <= lanes elements at p, the rest zero (never reads past p + n): row_copy.h's
+// masked load where the instruction set has one.
 template <typename T>
 inline VecT<T> load_first(const T* p, int64_t n) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  const typename Vec<T>::R v = Vec<T>::load_first(p, n);
+  return reinterpret_cast<const VecT<T>&>(v);
+#else
   T lanes[vec_width<T>()] = {};
   for (int64_t i = 0; i < n; ++i) lanes[i] = p[i];
   return load(lanes);
+#endif
 }
 
-// The first n <= lanes lanes of v into p (nothing written past p + n).
+// The first n <= lanes lanes of v into p (nothing written past p + n): row_copy.h's masked
+// store where the instruction set has one.
 template <typename T>
 inline void store_first(T* p, VecT<T> v, int64_t n) {
 #if defined(__AVX2__) || defined(__AVX512F__)
